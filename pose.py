@@ -9,9 +9,8 @@ at contiguous positions, as in pre-training (desideratum 2). An example is a pai
     python pose.py --train_len 2048 --target_len 32768 --chunks 2 --samples 2000 --plot pose.png
 
 Where we differ from the authors' public code (SPEC §2), on purpose:
-- Every call draws afresh from the torch.Generator passed in. Their cached preprocessing pass fixes
-  the skips of each document once, so every epoch repeats them.
-- Any N. Theirs has N=2 only; Appendix B compares N=2, 3 and N=Lc.
+- Every call draws afresh from the torch.Generator passed in; their cached preprocessing pass fixes
+  each document's skips once, so every epoch repeats them. Any N; theirs has N=2 only (App. B: 2, 3, Lc).
 - Chunk lengths come from N-1 distinct uniform cut points in {1..Lc-1}, so every split into N
   positive lengths is equally likely. Theirs draws the first length from [1, ceil(Lc/2)].
 - The false label at a chunk boundary is masked by default (next_token_targets); theirs keeps it.
@@ -40,20 +39,13 @@ def check(method, doc_len, train_len, target_len, chunks=2, content="random"):
     if method == "pose" and not 1 <= chunks <= train_len:
         raise ValueError(f"chunks must be between 1 and train_len={train_len} (every chunk "
                          f"holds at least one token), got {chunks}")
-    if method == "full" or (method == "pose" and content == "aligned"):
-        need, why = target_len, "target_len"  # the text is read up to position Lt-1
-    else:
-        need, why = train_len, "train_len"
+    to_target = method == "full" or (method, content) == ("pose", "aligned")  # text read up to position Lt-1
+    need, name = (target_len, "target_len") if to_target else (train_len, "train_len")
+    what = f"method {method!r}" + (f" with content {content!r}" if method == "pose" else "")
     if doc_len < need:
-        raise ValueError(f"the document has {doc_len} tokens but method {method!r}"
-                         + (f" with content {content!r}" if method == "pose" else "")
-                         + f" needs at least {why}={need}: drop shorter documents or lower {why}")
-
-
-def _rng(generator):
-    """A Python RNG seeded by one draw from the torch generator: random.randint(a, b) is inclusive,
-    exactly U{a, ..., b}, and costs a microsecond, where a torch call per chunk costs several."""
-    return random.Random(int(torch.randint(2**63 - 1, (), generator=generator)))
+        raise ValueError(f"the document has {doc_len} tokens but {what} needs at least {name}={need}: "
+                         f"drop shorter documents or lower {name}"
+                         + (", or use content 'random'" if content == "aligned" and method == "pose" else ""))
 
 
 def chunk_lengths(train_len, chunks, rng):
@@ -76,7 +68,9 @@ def sample(doc_len, train_len, target_len, *, chunks=2, content="random", genera
     content: "random" (Eq. 5), "contiguous" (v_i = 0) or "aligned" (v_i = u_i, needs doc_len >= target_len).
     """
     check("pose", doc_len, train_len, target_len, chunks, content)
-    rng = _rng(generator)
+    # One draw from the torch generator seeds a Python RNG: rng.randint(a, b) is exactly U{a, …, b}
+    # and costs a microsecond per chunk, where a torch call costs several.
+    rng = random.Random(int(torch.randint(2**63 - 1, (), generator=generator)))
     lengths = chunk_lengths(train_len, chunks, rng)
     skip_bias = nondecreasing(chunks, target_len - train_len, rng)  # Eq. 4: u_i ~ U{u_{i-1}, …, Lt−Lc}
     if content == "random":  # Eq. 5: v_i ~ U{v_{i-1}, …, Lx−Lc}, the text skips through the document too
@@ -92,11 +86,6 @@ def sample(doc_len, train_len, target_len, *, chunks=2, content="random", genera
     return token_index, position_ids
 
 
-def _text_run(doc_len, length, generator):
-    start = int(torch.randint(doc_len - length + 1, (), generator=generator))
-    return torch.arange(start, start + length)
-
-
 def make_example(method, doc_len, train_len, target_len, *, chunks=2, content="random", generator=None):
     """(token_index, position_ids) for one training example of any method in METHODS.
 
@@ -110,9 +99,10 @@ def make_example(method, doc_len, train_len, target_len, *, chunks=2, content="r
         return sample(doc_len, train_len, target_len, chunks=chunks, content=content, generator=generator)
     if method == "randpos":  # O(Lt) per example: a permutation of every candidate position
         positions = torch.randperm(target_len, generator=generator)[:train_len].sort().values
-        return _text_run(doc_len, train_len, generator), positions
-    length = target_len if method == "full" else train_len
-    return _text_run(doc_len, length, generator), torch.arange(length)
+    else:
+        positions = torch.arange(target_len if method == "full" else train_len)
+    start = int(torch.randint(doc_len - len(positions) + 1, (), generator=generator))
+    return torch.arange(start, start + len(positions)), positions
 
 
 def boundary_mask(token_index):
@@ -151,14 +141,16 @@ def distance_counts(position_ids, target_len):
             present = torch.zeros(2 * target_len, dtype=torch.float64).index_fill_(0, p, 1.0)
             power += torch.fft.rfft(present).abs() ** 2
             continue
-        first = p[torch.cat([torch.tensor([0]), breaks + 1])][None]
-        last = p[torch.cat([breaks, torch.tensor([len(p) - 1])])][None]
-        # Pairs between runs i and j at distance d form a trapezoid over d (a convolution of two
-        # boxes); its second difference is four spikes, and two running sums rebuild it exactly.
-        spikes = torch.stack([first - last.T, last - first.T + 2, first - first.T + 1, last - last.T + 1])
+        a = p[torch.cat([torch.tensor([0]), breaks + 1])]  # first position of each run (chunk)
+        b = p[torch.cat([breaks, torch.tensor([len(p) - 1])])]  # last position
+        # Pairs (key in run i, query in run j) at distance d form a trapezoid over d, two boxes
+        # convolved. Its second difference is four spikes: +1 at a_j-b_i and b_j-a_i+2, -1 at
+        # a_j-a_i+1 and b_j-b_i+1, so two running sums rebuild every count exactly (i=j: in-chunk).
+        ai, bi, aj, bj = a[:, None], b[:, None], a[None], b[None]
+        spikes = torch.stack([aj - bi, bj - ai + 2, aj - ai + 1, bj - bi + 1]) + target_len  # (4, R, R)
         signs = torch.tensor([1, 1, -1, -1])[:, None, None].expand_as(spikes)
-        second.index_add_(0, (spikes + target_len).flatten(), signs.flatten())
-    counts = second.cumsum(0).cumsum(0)[target_len : 2 * target_len]
+        second.index_add_(0, spikes.flatten(), signs.flatten())
+    counts = second.cumsum(0).cumsum(0)[target_len : 2 * target_len]  # d < 0 (i > j) dropped
     counts += torch.fft.irfft(power, n=2 * target_len)[:target_len].round().long()
     counts[0] = 0  # a token and itself
     return counts
@@ -171,21 +163,21 @@ def runs(token_index, position_ids):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Print PoSE examples in Figure 1's notation and the "
-                                 "coverage of relative distances over K examples (desideratum 1).")
+    ap = argparse.ArgumentParser(description="Print examples in Figure 1's notation and the coverage of "
+                                 "relative distances over K examples (desideratum 1).")
     ap.add_argument("--train_len", type=int, default=2048, help="Lc, tokens per training example")
     ap.add_argument("--target_len", type=int, default=32768, help="Lt, the context window to reach")
     ap.add_argument("--chunks", type=int, default=2, help="N, chunks per example (paper: 2)")
-    ap.add_argument("--content", default="random", choices=CONTENTS, help="content offsets v_i (Eq. 5, App. A)")
-    ap.add_argument("--method", default="pose", choices=METHODS, help="PoSE or a baseline")
+    ap.add_argument("--content", default="random", choices=CONTENTS, help="v_i: Eq. 5 or Appendix A")
+    ap.add_argument("--method", default="pose", choices=METHODS, help="PoSE or a baseline of the paper")
     ap.add_argument("--doc_len", type=int, default=None, help="Lx, document length (default: target_len)")
     ap.add_argument("--samples", type=int, default=2000, help="K, examples for the coverage count")
     ap.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator")
-    ap.add_argument("--plot", default=None, help="FILE.png: coverage histogram and a Figure-1-style picture")
+    ap.add_argument("--plot", default=None, help="FILE.png: a Figure-1-style picture and the coverage")
     a = ap.parse_args(argv)
-    doc_len = a.doc_len or a.target_len
+    lx, lc, lt = a.doc_len or a.target_len, a.train_len, a.target_len
     try:
-        check(a.method, doc_len, a.train_len, a.target_len, a.chunks, a.content)
+        check(a.method, lx, lc, lt, a.chunks, a.content)
         if a.plot:
             import matplotlib.pyplot as plt
     except ValueError as e:
@@ -193,47 +185,47 @@ def main(argv=None):
     except ImportError:
         sys.exit("error: --plot needs matplotlib, which is not installed: pip install matplotlib")
     g = torch.Generator().manual_seed(a.seed)
-    examples = [make_example(a.method, doc_len, a.train_len, a.target_len, chunks=a.chunks,
-                             content=a.content, generator=g) for _ in range(max(a.samples, 8))]
-    print(f"{a.method}: Lc={a.train_len} -> Lt={a.target_len}, Lx={doc_len}"
-          + (f", N={a.chunks}, content={a.content}" if a.method == "pose" else ""))
-    for n, (tok, pos) in enumerate(examples[:3]):
+    examples = [make_example(a.method, lx, lc, lt, chunks=a.chunks, content=a.content, generator=g)
+                for _ in range(max(a.samples, 8))]
+    name = f"{a.method}: Lc={lc} -> Lt={lt}" + (f", N={a.chunks}, content={a.content}" * (a.method == "pose"))
+    print(f"{name}, Lx={lx}")
+    for n, (tok, pos) in enumerate(examples[:3]):  # Figure 1: each chunk's positions and text
         chunks = runs(tok, pos)
-        print(f"example {n}: {len(chunks)} chunk(s), {int(boundary_mask(tok).sum())} boundary label(s) masked")
-        for i, (s, e) in enumerate(chunks[:4]):  # Figure 1: positions, text and relative distances
+        print(f"example {n}: {len(chunks)} chunk(s), {int(boundary_mask(tok).sum())} label(s) masked")
+        for i, (s, e) in enumerate(chunks[:4]):
+            inside = f", relative 1..{e - s} inside" if e > s else ""
             across = f", {pos[s] - pos[chunks[i - 1][1]]}..{pos[e] - pos[chunks[i - 1][0]]} to chunk {i - 1}"
             print(f"  chunk {i}: positions {pos[s]}..{pos[e]} (u={pos[s] - s}), text x[{tok[s]}:{tok[e] + 1}]"
-                  + (f", relative 1..{e - s} inside" if e > s else "") + (across if i else ""))
+                  + inside + across * (i > 0))
         if len(chunks) > 4:
             print(f"  ... {len(chunks) - 4} more")
-    counts = distance_counts(torch.stack([pos for _, pos in examples[: a.samples]]), a.target_len)
+    counts = distance_counts(torch.stack([pos for _, pos in examples[: a.samples]]), lt)
     missing = (counts[1:] == 0).nonzero().flatten() + 1
-    seen = a.target_len - 1 - len(missing)
-    print(f"coverage after K={a.samples} examples: {seen} of {a.target_len - 1} relative distances 1..Lt-1 seen "
-          f"({100 * seen / (a.target_len - 1):.2f}%; exact pair counts, from chunk ranges or by FFT)"
-          + (f"\n  never seen: {len(missing)} distances from {missing[0]} to {missing[-1]}" if len(missing) else ""))
-    print(f"  pairs at distance 1 per example: {counts[1] / a.samples:.1f} of Lc-1={a.train_len - 1} "
-          f"(local structure of pre-training, desideratum 2)")
-    if a.plot:
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5))
-        for n, (tok, pos) in enumerate(examples[:8]):
-            spans = [(int(pos[s]), int(pos[e] - pos[s] + 1)) for s, e in runs(tok, pos)]
-            top.broken_barh(spans, (n - 0.35, 0.7), facecolors=[f"C{i % 10}" for i in range(len(spans))])
-        top.set(ylim=(7.6, -0.6), ylabel="example", xlabel="position id", title=f"{a.method}: Lc={a.train_len} "
-                f"tokens at positions in [0, Lt={a.target_len})" + (f", N={a.chunks}" if a.method == "pose" else "")
-                + ", one colour per chunk")
-        bottom.fill_between(range(a.target_len), counts.float(), step="mid", lw=0)
-        bottom.plot(missing, torch.ones(len(missing)), "|", color="red")  # never seen
-        bottom.set(yscale="log", xlabel="relative distance d", ylabel="query/key pairs", title=f"coverage over "
-                   f"K={a.samples} examples: {seen} of {a.target_len - 1} distances seen"
-                   + (" (red: never)" if len(missing) else ""))
-        for ax in (top, bottom):
-            ax.axvline(a.train_len, color="gray", ls="--", lw=1)
-            ax.text(a.train_len, 0.97, " Lc", color="gray", va="top", transform=ax.get_xaxis_transform())
-            ax.set_xlim(0, a.target_len)
-        fig.tight_layout()
-        fig.savefig(a.plot, dpi=120)
-        print(f"wrote {a.plot}")
+    seen = f"{lt - 1 - len(missing)} of {lt - 1} relative distances 1..Lt-1 seen"
+    print(f"coverage after K={a.samples} examples: {seen} ({100 * (1 - len(missing) / (lt - 1)):.4g}%; "
+          "exact pair counts, from chunk ranges or by FFT)")
+    if len(missing):
+        print(f"  never seen: {len(missing)} distance(s) from {missing[0]} to {missing[-1]}")
+    print(f"  pairs at distance 1 per example: {counts[1] / a.samples:.1f} of Lc-1={lc - 1} "
+          "(pre-training's local structure, desideratum 2)")
+    if not a.plot:
+        return
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5))
+    for n, (tok, pos) in enumerate(examples[:8]):
+        spans = [(int(pos[s]), int(pos[e] - pos[s] + 1)) for s, e in runs(tok, pos)]
+        top.broken_barh(spans, (n - 0.35, 0.7), facecolors=[f"C{i % 10}" for i in range(len(spans))])
+    top.set(ylim=(7.6, -0.6), ylabel="example", xlabel="position id (dashed: Lc)",
+            title=f"{name}: one colour per chunk")
+    bottom.fill_between(range(lt), counts.float(), step="mid", lw=0)
+    bottom.plot(missing, torch.ones(len(missing)), "|", color="red")
+    bottom.set(yscale="log", xlabel="relative distance d (dashed: Lc)", ylabel="query/key pairs",
+               title=f"K={a.samples} examples: {seen}" + " (red: never)" * (len(missing) > 0))
+    for ax in (top, bottom):
+        ax.axvline(lc, color="gray", ls="--", lw=1)
+        ax.set_xlim(0, lt)
+    fig.tight_layout()
+    fig.savefig(a.plot, dpi=120)
+    print(f"wrote {a.plot}")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,11 @@
     python -m pytest -q tests/test_pose.py
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import pose  # noqa: E402
+import pose
 
 LC, LT, LX = 64, 1024, 4096  # train_len, target_len, doc_len: tiny but with room to skip
 SETTINGS = [(n, c) for n in (1, 2, 3, 16, LC) for c in pose.CONTENTS]  # (chunks, content)
