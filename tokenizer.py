@@ -1,18 +1,16 @@
-"""The checkpoint's tokenizer: text <-> token ids, on tiktoken's byte-level BPE.
+"""The checkpoint's tokenizer: text <-> token ids, with tiktoken running the byte-level BPE.
 
     python tokenizer.py path/to/SmolLM2-135M-Instruct.Q4_1.gguf "The pass key is 81501."
 
-One class, one loader. `load_tokenizer` reads what comes with the model:
+`load_tokenizer` reads what comes with the model:
 - a .gguf file: the vocabulary llama.cpp stores (tokens, merges, special ids, pre-tokenizer name);
 - a Hugging Face tokenizer.json holding a byte-level BPE (SmolLM2, Llama-3 ...);
-- a Llama-3 tokenizer.model (tiktoken format: "base64-token rank" per line);
-- a Llama-1/2 tokenizer.model (a SentencePiece model, through the optional sentencepiece package);
+- a Llama-3 tokenizer.model (tiktoken's format: "base64-token rank" per line);
+- a Llama-1/2 tokenizer.model (SentencePiece, through the optional sentencepiece package);
 - or a directory holding one of them.
-A byte-level BPE becomes a tiktoken.Encoding whose rank of each token IS its id in the model; that
-is exact when the ids follow the merge order (checked on load), because tiktoken merges the pair
-whose result has the lowest rank. Special-token text (e.g. "<|im_end|>") in `encode`'s input is
-plain text, as tiktoken's encode_ordinary does; a Hugging Face tokenizer matches it as the special
-token unless called with split_special_tokens=True (which `save` writes into tokenizer_config.json).
+A byte-level BPE becomes a tiktoken.Encoding in which each token's rank IS its id in the model.
+Text that spells a special token ("<|im_end|>") is encoded as plain text, like tiktoken's
+encode_ordinary; transformers would match the special token unless split_special_tokens=True.
 """
 import base64
 import json
@@ -21,31 +19,37 @@ from pathlib import Path
 import regex
 import tiktoken
 
-# Pre-tokenizers: the regex that cuts text into pieces before BPE merges inside each piece.
+# Pre-tokenizers: the regex that cuts text into pieces; BPE merges bytes only inside a piece.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
                   r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-# Hugging Face's Digits(individual_digits) then ByteLevel, in one regex: every digit alone, and a
-# whitespace run may end before a digit (that is where Digits cut the text). SmolLM2's tokenizer.json.
+# Hugging Face's Digits(individual_digits) then ByteLevel (SmolLM2's own tokenizer.json) as one regex:
+# each digit alone, and a whitespace run may also end before a digit, where Digits cut the text.
 DIGITS_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-# tokenizer.ggml.pre -> pattern, as transformers builds the tokenizer of a GGUF file. For "smollm"
-# llama.cpp isolates every digit first (DIGITS_GPT2_PATTERN, like SmolLM2's own tokenizer.json);
-# transformers uses GPT-2's regex alone. They differ only where two or more whitespace characters
-# precede a digit ("\n\n1": transformers "\n" "\n" "1", llama.cpp "\n\n" "1"). We follow transformers.
+# tokenizer.ggml.pre -> pattern, as transformers builds the tokenizer of a GGUF file. On "smollm" llama.cpp
+# differs: it isolates digits first (DIGITS_GPT2_PATTERN), so where two or more whitespace characters
+# precede a digit it gives "\n\n" "1" and transformers (and we) "\n" "\n" "1".
 GGUF_PATTERNS = {"gpt2": GPT2_PATTERN, "smollm": GPT2_PATTERN, "llama-bpe": LLAMA3_PATTERN,
                  "llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN, "smaug-bpe": LLAMA3_PATTERN}
-# Meta's Llama 3.1 tokenizer.model has no special tokens inside; they follow its 128,000 ranks.
+# Meta's Llama 3.1 tokenizer.model lists no special tokens; these follow its ranks, in this order.
 LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                          "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                          "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
                          "<|python_tag|>"] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 
+# GPT-2's printable spelling of each byte, in which byte-level vocabularies write their tokens.
+_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+SPELLING = {**{b: chr(b) for b in _PRINTABLE},
+            **{b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in _PRINTABLE)}}
+UNSPELLING = {c: b for b, c in SPELLING.items()}
 
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte, in which byte-level vocabularies write their tokens."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+def spell(token: bytes) -> str:
+    return "".join(SPELLING[b] for b in token)
+
+
+def unspell(token: str) -> bytes:
+    return bytes(UNSPELLING[c] for c in token)
 
 
 class Tokenizer:
@@ -55,54 +59,56 @@ class Tokenizer:
                  bos_id: int | None, eos_id: int | None, add_bos: bool, merges=None, name="bpe"):
         self.ranks, self.special_tokens, self.pattern = ranks, special_tokens, pattern
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
-        self.merges = merges  # [(left bytes, right bytes)] best first, when the vocabulary lists them
+        self.merges = merges  # [(left, right)] as bytes, best first, when the vocabulary lists them
         self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
         self.n_vocab = self.encoding.n_vocab
-        # Bytes with no token of their own (SmolLM2 lacks 21, e.g. 0x04). tiktoken cannot encode them;
-        # Hugging Face drops them from their piece, and so do we.
+        # Bytes without a token (SmolLM2 has none for 21, e.g. 0x04) make tiktoken fail;
+        # transformers drops them from their piece, and so do we.
         self.unspellable = bytes(b for b in range(256) if bytes([b]) not in ranks)
 
     def encode(self, text: str, *, bos: bool | None = None) -> list[int]:
-        if self.add_bos if bos is None else bos:
-            assert self.bos_id is not None, "this tokenizer has no BOS token"
-            return [self.bos_id, *self.encode(text, bos=False)]
+        """The ids of `text`, after BOS if `bos` (None: `self.add_bos`)."""
+        start = self._bos() if (self.add_bos if bos is None else bos) else []
         utf8 = text.encode("utf-8", "replace")
-        if not self.unspellable or len(utf8.translate(None, self.unspellable)) == len(utf8):
-            return self.encoding.encode_ordinary(text)
-        pieces = (piece.encode("utf-8", "replace").translate(None, self.unspellable) for piece in regex.findall(self.pattern, text))
-        return [i for piece in pieces if piece for i in self.encoding._encode_single_piece(piece)]
+        if len(utf8.translate(None, self.unspellable)) == len(utf8):
+            return start + self.encoding.encode_ordinary(text)
+        pieces = [piece.encode("utf-8", "replace").translate(None, self.unspellable)
+                  for piece in regex.findall(self.pattern, text)]  # rare: split, drop, then tiktoken's BPE per piece
+        return start + [i for piece in pieces if piece for i in self.encoding._encode_single_piece(piece)]
+
+    def _bos(self) -> list[int]:
+        if self.bos_id is None:
+            raise ValueError("this tokenizer has no BOS token; encode with bos=False.")
+        return [self.bos_id]
 
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids))
 
     def save(self, directory) -> None:
-        """Write tokenizer.json and tokenizer_config.json, which transformers.AutoTokenizer reads too."""
-        spell = byte_alphabet()
-        text = lambda token: "".join(spell[b] for b in token)  # noqa: E731
-        special = {i: s for s, i in self.special_tokens.items()}
-        added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                  "normalized": False, "special": True} for s, i in sorted(self.special_tokens.items(), key=lambda x: x[1])]
-        bos = special.get(self.bos_id)
-        template = lambda seq, type_id: ([{"SpecialToken": {"id": bos, "type_id": type_id}}] if self.add_bos else []) + [  # noqa: E731
-            {"Sequence": {"id": seq, "type_id": type_id}}]
+        """Write tokenizer.json and tokenizer_config.json, which transformers.AutoTokenizer loads the same."""
+        names = {i: s for s, i in self.special_tokens.items()}
+        bos_name = names.get(self.bos_id)
+        first, second = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}
+        bos = [{"SpecialToken": {"id": bos_name, "type_id": 0}}] if self.add_bos else []
         tokenizer = {
-            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i, s in sorted(names.items())],
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-            "post_processor": {"type": "TemplateProcessing", "single": template("A", 0),
-                               "pair": template("A", 0) + template("B", 1),
-                               "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}} if self.add_bos else {}},
+            "post_processor": {"type": "TemplateProcessing", "single": [*bos, first], "pair": [*bos, first, second],
+                               "special_tokens": {bos_name: {"id": bos_name, "ids": [self.bos_id],
+                                                             "tokens": [bos_name]}} if bos else {}},
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                       "ignore_merges": True,  # a piece that is a whole token stays whole, as in tiktoken
-                      "vocab": {text(token): i for token, i in self.ranks.items()},
-                      "merges": [[text(a), text(b)] for a, b in self.merges or implied_merges(self.ranks)]},
-        }
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": special.get(self.eos_id),
-                  "add_bos_token": self.add_bos, "add_eos_token": False, "split_special_tokens": True,
-                  "clean_up_tokenization_spaces": False}
+                      "vocab": {spell(token): i for token, i in self.ranks.items()},
+                      "merges": [[spell(a), spell(b)] for a, b in self.merges or implied_merges(self.ranks)]}}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names.get(self.bos_id),
+                  "eos_token": names.get(self.eos_id), "add_bos_token": self.add_bos, "add_eos_token": False,
+                  "split_special_tokens": True, "clean_up_tokenization_spaces": False}  # encode, decode as we do
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
@@ -110,32 +116,32 @@ class Tokenizer:
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """Llama-1/2: a SentencePiece BPE (not byte-level), run by the sentencepiece package."""
+    """Llama-1/2: a SentencePiece BPE (not byte-level), run by the sentencepiece package as Meta's code does."""
 
-    def __init__(self, model_file: Path, processor):
-        self.model_file, self.processor = model_file, processor
-        self.n_vocab, self.add_bos = processor.vocab_size(), True  # Meta's Llama-1/2 always start with BOS
+    def __init__(self, processor):
+        self.processor = processor
+        self.n_vocab, self.add_bos = processor.vocab_size(), True
         self.bos_id, self.eos_id = [i if i >= 0 else None for i in (processor.bos_id(), processor.eos_id())]
 
     def encode(self, text: str, *, bos: bool | None = None) -> list[int]:
-        return ([self.bos_id] if (self.add_bos if bos is None else bos) else []) + self.processor.encode(text)
+        return (self._bos() if (self.add_bos if bos is None else bos) else []) + self.processor.encode(text)
 
     def decode(self, ids) -> str:
         return self.processor.decode(list(ids))
 
     def save(self, directory) -> None:
-        """Copy tokenizer.model; transformers converts it to its LlamaTokenizer."""
+        """Write tokenizer.model and tokenizer_config.json; transformers converts them to its LlamaTokenizer."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "tokenizer.model").write_bytes(self.model_file.read_bytes())
+        (directory / "tokenizer.model").write_bytes(self.processor.serialized_model_proto())
         config = {"tokenizer_class": "LlamaTokenizer", "bos_token": self.processor.id_to_piece(self.bos_id),
-                  "eos_token": self.processor.id_to_piece(self.eos_id), "add_bos_token": True,
-                  "add_eos_token": False, "split_special_tokens": True, "clean_up_tokenization_spaces": False}
+                  "eos_token": self.processor.id_to_piece(self.eos_id), "add_bos_token": True, "add_eos_token": False,
+                  "split_special_tokens": True, "clean_up_tokenization_spaces": False}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
 def implied_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """The merges a tiktoken vocabulary implies: every split of a token into two tokens, by the token's rank."""
+    """The merges a tiktoken vocabulary implies: each split of a token into two tokens, by the token's rank."""
     merges = [(rank, ranks[token[:i]], ranks[token[i:]], token[:i], token[i:]) for token, rank in ranks.items()
               for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
     return [(left, right) for *_, left, right in sorted(merges)]
@@ -147,10 +153,11 @@ def load_tokenizer(path) -> Tokenizer:
     if path.is_dir():
         found = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
         if not found:
-            raise ValueError(f"{path} holds no tokenizer.model or tokenizer.json; expected a directory with one of them.")
+            raise ValueError(f"{path} holds no tokenizer.model or tokenizer.json; expected a directory with one.")
         path = found[0]
     if not path.is_file():
-        raise ValueError(f"{path} does not exist; expected a .gguf, tokenizer.json or tokenizer.model file, or a directory with one.")
+        raise ValueError(f"{path} does not exist; expected a .gguf, tokenizer.json or tokenizer.model file "
+                         "or a directory with one.")
     if path.suffix == ".gguf":
         return _from_gguf(path)
     if path.suffix == ".json":
@@ -159,43 +166,47 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 def _from_byte_level(path, tokens: dict[str, int], merges, special: set[str], pattern, **kwargs) -> Tokenizer:
-    """A byte-level BPE's vocabulary (tokens spelled in `byte_alphabet`) and merges, as tiktoken ranks."""
-    unspell = {c: b for b, c in byte_alphabet().items()}
+    """A byte-level BPE's vocabulary and merges (spelled in SPELLING) as tiktoken ranks."""
     try:
-        ranks = {bytes(unspell[c] for c in token): i for token, i in tokens.items() if token not in special}
+        ranks = {unspell(token): i for token, i in tokens.items() if token not in special}
     except KeyError:
-        raise ValueError(f"{path}: the vocabulary is not a byte-level BPE (a token uses a character outside GPT-2's byte alphabet).")
+        raise ValueError(f"{path}: the vocabulary is not a byte-level BPE (a token uses a character outside "
+                         "GPT-2's byte alphabet).") from None
     # tiktoken merges the pair whose result has the lowest rank, Hugging Face the pair listed first:
-    # the same choice when the ids of the merges' results never decrease down the list.
-    previous, pairs = 0, []
+    # the same choice when the ids the merges make never decrease down the list. (tiktoken also keeps a
+    # piece that is a whole token whole; the tests check SmolLM2's merges rebuild each of its tokens.)
+    previous = 0
     for left, right in merges:
         merged = tokens.get(left + right, -1)
         if merged < previous or left not in tokens or right not in tokens:
-            raise ValueError(f"{path}: the merge {left} + {right} breaks the rule that merges make tokens in id order, "
+            raise ValueError(f"{path}: the merge {left} + {right} does not make a token in id order, "
                              "so the ids cannot serve as tiktoken ranks.")
         previous = merged
-        pairs.append((bytes(unspell[c] for c in left), bytes(unspell[c] for c in right)))
-    return Tokenizer(ranks, {s: tokens[s] for s in special}, pattern, merges=pairs, name=path.stem, **kwargs)
+    return Tokenizer(ranks, {s: tokens[s] for s in special}, pattern, name=path.stem,
+                     merges=[(unspell(left), unspell(right)) for left, right in merges], **kwargs)
 
 
 def _from_gguf(path: Path) -> Tokenizer:
-    import gguf
-
     try:
-        fields = {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items() if name.startswith("tokenizer.ggml.")}
+        from gguf import GGUFReader
+    except ImportError:
+        raise ValueError(f"reading {path} needs the gguf package: pip install gguf") from None
+    try:
+        fields = {name.removeprefix("tokenizer.ggml."): field.contents()
+                  for name, field in GGUFReader(path).fields.items() if name.startswith("tokenizer.ggml.")}
     except Exception as error:  # the gguf package raises assorted errors on a damaged file
         raise ValueError(f"{path} is not a readable GGUF file ({error}).") from error
-    get = lambda key, default=None: fields.get(f"tokenizer.ggml.{key}", default)  # noqa: E731
-    if get("model") != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model is {get('model')!r}; expected 'gpt2' (a byte-level BPE); "
-                         "for a SentencePiece vocabulary load the model's tokenizer.model instead.")
-    if get("pre", "gpt2") not in GGUF_PATTERNS:
-        raise ValueError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre={get('pre')!r}; known: {sorted(GGUF_PATTERNS)}.")
-    tokens = get("tokens")
-    special = {token for token, kind in zip(tokens, get("token_type")) if kind == 3}  # 3: CONTROL
-    merges = [merge.split(" ") for merge in get("merges")]
-    return _from_byte_level(path, {t: i for i, t in enumerate(tokens)}, merges, special, GGUF_PATTERNS[get("pre", "gpt2")],
-                            bos_id=get("bos_token_id"), eos_id=get("eos_token_id"), add_bos=bool(get("add_bos_token", False)))
+    if fields.get("model") != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {fields.get('model')!r}; expected 'gpt2' (a byte-level "
+                         "BPE); for a SentencePiece vocabulary load the model's tokenizer.model instead.")
+    pre = fields.get("pre", "gpt2")
+    if pre not in GGUF_PATTERNS:
+        raise ValueError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre={pre!r}; known: {sorted(GGUF_PATTERNS)}.")
+    special = {token for token, kind in zip(fields["tokens"], fields["token_type"]) if kind == 3}  # 3: CONTROL
+    return _from_byte_level(path, {token: i for i, token in enumerate(fields["tokens"])},
+                            [merge.split(" ") for merge in fields["merges"]], special, GGUF_PATTERNS[pre],
+                            bos_id=fields.get("bos_token_id"), eos_id=fields.get("eos_token_id"),
+                            add_bos=fields.get("add_bos_token", False))
 
 
 def _from_tokenizer_json(path: Path) -> Tokenizer:
@@ -208,29 +219,31 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
     if not isinstance(spec, dict) or (spec.get("model") or {}).get("type") != "BPE":
         raise ValueError(f"{path}: expected a Hugging Face tokenizer.json whose model is a byte-level BPE.")
     pre = spec.get("pre_tokenizer") or {}
-    steps = [(step["type"], step) for step in pre.get("pretokenizers", [pre])]
-    kinds = [kind for kind, _ in steps]
-    if kinds == ["ByteLevel"] and steps[0][1].get("use_regex", True):
+    steps = pre.get("pretokenizers", [pre])
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         pattern = GPT2_PATTERN
-    elif kinds == ["Digits", "ByteLevel"] and steps[0][1].get("individual_digits") and steps[1][1].get("use_regex", True):
+    elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         pattern = DIGITS_GPT2_PATTERN
-    elif kinds == ["Split", "ByteLevel"] and "Regex" in steps[0][1]["pattern"] and not steps[1][1].get("use_regex", True):
-        pattern = steps[0][1]["pattern"]["Regex"]
+    elif kinds == ["Split", "ByteLevel"] and "Regex" in steps[0]["pattern"] and not steps[1].get("use_regex", True):
+        pattern = steps[0]["pattern"]["Regex"]
     else:
-        raise ValueError(f"{path}: unknown pre-tokenizer {kinds}; expected ByteLevel, Digits + ByteLevel or Split + ByteLevel.")
+        raise ValueError(f"{path}: unknown pre-tokenizer {kinds}; expected ByteLevel, Digits + ByteLevel "
+                         "or Split + ByteLevel.")
     special = {token["content"]: token["id"] for token in spec.get("added_tokens", [])}
-    tokens = {**spec["model"]["vocab"], **special}
     merges = [merge.split(" ") if isinstance(merge, str) else merge for merge in spec["model"]["merges"]]
-    name = lambda key: (config.get(key) or {}).get("content") if isinstance(config.get(key), dict) else config.get(key)  # noqa: E731
-    template = (spec.get("post_processor") or {}).get("single") or [{}]
-    return _from_byte_level(path, tokens, merges, set(special), pattern, bos_id=special.get(name("bos_token")),
-                            eos_id=special.get(name("eos_token")), add_bos=config.get("add_bos_token", "SpecialToken" in template[0]))
+    template = ((spec.get("post_processor") or {}).get("single") or [{}])[0].get("SpecialToken")  # BOS, if added
+    bos, eos = [token.get("content") if isinstance(token, dict) else token  # a string, or an AddedToken's dict
+                for token in (config.get("bos_token") or (template or {}).get("id"), config.get("eos_token"))]
+    return _from_byte_level(path, {**spec["model"]["vocab"], **special}, merges, set(special), pattern,
+                            bos_id=special.get(bos), eos_id=special.get(eos),
+                            add_bos=config.get("add_bos_token", template is not None))
 
 
 def _from_tokenizer_model(path: Path) -> Tokenizer:
-    data = path.read_bytes()
     try:  # Llama-3: "base64-token rank" per line, ranks 0..n-1
-        ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+        ranks = {base64.b64decode(token, validate=True): int(rank)
+                 for token, rank in (line.split() for line in path.read_bytes().splitlines() if line)}
     except ValueError:  # binascii.Error too: not base64 text, so a SentencePiece protobuf, or garbage
         ranks = None
     if not ranks:
@@ -245,14 +258,16 @@ def _from_tokenizer_model(path: Path) -> Tokenizer:
 def _from_sentencepiece(path: Path) -> Tokenizer:
     try:
         import sentencepiece
-    except ImportError as error:
-        raise ValueError(f"{path} is a SentencePiece model (Llama-1/2); `pip install sentencepiece` to read it.") from error
+    except ImportError:
+        raise ValueError(f"{path} is not a tiktoken BPE file; if it is a SentencePiece model (Llama-1/2), "
+                         "pip install sentencepiece to read it.") from None
     processor = sentencepiece.SentencePieceProcessor()
     try:
         processor.Load(str(path))
     except (OSError, RuntimeError) as error:
-        raise ValueError(f"{path} is neither a tiktoken BPE file (base64 token and rank per line) nor a SentencePiece model.") from error
-    return SentencePieceTokenizer(path, processor)
+        raise ValueError(f"{path} is neither a tiktoken BPE file (base64 token and rank per line) "
+                         "nor a SentencePiece model.") from error
+    return SentencePieceTokenizer(processor)
 
 
 if __name__ == "__main__":
@@ -260,4 +275,5 @@ if __name__ == "__main__":
 
     tokenizer = load_tokenizer(sys.argv[1])
     ids = tokenizer.encode(" ".join(sys.argv[2:]))
-    print(f"{len(ids)} tokens (vocabulary {tokenizer.n_vocab}, BOS {'added' if tokenizer.add_bos else 'not added'}):", ids)
+    print(f"{len(ids)} tokens (BOS {'added' if tokenizer.add_bos else 'not added'}, vocabulary {tokenizer.n_vocab}):",
+          ids)

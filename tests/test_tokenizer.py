@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from data import fetch_shakespeare
 from tokenizer import (DIGITS_GPT2_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS,
-                       SentencePieceTokenizer, load_tokenizer)
+                       SentencePieceTokenizer, load_tokenizer, spell)
 
 HAND_CASES = [
     "Hello 12345 world", "The pass key is 81501. Remember it. 81501 is the pass key.",
@@ -76,6 +76,22 @@ def test_smollm2_equals_transformers_on_shakespeare(ours, hf, plays):
         assert ours.decode(got) == text, f"{name}: decode(encode(text)) is not the text"
 
 
+def test_smollm2_merges_rebuild_every_token(ours, hf):
+    """tiktoken keeps a piece that is a whole token whole; transformers' BPE must reach it by merges."""
+    bpe = hf.backend_tokenizer.model
+    for token, i in ours.ranks.items():
+        assert [t.id for t in bpe.tokenize(spell(token))] == [i], f"transformers' merges do not rebuild {token!r}"
+
+
+def test_smollm2_bpe_equals_transformers_on_random_pieces(ours, hf):
+    """Two random tokens glued into one piece: tiktoken may merge pairs no merge lists; it must not matter."""
+    bpe, rng, tokens = hf.backend_tokenizer.model, random.Random(0), list(ours.ranks)
+    for _ in range(20000):
+        piece = rng.choice(tokens) + rng.choice(tokens)
+        want = [t.id for t in bpe.tokenize(spell(piece))]
+        assert ours.encoding._encode_single_piece(piece) == want, f"{piece!r}: {want}"
+
+
 @pytest.mark.parametrize("text", HAND_CASES)
 def test_smollm2_equals_transformers_on_hand_cases(ours, hf, text):
     want = hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -86,7 +102,8 @@ def test_special_token_text_is_plain_text(ours, hf):
     """Text that spells a special token is ordinary text for us; transformers by default makes it the
     special token, and agrees with us under split_special_tokens=True."""
     assert hf("<|im_end|>", add_special_tokens=False)["input_ids"] == [ours.eos_id]
-    assert ours.encode("<|im_end|>") == hf("<|im_end|>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    as_text = hf("<|im_end|>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert ours.encode("<|im_end|>") == as_text
     assert ours.eos_id not in ours.encode("<|im_end|>")
     assert ours.decode([ours.bos_id, ours.eos_id]) == "<|im_start|><|im_end|>"
     assert ours.encode("hi", bos=True) == [ours.bos_id, *ours.encode("hi")]
@@ -108,7 +125,8 @@ def test_save_loads_in_transformers_and_back(ours, plays, tmp_path):
     back = load_tokenizer(tmp_path)
     assert back.encode(text) == ids
     assert (back.ranks, back.special_tokens, back.merges) == (ours.ranks, ours.special_tokens, ours.merges)
-    assert (back.bos_id, back.eos_id, back.add_bos, back.n_vocab) == (ours.bos_id, ours.eos_id, ours.add_bos, ours.n_vocab)
+    assert (back.bos_id, back.eos_id, back.add_bos) == (ours.bos_id, ours.eos_id, ours.add_bos)
+    assert back.n_vocab == ours.n_vocab
 
 
 def test_loads_tokenizer_json_saved_by_transformers(ours, hf, plays, tmp_path):
@@ -123,8 +141,9 @@ def test_loads_tokenizer_json_saved_by_transformers(ours, hf, plays, tmp_path):
 def test_digit_splitting_tokenizer_json_like_smollm2s_own(ours, hf, plays, tmp_path):
     """SmolLM2's tokenizer.json (and llama.cpp on "smollm") cut out every digit before GPT-2's regex."""
     reference = HFTokenizer.from_str(hf.backend_tokenizer.to_str())
-    reference.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    digits_first = [pre_tokenizers.Digits(individual_digits=True),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    reference.pre_tokenizer = pre_tokenizers.Sequence(digits_first)
     reference.encode_special_tokens = True
     reference.save(str(tmp_path / "tokenizer.json"))
     digits = load_tokenizer(tmp_path)
@@ -193,7 +212,7 @@ def test_sentencepiece_tokenizer_model(sentencepiece_dir, plays):
     assert (llama2.n_vocab, llama2.bos_id, llama2.eos_id, llama2.add_bos) == (500, 1, 2, True)
     for text in [plays["hamlet_gut"], *HAND_CASES, "  two leading spaces", "<s> </s>"]:
         assert llama2.encode(text) == [1, *processor.encode(text)]
-        assert llama2.decode(llama2.encode(text)) == text.replace("\x04", "\ufffd") or "\x04" in text
+        assert llama2.decode(llama2.encode(text)) == text
 
 
 def test_sentencepiece_save_loads_in_transformers(sentencepiece_dir, plays, tmp_path):
@@ -203,7 +222,8 @@ def test_sentencepiece_save_loads_in_transformers(sentencepiece_dir, plays, tmp_
     texts = [plays["othello_gut"], plays["sonnets_gut"], "a  b\n  c\t\td 12345 <s>"]
     assert [llama2.encode(text) for text in texts] == theirs(texts)["input_ids"]
     # transformers' LlamaTokenizer loses one space at the very start of a text; sentencepiece keeps it.
-    assert llama2.decode(llama2.encode(" x")) == " x" != theirs.decode(theirs(" x")["input_ids"], skip_special_tokens=True)
+    assert llama2.decode(llama2.encode(" x")) == " x"
+    assert theirs.decode(theirs(" x")["input_ids"], skip_special_tokens=True) == "x"
 
 
 def write_gguf(path: Path, model: str, pre: str) -> Path:
@@ -241,7 +261,7 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "metaspace" / "tokenizer.json").write_text(
         '{"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Metaspace"}}')
     cases["unknown pre-tokenizer"] = tmp_path / "metaspace"
-    for model, pre in [("gpt2", "unknown-pre"), ("llama", "default")]:  # a new pre-tokenizer; a SentencePiece vocabulary
+    for model, pre in [("gpt2", "unknown-pre"), ("llama", "default")]:  # a new pre-tokenizer; SentencePiece
         cases[f"gguf {model} {pre}"] = write_gguf(tmp_path / f"{model}-{pre}.gguf", model, pre)
     for case, path in cases.items():
         with pytest.raises(ValueError, match=re.escape(str(path))):
