@@ -18,6 +18,7 @@ Where we differ from the authors' public code (SPEC §2), on purpose:
   makes it reproducible. A fresh torch.Generator() would have a fixed seed and freeze the samples.
 """
 import argparse
+import itertools
 import random
 import sys
 
@@ -79,10 +80,13 @@ def sample(doc_len, train_len, target_len, *, chunks=2, content="random", genera
         content_offset = [0] * chunks
     else:  # Appendix A: v_i = u_i, each token sits at its own position in the document
         content_offset = skip_bias
-    # Eq. 3: token k of the example (in chunk i) is the document's token k + v_i, at position k + u_i
-    offsets = torch.tensor([content_offset, skip_bias])  # (2, N)
-    offsets = offsets.repeat_interleave(torch.tensor(lengths), dim=1, output_size=train_len)  # (2, Lc)
-    token_index, position_ids = torch.arange(train_len) + offsets
+    starts = [0] + list(itertools.accumulate(lengths[:-1]))  # st_i, where chunk i starts in the example
+    if chunks <= 8:  # Eq. 3: chunk i is the text x[v_i + st_i : v_i + st_i + l_i] at positions u_i + st_i, …
+        token_index = torch.cat([torch.arange(v + s, v + s + n) for v, s, n in zip(content_offset, starts, lengths)])
+        position_ids = torch.cat([torch.arange(u + s, u + s + n) for u, s, n in zip(skip_bias, starts, lengths)])
+    else:  # the same for large N (Appendix B goes to N = Lc): token k of chunk i is x[k + v_i] at k + u_i
+        offsets = torch.tensor([content_offset, skip_bias]).repeat_interleave(torch.tensor(lengths), dim=1)
+        token_index, position_ids = torch.arange(train_len) + offsets
     return token_index, position_ids
 
 
