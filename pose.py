@@ -56,7 +56,10 @@ def chunk_lengths(train_len, chunks, rng):
 
 
 def nondecreasing(chunks, high, rng):
-    """a_0 = 0, a_i ~ U{a_{i-1}, ..., high}: the law of skip biases (Eq. 4) and content offsets (Eq. 5)."""
+    """a_0 = 0, a_i ~ U{a_{i-1}, ..., high}: the law of skip biases (Eq. 4) and content offsets (Eq. 5).
+
+    Each draw lands on average halfway to high, so for large N the chain reaches high after about
+    ln(high) distinct values: under Eq. 4, N = Lc skips a handful of times, unlike RandPos."""
     offsets = [0]
     for _ in range(chunks - 1):
         offsets.append(rng.randint(offsets[-1], high))
@@ -67,6 +70,7 @@ def sample(doc_len, train_len, target_len, *, chunks=2, content="random", genera
     """One PoSE example: (token_index, position_ids), LongTensors of length train_len.
 
     content: "random" (Eq. 5), "contiguous" (v_i = 0) or "aligned" (v_i = u_i, needs doc_len >= target_len).
+    Drawn afresh on every call from generator (None: PyTorch's default generator).
     """
     check("pose", doc_len, train_len, target_len, chunks, content)
     # One draw from the torch generator seeds a Python RNG: rng.randint(a, b) is exactly U{a, …, b}
