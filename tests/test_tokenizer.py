@@ -150,7 +150,7 @@ def test_digit_splitting_tokenizer_json_like_smollm2s_own(ours, hf, plays, tmp_p
     assert digits.pattern == DIGITS_GPT2_PATTERN
     rng = random.Random(0)
     alphabet = list("0123456789 \n\t\r\u00a0\u2003ab.,'s") + ["١", "²", "Ⅻ", "½"]
-    texts = [*plays.values(), *HAND_CASES, *("".join(rng.choices(alphabet, k=rng.randint(1, 30))) for _ in range(3000))]
+    texts = [*list(plays.values())[::3], *HAND_CASES, *("".join(rng.choices(alphabet, k=rng.randint(1, 30))) for _ in range(3000))]
     for text, want in zip(texts, reference.encode_batch(texts, add_special_tokens=False)):
         assert digits.encode(text) == want.ids, f"{text[:40]!r}: {first_difference(digits.encode(text), want.ids)}"
     # Where transformers' GGUF tokenizer (GPT-2's regex alone) and the digit split differ:
