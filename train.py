@@ -101,7 +101,8 @@ class Config:
                                       action=argparse.BooleanOptionalAction)
     peak_tflops: float | None = flag(None, "peak TFLOP/s of one device for MFU (default: known GPUs in bf16, e.g. H100 "
                                      "989, A100 312; on CPU a matmul measured at startup)", type=float)
-    out: str = flag("out/pose", "output directory: final/ (Hugging Face), checkpoint.pt, log.jsonl")
+    out: str = flag("out/pose", "output directory: final/ (Hugging Face), checkpoint.pt, log.jsonl (per step: step, "
+                    "loss, lr, grad_norm, tokens, tokens_per_s, mfu, mem = peak GiB)")
     save_every: int = flag(100, "write OUT/checkpoint.pt every this many steps (0: at the end only); the previous one "
                            "is replaced only once the new one is complete")
     resume: bool = flag(False, "continue exactly from OUT/checkpoint.pt (same settings)", action="store_true")
@@ -404,11 +405,11 @@ def train(cfg):
         if rank == 0:
             mfu = tokens_per_s * flops_per_token / (peak * world) if peak else None
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens.numel(),
-                      "tokens_per_s": tokens_per_s, "mfu": mfu, "mem_gib": memory_gib(device)}
+                      "tokens_per_s": tokens_per_s, "mfu": mfu, "mem": memory_gib(device)}
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            mfu=f"{mfu:.1%}" if mfu is not None else "n/a", mem=f"{record['mem_gib']:.1f}G")
+                            mfu=f"{mfu:.1%}" if mfu is not None else "n/a", mem=f"{record['mem']:.1f}G")
     bar.close()
     save_final(out / "final", model, optimizer, args, tokenizer, dtype)
     log0(f"saved {out / 'final'} (Hugging Face; RoPE {args.rope_scaling or 'unchanged'}, max_position_embeddings "

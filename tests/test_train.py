@@ -147,6 +147,12 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+    # the checkpoint written under FSDP is a plain full state dict that one process loads
+    state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4 and set(state["optimizer"]["state"]) == set(state["model"])
+    final = Transformer.from_pretrained(tmp_path / "two" / "final")
+    for name, tensor in final.state_dict().items():
+        assert torch.equal(state["model"][name], tensor), name
 
 
 def test_micro_batch_size_changes_memory_not_the_result(tiny, tmp_path):
