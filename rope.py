@@ -115,7 +115,8 @@ def cos_sin(position_ids, theta, attention_factor=1.0, dtype=torch.float32):
 def apply_rope(x, cos, sin):
     """Rotate x (B, T, n_heads, head_dim) in Hugging Face's half layout: channel j pairs with j + d/2."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    # broadcast over heads; in x's dtype, so autocast's bf16 q/k stay bf16 (and flash-attn stays eligible)
+    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
