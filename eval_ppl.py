@@ -1,0 +1,144 @@
+"""Perplexity with a sliding window (Press et al. 2021; PoSE Table 1), token-weighted over whole documents.
+
+    python eval_ppl.py --model smollm2 --data data/shakespeare --lengths 2048,4096,8192 --docs 2 --out runs/ppl.json
+    python eval_ppl.py --model smollm2 --rope_scaling yarn:2 --data data/shakespeare --lengths 16384 --docs 2 --out runs/ppl_yarn2.json
+    torchrun --nproc_per_node 2 eval_ppl.py ...      # documents split across ranks, gathered on rank 0
+
+Documents (`data.read_documents`: .jsonl with a "text" field, .txt, or a directory) are taken in their order: the
+first --docs of those with at least --min_tokens tokens (default: the largest length). Each is evaluated whole;
+--max_tokens truncates every document to its first N tokens, and says so. At window length L, windows
+ids[b : b+L] start every --stride tokens; a window scores only the tokens no earlier window scored (the first one
+all tokens after its first), so every token after the first is scored exactly once, at every L, with at least
+L − stride tokens of context once past the first window. Positions restart at 0 in each window.
+ppl = exp(Σ NLL / Σ scored tokens) over all documents: per token, never per window. The model returns hidden
+states; logits are formed only for the scored positions, 1024 at a time, so no window needs a T × vocab tensor
+(and SDPA never builds a T × T one): a 32k window of SmolLM2-135M fits in a few GB.
+"""
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+import data
+from eval_passkey import Session, add_common_args, fail
+
+LOGIT_CHUNK = 1024  # scored positions per (chunk, vocab) fp32 logits tensor: 200 MB for a 49k vocabulary
+
+
+def windows(n_tokens, length, stride):
+    """[(begin, end, first)]: the window ids[begin:end] scores the targets ids[first:end] (Press et al. 2021)."""
+    assert 1 <= stride < length, "a stride ≥ the window length would leave each window's first token unscored"
+    spans, scored_to = [], 1  # token 0 has no context: it is never a target
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + length, n_tokens)
+        spans.append((begin, end, scored_to))
+        scored_to = end
+        if end == n_tokens:
+            break
+    return spans
+
+
+@torch.inference_mode()
+def document_nll(model, ids, length, stride):
+    """ids (n,) -> (summed NLL of every scored target, number of scored targets, number of windows)."""
+    nll, scored = 0.0, 0
+    spans = windows(len(ids), length, stride)
+    for begin, end, first in spans:
+        h = model(ids[None, begin:end], hidden_only=True)[0]  # (T, dim); h[t] predicts ids[begin + t + 1]
+        for start in range(first, end, LOGIT_CHUNK):
+            stop = min(start + LOGIT_CHUNK, end)
+            logits = model.logits(h[start - 1 - begin: stop - 1 - begin]).float()  # (≤ chunk, vocab)
+            nll += F.cross_entropy(logits, ids[start:stop], reduction="sum").item()
+        scored += end - first
+    return nll, scored, len(spans)
+
+
+def select_documents(texts, tokenizer, min_tokens, count, max_tokens=None):
+    """The first `count` documents with ≥ min_tokens tokens, as token lists (cut to max_tokens when given)."""
+    chosen, longest = [], 0
+    for text in texts:
+        ids = tokenizer.encode(text)
+        longest = max(longest, len(ids))
+        if len(ids) >= min_tokens:
+            chosen.append(ids[:max_tokens])
+            if len(chosen) == count:
+                break
+    if not chosen:
+        raise ValueError(f"none of the {len(texts)} documents has ≥ {min_tokens} tokens (the longest has {longest}); "
+                         "lower --min_tokens or give longer documents.")
+    return chosen
+
+
+def plot(lengths, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("--plot needs matplotlib (pip install matplotlib); no figure written.")
+    xs = sorted(lengths, key=int)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([int(x) for x in xs], [lengths[x]["ppl"] for x in xs], marker="o")
+    ax.set(xscale="log", yscale="log", xlabel="evaluation window (tokens)", ylabel="perplexity")
+    ax.set_xticks([int(x) for x in xs], xs)
+    ax.minorticks_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sliding-window perplexity per window length (PoSE Table 1).")
+    add_common_args(p)
+    p.add_argument("--data", required=True, help=".jsonl (a 'text' field per line), .txt, or a directory of them")
+    p.add_argument("--stride", type=int, default=1024, help="tokens between window starts (the paper: 1024)")
+    p.add_argument("--min_tokens", type=int, default=None, help="only documents this long (default: the largest length)")
+    p.add_argument("--docs", type=int, default=50, help="how many documents (the paper: 50 per dataset)")
+    p.add_argument("--max_tokens", type=int, default=None,
+                   help="TRUNCATE each document to its first N tokens before the windows (default: whole documents)")
+    args = p.parse_args(argv)
+    largest = max(args.lengths)
+    args.min_tokens = args.min_tokens or largest
+    if not 1 <= args.stride < min(args.lengths):
+        fail(f"--stride must be ≥ 1 and smaller than every length ({min(args.lengths)}), "
+             "or the first token of each window would go unscored.")
+    if args.docs < 1 or (args.max_tokens is not None and args.max_tokens < max(largest, args.min_tokens)):
+        fail("--docs must be ≥ 1, and --max_tokens at least the largest length and --min_tokens.")
+    config = {"script": "eval_ppl", **{k: getattr(args, k) for k in (
+        "model", "rope_scaling", "dtype", "data", "stride", "min_tokens", "docs", "max_tokens")}}
+    session = Session(args, config)
+    try:
+        texts = data.read_documents(args.data)
+        docs = select_documents(texts, session.tokenizer, args.min_tokens, args.docs, args.max_tokens)
+    except (OSError, ValueError) as e:
+        fail(f"{args.data}: {e}")
+    if session.rank == 0:
+        cut = f"truncated to their first {args.max_tokens} tokens" if args.max_tokens else "each evaluated whole"
+        short = f" (only {len(docs)} of the {len(texts)} reach {args.min_tokens} tokens)" if len(docs) < args.docs else ""
+        print(f"{len(docs)} documents{short} of {', '.join(str(len(d)) for d in docs)} tokens, {cut}; "
+              f"windows of each length every {args.stride} tokens.")
+    for length in session.todo():
+        mine = range(session.rank, len(docs), session.world)
+        parts = [(i, *document_nll(session.model, torch.tensor(docs[i], device=session.device), length, args.stride))
+                 for i in session.progress(mine, f"ppl {length}")]
+        parts = sorted(session.gather(parts))
+        nll, scored = sum(p[1] for p in parts), sum(p[2] for p in parts)
+        session.finish(length, {"ppl": math.exp(nll / scored), "nll": nll, "scored_tokens": scored,
+                                "windows": sum(p[3] for p in parts),
+                                "documents": [{"index": i, "tokens": len(docs[i]), "nll": d_nll, "scored_tokens": n,
+                                               "ppl": math.exp(d_nll / n)} for i, d_nll, n, _ in parts]})
+    if session.rank == 0:
+        print(f"\nsliding-window perplexity, {args.model}, rope_scaling {args.rope_scaling}, {args.dtype}, "
+              f"stride {args.stride}")
+        print(f"{'length':>8} {'ppl':>10} {'tokens':>9} {'windows':>8} {'seconds':>8}")
+        for length in args.lengths:
+            r = session.results["lengths"][str(length)]
+            print(f"{length:>8} {r['ppl']:>10.3f} {r['scored_tokens']:>9} {r['windows']:>8} {r['seconds']:>8.0f}")
+        if args.plot:
+            plot({str(n): session.results["lengths"][str(n)] for n in args.lengths}, args.plot)
+    return session.results
+
+
+if __name__ == "__main__":
+    main()
