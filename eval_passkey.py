@@ -89,7 +89,8 @@ def run_trial(model, tokenizer, trial, device):
     return {k: v for k, v in trial.items() if k not in ("prompt", "tokens")} | {"answer": answer, "correct": correct}
 
 
-def plot(lengths, path):
+def plot(lengths, path, sweep=False):
+    """Accuracy vs length, and a depth × length heatmap: one row per --depths value, else 5 bins of random depths."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -99,7 +100,6 @@ def plot(lengths, path):
     xs = sorted(lengths, key=int)
     trials = [t for x in xs for t in lengths[x]["trials"]]
     depths = sorted({t["depth"] for t in trials})
-    sweep = len(depths) <= 11  # a --depths sweep, or random depths in 5 bins
     rows = [f"{d:.2f}" for d in depths] if sweep else [f"{i / 5:.1f}–{(i + 1) / 5:.1f}" for i in range(5)]
     row = lambda d: depths.index(d) if sweep else min(int(d * 5), 4)  # noqa: E731
     grid = [[[] for _ in xs] for _ in rows]
@@ -158,7 +158,7 @@ def main(argv=None):
             print(f"{length:>8} {tokens:>8.0f} {r['accuracy']:>9.2f} {sum(t['correct'] for t in r['trials']):>4}/"
                   f"{len(r['trials']):<3} {r['seconds']:>8.0f}")
         if args.plot:
-            plot({str(n): session.results["lengths"][str(n)] for n in args.lengths}, args.plot)
+            plot({str(n): session.results["lengths"][str(n)] for n in args.lengths}, args.plot, sweep=bool(args.depths))
     return session.results
 
 

@@ -186,6 +186,14 @@ def test_max_key_distance_keeps_the_key_close_to_the_question(smollm2_tokenizer)
         assert len(smollm2_tokenizer.encode(after, bos=False)) <= 40 and t["depth"] > 0.9
 
 
+def test_a_depth_sweep_cycles_through_the_depths(tiny, tmp_path):
+    out = eval_passkey.main(["--model", str(tiny), "--lengths", "400", "--trials", "6", "--depths", "0,0.5,1",
+                             "--out", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "sweep.png")])
+    trials = out["lengths"]["400"]["trials"]
+    assert [t["depth"] for t in trials] == [0, 0.5, 1] * 2 and (tmp_path / "sweep.png").stat().st_size > 0
+    assert all(400 - TOLERANCE <= t["prompt_tokens"] <= 400 for t in trials)
+
+
 def test_trials_are_reproducible_from_the_seed(smollm2_tokenizer):
     a, b = make_trial(smollm2_tokenizer, 1000, 3, seed=7), make_trial(smollm2_tokenizer, 1000, 3, seed=7)
     assert a == b
