@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 import eval_passkey
 import eval_ppl
-from eval_passkey import FILLER, INTRO, KEY_LINE, QUESTION, TOLERANCE, make_trial
+from eval_passkey import INTRO, KEY_LINE, QUESTION, TOLERANCE, make_trial
 from eval_ppl import windows
 from model import SMOLLM2, ModelArgs, Transformer, resolve
 from tokenizer import GPT2_PATTERN, Tokenizer, load_tokenizer
