@@ -306,6 +306,17 @@ def with_scaling(args, scaling):
     return ModelArgs(**{**asdict(args), "rope_scaling": scaling, "use_scaled_rope": False, "max_seq_len": context})
 
 
+def _read_json(file):
+    """A checkpoint's JSON object, or one sentence naming the file (a cut or hand-edited config is common)."""
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not readable JSON ({e}).") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object of settings.")
+    return value
+
+
 def _atomic(path, write):
     tmp = path.with_name(path.name + ".tmp")
     write(str(tmp))
@@ -367,7 +378,7 @@ def _read_hf(path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    config = json.loads((path / "config.json").read_text())
+    config = _read_json(path / "config.json")
     if config.get("model_type") != "llama":
         raise ValueError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'llama'.")
     params = config.get("rope_parameters") or {}  # transformers 5 puts rope_theta and the scaling here
@@ -413,11 +424,14 @@ def interleaved_to_half(w, n_heads):
 
 
 def _read_meta(path):
-    params = json.loads((path / "params.json").read_text())
+    params = _read_json(path / "params.json")
     known = {f.name for f in fields(ModelArgs)}
     unknown = params.keys() - known
     if unknown:
         raise ValueError(f"{path / 'params.json'} has keys ModelArgs does not know: {sorted(unknown)}.")
+    for key in ("dim", "n_layers", "n_heads"):  # every Meta params.json states them; the defaults are Llama-7B's
+        if key not in params:
+            raise ValueError(f"{path / 'params.json'} has no {key!r}, which a Llama params.json needs.")
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise ValueError(f"{path} has params.json but no consolidated.*.pth weights.")

@@ -249,8 +249,9 @@ def full_state(model, optimizer):
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def save_checkpoint(path, model, optimizer, step, cfg):
-    """OUT/checkpoint.pt: written whole to a temporary file, then renamed over the previous good one."""
+def save_checkpoint(path, model, optimizer, step, cfg, previous=None):
+    """OUT/checkpoint.pt: written whole to a temporary file, then renamed over the previous good one (`previous`:
+    its step). A kill leaves the old file as it was; a failed write (a full disk) is one sentence, the old file kept."""
     model_state, optimizer_state = full_state(model, optimizer)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
@@ -258,8 +259,18 @@ def save_checkpoint(path, model, optimizer, step, cfg):
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": asdict(cfg), "rng": rng}
-    torch.save(state, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+    tmp = Path(str(path) + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: after a power cut the old or the new file, whole
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # give back the space the partial file took
+        kept = f"the previous checkpoint {path} (step {previous}) is intact" if previous else f"{path} is unchanged"
+        raise ValueError(f"could not write the checkpoint of step {step} to {tmp} ({e.strerror or e}); {kept}: "
+                         "free space, then rerun with --resume.") from None
 
 
 MUST_MATCH = ("model", "init", "data", "method", "train_len", "target_len", "scaling", "chunks", "content",
@@ -272,8 +283,12 @@ def load_checkpoint(path, model, optimizer, cfg):
 
     if not path.is_file():
         raise ValueError(f"--resume: {path} does not exist; run without --resume to start, or point --out at the run.")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    saved = state["config"]
+    try:  # weights_only: a checkpoint is untrusted input, and a pickle that wants to run code is refused
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved = state["config"]
+    except Exception as e:  # also a cut file, or one train.py did not write
+        raise ValueError(f"--resume: {path} is not a checkpoint of plain tensors written by train.py "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from None
     changed = [k for k in MUST_MATCH + (("steps",) if cfg.lr_decay else ()) if saved.get(k) != getattr(cfg, k)]
     if changed:
         raise ValueError(f"--resume: {path} was trained with different settings: "
@@ -281,10 +296,22 @@ def load_checkpoint(path, model, optimizer, cfg):
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, state["model"], options=options)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    for values in optimizer.state.values():  # copies: as views of the mmapped file, the AdamW states would keep the
+        for key, value in values.items():  # replaced checkpoint.pt on disk (deleted, not freed) for the whole run
+            if torch.is_tensor(value):
+                values[key] = value.clone()
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])
     return state["step"]
+
+
+def logged_step(line):
+    """The step of a log.jsonl line; a line cut short (a kill or a full disk mid-write) counts as not logged."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def save_final(directory, model, optimizer, args, tokenizer, dtype):
@@ -297,7 +324,12 @@ def save_final(directory, model, optimizer, args, tokenizer, dtype):
     final.load_weights({k: v.to(dtype) for k, v in model_state.items()})
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    final.save_pretrained(tmp, tokenizer=tokenizer)
+    try:
+        final.save_pretrained(tmp, tokenizer=tokenizer)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"could not write {tmp} ({e.strerror or e}); {directory.parent / 'checkpoint.pt'} holds the "
+                         "last step: free space, then rerun with --resume to write the final model.") from None
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
 
@@ -357,8 +389,10 @@ def train(cfg):
         step = saved = load_checkpoint(ckpt, model, optimizer, cfg)
         log0(f"resumed from {ckpt} after step {step}")
         if rank == 0 and log_path.exists():  # drop log lines of steps that will be trained again
-            lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            log_path.write_text("".join(ln + "\n" for ln in lines))
+            lines = [ln for ln in log_path.read_text().splitlines() if logged_step(ln) <= step]
+            tmp = log_path.with_name(log_path.name + ".tmp")  # rewritten whole, then renamed: a kill keeps it
+            tmp.write_text("".join(ln + "\n" for ln in lines))
+            os.replace(tmp, log_path)
     elif rank == 0:
         if ckpt.exists():
             log0(f"note: {ckpt} exists and will be replaced by this new run (--resume continues it instead)")
@@ -404,7 +438,7 @@ def train(cfg):
         tokens_per_s = tokens.numel() / (time.perf_counter() - start)  # of all ranks
 
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt, model, optimizer, step, cfg)
+            save_checkpoint(ckpt, model, optimizer, step, cfg, previous=saved)
             saved = step
         if rank == 0:
             mfu = tokens_per_s * flops_per_token / (peak * world) if peak else None
