@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent
 # the no-argument demo: fine-tune demo/base if another issue has built it, else this tiny config from scratch
 DEMO_MODEL = dict(dim=128, n_layers=2, n_heads=4, max_seq_len=256, tie_word_embeddings=True)
 DEMO_ARGS = ["--train_len", "256", "--target_len", "2048", "--steps", "50", "--batch_size", "8", "--lr", "1e-3",
-             "--warmup", "5", "--save_every", "25", "--out", str(ROOT / "out" / "demo")]
+             "--warmup", "5", "--save_every", "25", "--overwrite", "--out", str(ROOT / "out" / "demo")]
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312}  # bf16 dense, per GPU
 
 
@@ -107,6 +107,9 @@ class Config:
     save_every: int = flag(100, "write OUT/checkpoint.pt every this many steps (0: at the end only); the previous one "
                            "is replaced only once the new one is complete")
     resume: bool = flag(False, "continue exactly from OUT/checkpoint.pt (same settings)", action="store_true")
+    overwrite: bool = flag(False, "start afresh even though OUT/checkpoint.pt holds another run (it is replaced at "
+                           "the first save); without it a new run refuses to touch an existing checkpoint",
+                           action="store_true")
 
 
 def parse_args(argv) -> Config:
@@ -393,9 +396,9 @@ def train(cfg):
             tmp = log_path.with_name(log_path.name + ".tmp")  # rewritten whole, then renamed: a kill keeps it
             tmp.write_text("".join(ln + "\n" for ln in lines))
             os.replace(tmp, log_path)
+    elif ckpt.exists() and not cfg.overwrite:  # forgetting --resume must not cost the run
+        raise ValueError(f"{ckpt} holds a run already: add --resume to continue it, or --overwrite to start afresh.")
     elif rank == 0:
-        if ckpt.exists():
-            log0(f"note: {ckpt} exists and will be replaced by this new run (--resume continues it instead)")
         log_path.write_text("")
     flops_per_token = args.flops_per_token(example_len)
     peak = peak_flops(cfg, device, dtype) if rank == 0 else None

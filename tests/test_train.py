@@ -195,6 +195,17 @@ def test_resume_refuses_changed_settings(tiny, tmp_path, capsys):
     assert e.value.code == 1 and "--chunks 2 (now 3)" in capsys.readouterr().err
 
 
+def test_a_new_run_refuses_to_replace_an_existing_checkpoint(tiny, tmp_path, capsys):
+    train.main(argv(tiny, tmp_path, "--steps", "1"))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tiny, tmp_path, "--steps", "1", "--seed", "1"))
+    assert e.value.code == 1 and "add --resume to continue it, or --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    train.main(argv(tiny, tmp_path, "--steps", "1", "--seed", "1", "--overwrite"))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["seed"] == 1
+
+
 @pytest.mark.parametrize("scaling", ["linear", "yarn", "ntk"])
 def test_final_checkpoint_loads_as_the_extended_model(tiny, tmp_path, scaling):
     """Ours and transformers both read the trained RoPE (factor = Lt/Lo, original = Lo, context = Lt) and agree on
