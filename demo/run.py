@@ -1,0 +1,154 @@
+"""The embedded default: the paper's experiment in miniature, on a CPU in minutes (`make demo` runs this).
+
+    python demo/run.py                     # PoSE-extend demo/base from Lo=256 to Lt=2048, evaluate, print, plot
+    python demo/run.py --steps 60 --trials 10 --out runs/demo-small   # the smaller run tests/test_demo.py checks
+
+demo/base is a 1.7M-parameter LLaMA pretrained from scratch at Lo = 256 tokens (demo/build_base.py). PoSE
+fine-tunes it with train_len = Lo = 256 (Lc) for target_len = 8·Lo = 2048 (Lt): positions jump inside 256-token
+examples (Eqs. 3-5) and RoPE is scaled by s = 8 (YaRN here; the paper's default is linear). Then both the base
+model ("None") and the PoSE model are scored like the paper's Table 1 (sliding-window perplexity on four held-out
+plays) and Figure 2b (passkey retrieval, by length and depth, and with the key within the last Lo tokens).
+Every step is one of the project's own commands, printed before it runs; results are JSON and PNG under --out.
+"""
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LO, LT = 256, 2048
+LENGTHS = [LO, 2 * LO, 4 * LO, 8 * LO]
+DEPTHS = "0,0.25,0.5,0.75,1"
+
+
+def run(*args):
+    command = [sys.executable, *map(str, args)]
+    print("$ " + " ".join(str(a) for a in args), flush=True)
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        sys.exit(f"error: {args[0]} failed (its message is above); rerun demo/run.py to resume where it stopped.")
+
+
+def fine_tuning_data(out, base):
+    """Training plays cut into pieces, and as many passkey-episode documents (as in pretraining)."""
+    from data import fetch_shakespeare
+    from demo.build_base import passkey_document, pieces, split_plays
+    from tokenizer import load_tokenizer
+
+    train, held = split_plays(fetch_shakespeare())
+    path = out / "finetune.jsonl"
+    if not path.exists():
+        tokenizer, rng = load_tokenizer(base), random.Random(1)
+        docs = [p for f in train for p in pieces(f.read_text(encoding="utf-8"))]
+        docs += [passkey_document(tokenizer, rng) for _ in range(len(docs))]
+        path.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
+    held_dir = out / "held_out"
+    held_dir.mkdir(exist_ok=True)
+    for f in held:
+        (held_dir / f.name).write_text(f.read_text(encoding="utf-8"))
+    return path, held_dir
+
+
+def evaluate(name, model, held_dir, out, args):
+    lengths = ",".join(map(str, LENGTHS))
+    run("eval_ppl.py", "--model", model, "--data", held_dir, "--lengths", lengths, "--stride", LO // 2,
+        "--docs", 4, "--max_tokens", args.ppl_tokens, "--out", out / f"{name}_ppl.json")
+    run("eval_passkey.py", "--model", model, "--lengths", lengths, "--trials", args.trials, "--depths", DEPTHS,
+        "--seed", 0, "--out", out / f"{name}_passkey.json", "--plot", out / f"{name}_passkey.png")
+    run("eval_passkey.py", "--model", model, "--lengths", lengths, "--trials", args.trials,
+        "--max_key_distance", LO - 64, "--seed", 1, "--out", out / f"{name}_passkey_near.json")
+
+
+def summary(out):
+    """-> {model: {"ppl": {L: ppl}, "passkey": {L: acc}, "near": {L: acc}, "by_depth": {(L, depth): acc}}}."""
+    table = {}
+    for name in ("none", "pose"):
+        ppl, far, near = (json.loads((out / f"{name}_{kind}.json").read_text())["lengths"]
+                          for kind in ("ppl", "passkey", "passkey_near"))
+        by_depth = {}
+        for L, v in far.items():
+            for t in v["trials"]:
+                by_depth.setdefault((int(L), round(t["depth"], 2)), []).append(t["correct"])
+        table[name] = {"ppl": {int(L): v["ppl"] for L, v in ppl.items()},
+                       "passkey": {int(L): v["accuracy"] for L, v in far.items()},
+                       "near": {int(L): v["accuracy"] for L, v in near.items()},
+                       "by_depth": {k: sum(v) / len(v) for k, v in by_depth.items()}}
+    return table
+
+
+def report(table, out):
+    lines = ["Table 1 in miniature: sliding-window perplexity (4 held-out plays, stride 128)",
+             "model  " + "".join(f"{L:>9}" for L in LENGTHS)]
+    lines += [f"{name:<7}" + "".join(f"{table[name]['ppl'][L]:>9.2f}" for L in LENGTHS) for name in table]
+    lines += ["", "Figure 2b in miniature: passkey accuracy, key at depths " + DEPTHS,
+              "model  " + "".join(f"{L:>9}" for L in LENGTHS)]
+    lines += [f"{name:<7}" + "".join(f"{table[name]['passkey'][L]:>9.0%}" for L in LENGTHS) for name in table]
+    lines += ["", f"passkey accuracy, key within the last {LO} tokens before the question",
+              "model  " + "".join(f"{L:>9}" for L in LENGTHS)]
+    lines += [f"{name:<7}" + "".join(f"{table[name]['near'][L]:>9.0%}" for L in LENGTHS) for name in table]
+    text = "\n".join(lines)
+    print("\n" + text)
+    (out / "summary.txt").write_text(text + "\n")
+    (out / "summary.json").write_text(json.dumps({name: {k: v for k, v in t.items() if k != "by_depth"}
+                                                  for name, t in table.items()}, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for demo.png)")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, style in (("none", "o--"), ("pose", "o-")):
+        a.plot(LENGTHS, [table[name]["ppl"][L] for L in LENGTHS], style, label=name)
+        b.plot(LENGTHS, [100 * table[name]["passkey"][L] for L in LENGTHS], style, label=f"{name}, any depth")
+        b.plot(LENGTHS, [100 * table[name]["near"][L] for L in LENGTHS], style.replace("o", "s"), alpha=0.6,
+               label=f"{name}, key in last {LO}")
+    for ax, title in ((a, "perplexity (sliding window)"), (b, "passkey accuracy %")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(LENGTHS, [str(L) for L in LENGTHS])
+        ax.axvline(LO, color="grey", lw=0.5)
+        ax.set_xlabel("window / prompt length (tokens)")
+        ax.set_title(title)
+        ax.legend()
+    a.set_yscale("log")
+    b.set_ylim(-5, 105)
+    fig.suptitle(f"PoSE {LO} -> {LT} on the tiny demo model (None = no fine-tuning)")
+    fig.tight_layout()
+    fig.savefig(out / "demo.png", dpi=120)
+    print(f"plots: {out / 'demo.png'}, {out / 'none_passkey.png'}, {out / 'pose_passkey.png'}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--steps", type=int, default=150, help="PoSE fine-tuning steps of 32 examples of Lc = 256 tokens")
+    p.add_argument("--scaling", default="yarn", choices=("linear", "ntk", "yarn"), help="RoPE scaling, s = Lt/Lo = 8")
+    p.add_argument("--chunks", type=int, default=2, help="N, chunks per example")
+    p.add_argument("--content", default="random", choices=("random", "contiguous", "aligned"))
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--trials", type=int, default=20, help="passkey trials per length (and per test)")
+    p.add_argument("--ppl_tokens", type=int, default=8192, help="tokens of each held-out play scored")
+    p.add_argument("--base", type=Path, default=ROOT / "demo" / "base", help="the model to extend (Lo must be 256)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
+    args = p.parse_args(argv)
+    if not (args.base / "config.json").is_file():
+        sys.exit(f"error: {args.base} holds no model; build it with python demo/build_base.py.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    data, held_dir = fine_tuning_data(args.out, args.base)
+    pose_dir = args.out / "pose"
+    if not (pose_dir / "final").exists():
+        run("train.py", "--model", args.base, "--data", data, "--method", "pose", "--train_len", LO,
+            "--target_len", LT, "--scaling", args.scaling, "--chunks", args.chunks, "--content", args.content,
+            "--steps", args.steps, "--batch_size", 32, "--micro_batch_size", 32, "--lr", args.lr, "--warmup", 10,
+            "--save_every", 50, "--out", pose_dir, *(["--resume"] if (pose_dir / "checkpoint.pt").exists() else []))
+    evaluate("none", args.base, held_dir, args.out, args)
+    evaluate("pose", pose_dir / "final", held_dir, args.out, args)
+    report(summary(args.out), args.out)
+
+
+if __name__ == "__main__":
+    main()
