@@ -145,7 +145,7 @@ def main(argv=None):
         fail(str(e))
     for length in session.todo():
         records = [run_trial(session.model, session.tokenizer, trial(length, i), session.device)
-                   for i in session.progress(range(session.rank, args.trials, session.world), f"passkey {length}")]
+                   for i in session.progress(f"passkey {length}", iterable=range(session.rank, args.trials, session.world))]
         records = sorted(session.gather(records), key=lambda r: r["trial"])
         accuracy = sum(r["correct"] for r in records) / len(records)
         session.finish(length, {"accuracy": accuracy, "trials": records})
@@ -261,9 +261,9 @@ class Session:
             print(f"{self.out} already holds lengths {done}: skipped.")
         return [n for n in self.args.lengths if str(n) not in self.results["lengths"]]
 
-    def progress(self, items, description):
+    def progress(self, description, **kwargs):
         from tqdm import tqdm
-        return tqdm(items, desc=description, disable=self.rank != 0)
+        return tqdm(desc=description, disable=self.rank != 0, **kwargs)
 
     def gather(self, records):
         if self.world == 1:

@@ -40,7 +40,7 @@ def windows(n_tokens, length, stride):
 
 
 @torch.inference_mode()
-def document_nll(model, ids, length, stride):
+def document_nll(model, ids, length, stride, on_window=lambda: None):
     """ids (n,) -> (summed NLL of every scored target, number of scored targets, number of windows)."""
     nll, scored = 0.0, 0
     spans = windows(len(ids), length, stride)
@@ -51,6 +51,7 @@ def document_nll(model, ids, length, stride):
             logits = model.logits(h[start - 1 - begin: stop - 1 - begin]).float()  # (≤ chunk, vocab)
             nll += F.cross_entropy(logits, ids[start:stop], reduction="sum").item()
         scored += end - first
+        on_window()
     return nll, scored, len(spans)
 
 
@@ -120,8 +121,10 @@ def main(argv=None):
               f"windows of each length every {args.stride} tokens.")
     for length in session.todo():
         mine = range(session.rank, len(docs), session.world)
-        parts = [(i, *document_nll(session.model, torch.tensor(docs[i], device=session.device), length, args.stride))
-                 for i in session.progress(mine, f"ppl {length}")]
+        with session.progress(f"ppl {length}", unit="window",
+                              total=sum(len(windows(len(docs[i]), length, args.stride)) for i in mine)) as bar:
+            parts = [(i, *document_nll(session.model, torch.tensor(docs[i], device=session.device), length,
+                                       args.stride, on_window=bar.update)) for i in mine]
         parts = sorted(session.gather(parts))
         nll, scored = sum(p[1] for p in parts), sum(p[2] for p in parts)
         session.finish(length, {"ppl": math.exp(nll / scored), "nll": nll, "scored_tokens": scored,
