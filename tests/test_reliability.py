@@ -252,10 +252,10 @@ def test_an_interrupted_perplexity_evaluation_keeps_finished_lengths_and_a_rerun
             "--stride", "128", "--min_tokens", "1000", "--docs", "2", "--out", str(tmp_path / "ppl.json")]
     document_nll = eval_ppl.document_nll
 
-    def killed_at_384(model, ids, length, stride):
+    def killed_at_384(model, ids, length, stride, **kwargs):
         if length == 384:
             raise KeyboardInterrupt
-        return document_nll(model, ids, length, stride)
+        return document_nll(model, ids, length, stride, **kwargs)
 
     monkeypatch.setattr(eval_ppl, "document_nll", killed_at_384)
     with pytest.raises(KeyboardInterrupt):
