@@ -225,8 +225,8 @@ def assert_a_rerun_skips_finished_lengths(script, work, args, monkeypatch, capsy
     kept = json.loads(out.read_text())["lengths"]
     assert str(lengths[0]) in kept and len(kept) < len(lengths)
     calls, original = [], getattr(script, work)
-    monkeypatch.setattr(script, work, lambda *a: calls.append(a[2]["length"] if isinstance(a[2], dict) else a[2])
-                        or original(*a))
+    monkeypatch.setattr(script, work, lambda *a, **k: calls.append(a[2]["length"] if isinstance(a[2], dict) else a[2])
+                        or original(*a, **k))
     results = script.main(args)
     assert f"already holds lengths {[int(n) for n in kept]}: skipped" in capsys.readouterr().out
     assert set(calls) == set(lengths) - {int(n) for n in kept}
