@@ -111,15 +111,62 @@ def attend(q, k, v):
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q, k, v, causal=True)  # handles GQA; causal mask aligned bottom-right
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-    if k.shape[1] != q.shape[1]:  # GQA: each key/value head serves n_heads / n_kv_heads query heads
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    # GQA: each key/value head serves n_heads / n_kv_heads query heads; enable_gqa shares them without copies
+    gqa = k.shape[1] != q.shape[1]
     if T == S or T == 1:  # training / prefill, or one decoded token that sees every cached key
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
     else:  # several new tokens after a cache: only here is a (T, S) mask built
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return y.transpose(1, 2)
+
+
+LOSS_CHUNK = 256  # rows of (rows, vocab) fp32 logits alive at once in the loss: 50 MB for a 49k vocabulary
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits h @ weightᵀ (N, vocab) against targets (N,), −100 ignored, without ever
+    holding all N × vocab logits: chunk by chunk the forward pass forms the logits, the loss and at once their
+    gradient (softmax − one-hot) / n, multiplied into dh and dweight; backward only scales those by its input.
+    Same numbers as F.cross_entropy(F.linear(h, weight).float(), targets), same dtypes under autocast."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, grad_enabled):
+        device = h.device.type  # F.linear's compute dtype: autocast's if on, else the operands' own
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        with torch.autocast(device, enabled=False):
+            x, w = h.to(dtype), weight.to(dtype)
+            keep = targets != -100
+            n = keep.sum()
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            # inside forward grad mode is always off and needs_input_grad ignores it: torch.no_grad() comes as a flag
+            dh = torch.empty_like(h) if grad_enabled and ctx.needs_input_grad[0] else None
+            dw = torch.zeros_like(weight, dtype=torch.float32) if grad_enabled and ctx.needs_input_grad[1] else None
+            for start in range(0, len(x), LOSS_CHUNK):
+                rows = slice(start, start + LOSS_CHUNK)
+                y, rows_kept = targets[rows].clamp(min=0), keep[rows]
+                log_probs = torch.log_softmax((x[rows] @ w.T).float(), dim=-1)  # (chunk, vocab)
+                loss -= (log_probs.gather(1, y[:, None])[:, 0] * rows_kept).sum()
+                if dh is None and dw is None:
+                    continue
+                grad = log_probs.exp_()  # softmax, in place
+                grad[torch.arange(len(y)), y] -= 1
+                grad = grad.mul_((rows_kept / n)[:, None]).to(dtype)  # ignored rows: 0
+                if dh is not None:
+                    dh[rows] = grad @ w
+                if dw is not None and dtype == dw.dtype:  # summed over the chunks in fp32
+                    dw.addmm_(grad.T, x[rows])
+                elif dw is not None:  # bf16 products, summed in fp32
+                    dw += grad.T @ x[rows]
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        return (None if dh is None else dh * grad_loss,
+                None if dw is None else (dw * grad_loss).to(ctx.weight_dtype), None, None)
 
 
 class Attention(nn.Module):
@@ -189,8 +236,8 @@ class Transformer(nn.Module):
         """tokens (B, T) at position_ids (B, T) or (T,) -> logits (B, T, vocab).
 
         Positions default to 0..T−1 (after what the cache holds). With `targets` (B, T, −100 = ignore) the
-        mean next-token loss is returned instead; `hidden_only` returns the final normed states (B, T, dim)
-        so callers can project only the positions they score.
+        mean next-token loss is returned instead, its (B·T, vocab) logits never whole (ChunkedCrossEntropy);
+        `hidden_only` returns the final normed states (B, T, dim) so callers can project only the positions they score.
         """
         B, T = tokens.shape
         if position_ids is None:
@@ -211,13 +258,17 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if hidden_only:
             return h
-        logits = self.logits(h)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            return self.logits(h)
+        return ChunkedCrossEntropy.apply(h.flatten(0, 1), self.output_weight, targets.flatten(),
+                                         torch.is_grad_enabled())
+
+    @property
+    def output_weight(self):
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def logits(self, h):
-        return F.linear(h, self.tok_embeddings.weight if self.output is None else self.output.weight)
+        return F.linear(h, self.output_weight)
 
     def make_cache(self, batch_size, max_len):
         p = self.tok_embeddings.weight

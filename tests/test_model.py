@@ -204,6 +204,47 @@ def test_loss_is_next_token_cross_entropy_with_ignored_labels(tmp_path):
         assert model(x, targets=targets).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_loss_equals_the_plain_cross_entropy_and_its_gradients(tmp_path, tie):
+    """The targets path never builds the (B·T, vocab) logits; loss and every gradient are the plain computation's."""
+    import model as model_py
+
+    _, directory = hf_model(tmp_path, tie=tie)
+    x = tokens(length=200)  # 400 rows: one full LOSS_CHUNK of 256 and a partial one
+    targets = x.roll(-1, dims=1)
+    targets[:, ::37] = -100  # ignored labels, as at PoSE chunk boundaries
+    assert x.numel() > model_py.LOSS_CHUNK
+    runs = []
+    for chunked in (False, True):
+        model = Transformer.from_pretrained(directory).train()
+        if chunked:
+            loss = model(x, pose_positions(), targets=targets)
+        else:
+            logits = model(x, pose_positions())
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss.backward()
+        runs.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (chunked, chunked_grads) = runs
+    assert chunked == pytest.approx(plain, rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation: the same loss, no gradient work
+        assert model(x, pose_positions(), targets=targets).item() == pytest.approx(plain, rel=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_one(tmp_path):
+    _, directory = hf_model(tmp_path)
+    model = Transformer.from_pretrained(directory).train()
+    x = tokens(length=200)
+    with torch.autocast("cpu", torch.bfloat16):
+        chunked = model(x, targets=x)
+        plain = torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
+    assert chunked.dtype == torch.float32
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    chunked.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     _, directory = hf_model(tmp_path)
     grads = []
