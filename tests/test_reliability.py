@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -186,11 +185,8 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny, tmp_pat
 def test_sigkill_under_two_process_fsdp_then_resume_equals_one_process(tiny, tmp_path):
     """torchrun, 2 CPU ranks (gloo, FSDP2): the whole process group killed mid-run, resumed under torchrun; the
     final weights equal the single-process uninterrupted run's to 1e-5 (FSDP's reductions round differently)."""
-    def torchrun():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "train.py"]
+    def torchrun():  # --standalone: torchrun picks a free port itself
+        return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
 
     run = start(tmp_path, *torchrun(), *argv(tiny, tmp_path))
     kill_when(run, lambda: logged_steps(tmp_path) >= SAVE_EVERY + 1, tmp_path, tree=True)

@@ -4,7 +4,6 @@ checkpoint loads as the extended model, and user mistakes end in one sentence, n
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -131,11 +130,8 @@ def test_lr_warms_up_linearly_then_decays_to_zero_or_stays():
 def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
     """torchrun, 2 CPU ranks, gloo, FSDP2 with activation checkpointing vs a plain single process: same losses,
     same gradient norms (clip_grad_norm_ over DTensor gradients), same final weights."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run_script("train.py", *argv(tiny, tmp_path / "one", "--micro_batch_size", "1"), check=True)
-    two = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                      "train.py", *argv(tiny, tmp_path / "two", "--micro_batch_size", "1", "--checkpointing"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world 2" in two.stdout
