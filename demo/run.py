@@ -3,7 +3,7 @@
     python demo/run.py                     # PoSE-extend demo/base from Lo=256 to Lt=2048, evaluate, print, plot
     python demo/run.py --steps 60 --trials 10 --out runs/demo-small   # the smaller run tests/test_demo.py checks
 
-demo/base is a 1.7M-parameter LLaMA pretrained from scratch at Lo = 256 tokens (demo/build_base.py). PoSE
+demo/base (not shipped yet) is a tiny LLaMA pretrained from scratch at Lo = 256 tokens (demo/build_base.py). PoSE
 fine-tunes it with train_len = Lo = 256 (Lc) for target_len = 8·Lo = 2048 (Lt): positions jump inside 256-token
 examples (Eqs. 3-5) and RoPE is scaled by s = 8 (YaRN here; the paper's default is linear). Then both the base
 model ("None") and the PoSE model are scored like the paper's Table 1 (sliding-window perplexity on four held-out
