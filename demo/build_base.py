@@ -1,20 +1,21 @@
 """Build the embedded default's tiny base model from scratch: the miniature of "a model trained at Lo".
 
-    python demo/build_base.py            # ~60 min on 1 CPU core; writes demo/base/ (to be committed once it works)
+    python demo/build_base.py            # ~25 min on 2 CPU cores; writes demo/base/ (to be committed once it works)
 
-Status (docs/RESULTS.md): no base built so far learned passkey retrieval, because none learned to copy from its
-context; this recipe (drills added, 4,000 steps) is the current attempt. demo/probe_base.py measures both.
+Status (docs/RESULTS.md): the earlier bases never learned passkey retrieval because they never learned to copy
+from their context at all; this two-stage recipe is the current attempt. demo/probe_base.py measures both.
 
 1. Real text: Shakespeare's 42 plays (data.fetch_shakespeare); HELD_OUT plays are kept for evaluation only.
 2. A byte-level BPE of VOCAB tokens trained on the other plays with digits split one per token (so a 5-digit
    key is 5 tokens), saved as tokenizer.json and read by tokenizer.py as tiktoken ranks. Training it needs the
    `tokenizers` package (pip install tokenizers); the file it made is committed, so nothing else needs it.
-3. A pretraining mix, one third each: the training plays cut into pieces of about PIECE_CHARS characters;
-   documents of passkey episodes (eval_passkey's prompt with the answer appended, each 64..Lo tokens, keys at
-   random depths), so the model learns retrieval while it learns English; and induction drills (runs of random
-   words and numbers, each written twice), so it learns to copy from its context at all.
+3. Copy drills (copy_document: runs of random tokens, each written 6 times), and a pretraining mix, one third
+   each: the training plays cut into pieces of about PIECE_CHARS characters; documents of passkey episodes
+   (eval_passkey's prompt with the answer appended, each 64..Lo tokens, keys at random depths); copy drills.
 4. train.py pretrains CONFIG from scratch at Lo = 256 (--method noskip: positions 0..Lo-1 only, as a model that
-   never saw a longer window), with the seed and flags in PRETRAIN below, and the result goes to demo/base/.
+   never saw a longer window): stage 1 on the drills alone (STAGE1), so that it learns to copy from its context,
+   which Shakespeare and passkey episodes alone never taught it; stage 2 on the mix (STAGE2), from stage 1.
+   The result goes to demo/base/.
 """
 import json
 import random
@@ -35,8 +36,10 @@ PIECE_CHARS = 6000
 LO = 256
 CONFIG = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=384, vocab_size=VOCAB, max_seq_len=LO,  # head dim 32
               rope_theta=10000.0, tie_word_embeddings=True, norm_eps=1e-5)
-PRETRAIN = ["--method", "noskip", "--train_len", str(LO), "--steps", "4000", "--batch_size", "32",
-            "--micro_batch_size", "32", "--lr", "2e-3", "--warmup", "50", "--seed", "0", "--save_every", "250"]
+COMMON = ["--method", "noskip", "--train_len", str(LO), "--batch_size", "32", "--micro_batch_size", "32",
+          "--warmup", "20", "--seed", "0", "--save_every", "100"]
+STAGE1 = [*COMMON, "--steps", "2000", "--lr", "3e-3"]
+STAGE2 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]
 
 
 def split_plays(files):
@@ -88,19 +91,32 @@ def passkey_document(tokenizer, rng, tokens=2 * LO):
     return "\n\n".join(episodes)
 
 
-def repeat_document(words, rng, tokens=2 * LO, copies=2):
-    """Induction drills: a run of random words and 5-digit numbers written `copies` times, then another run, until
-    about `tokens` tokens (2 characters a token is plenty). Every copy after the first is predictable only by looking
-    back: they are meant to teach the model to copy from its context, the skill passkey retrieval is made of and
-    which Shakespeare and the passkey episodes (whose filler is memorised long before the key is copied) did not
-    teach in 800 steps. In 500 steps these did not either (docs/RESULTS.md); the 4,000-step run is the test."""
-    lines, chars = [], 0
-    while chars < 4 * tokens:
-        run = " ".join(str(rng.randint(10000, 99999)) if rng.random() < 0.2 else rng.choice(words)
-                       for _ in range(rng.randint(4, 30)))
-        lines += [run] * copies + [""]
-        chars += copies * len(run)
-    return "\n".join(lines)
+def copy_document(pieces_, rng, tokens=2 * LO, copies=6):
+    """Induction drills: runs of 16..48 random vocabulary entries (`pieces_`, the tokens' texts), each written `copies`
+    times, until the document holds about `tokens` tokens. The first copy is noise; every later one is predictable
+    only by finding the earlier copy and reading on (an induction head), the skill passkey retrieval is made of. The
+    period varies, so no fixed-offset (positional) head can solve it."""
+    runs, total = [], 0
+    while total < tokens:
+        n = rng.randint(16, 48)
+        runs += ["".join(rng.choice(pieces_) for _ in range(n))] * copies
+        total += copies * n
+    return "\n".join(runs)
+
+
+def pretrain(name, data, out, flags, start):
+    """train.py from `start` (["--init", config, "--tokenizer", dir] or ["--model", dir]); resumes if interrupted."""
+    command = [sys.executable, str(ROOT / "train.py"), *start, "--data", str(data), "--out", str(out), *flags]
+    if (out / "checkpoint.pt").exists():
+        command.append("--resume")
+    print(f"{name}: " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def write_jsonl(path, docs):
+    with open(path, "w") as f:
+        for text in docs:
+            f.write(json.dumps({"text": text}) + "\n")
 
 
 def main():
@@ -110,27 +126,23 @@ def main():
     train_plays, _ = split_plays(fetch_shakespeare())
     train_tokenizer(train_plays, work / "tokenizer")
     tokenizer = load_tokenizer(work / "tokenizer")
-    docs = [p for f in train_plays for p in pieces(f.read_text(encoding="utf-8"))]
     rng = random.Random(0)
-    words = sorted({w for f in train_plays for w in f.read_text(encoding="utf-8").split() if w.isalpha()})
+    texts = [tokenizer.decode([i]) for i in range(tokenizer.n_vocab)]
+    vocab = [t for t in texts[1:] if "\ufffd" not in t and "\n" not in t]  # whole characters; 0 is <|endoftext|>
+    write_jsonl(work / "copy.jsonl", [copy_document(vocab, rng) for _ in range(1000)])
+    docs = [p for f in train_plays for p in pieces(f.read_text(encoding="utf-8"))]
     n = len(docs)
     docs += [passkey_document(tokenizer, rng) for _ in range(n)]
-    docs += [repeat_document(words, rng) for _ in range(n)]
+    docs += [copy_document(vocab, rng) for _ in range(n)]
     rng.shuffle(docs)
-    with open(work / "pretrain.jsonl", "w") as f:
-        for text in docs:
-            f.write(json.dumps({"text": text}) + "\n")
+    write_jsonl(work / "pretrain.jsonl", docs)
     (work / "config.json").write_text(json.dumps(CONFIG))
-    print(f"{len(docs)} documents (half passkey episodes) in {work / 'pretrain.jsonl'}")
-    out = work / "pretrain-run"
-    command = [sys.executable, str(ROOT / "train.py"), "--init", str(work / "config.json"), "--tokenizer",
-               str(work / "tokenizer"), "--data", str(work / "pretrain.jsonl"), "--out", str(out), *PRETRAIN]
-    if (out / "checkpoint.pt").exists():
-        command.append("--resume")
-    print(" ".join(command))
-    subprocess.run(command, check=True)
+    print(f"stage 1: 1000 copy drills; stage 2: {len(docs)} documents, a third each plays, passkey, drills")
+    pretrain("stage 1 (learn to copy)", work / "copy.jsonl", work / "stage1", STAGE1,
+             ["--init", str(work / "config.json"), "--tokenizer", str(work / "tokenizer")])
+    pretrain("stage 2 (the mix)", work / "pretrain.jsonl", work / "stage2", STAGE2, ["--model", str(work / "stage1" / "final")])
     shutil.rmtree(base, ignore_errors=True)
-    shutil.copytree(out / "final", base)
+    shutil.copytree(work / "stage2" / "final", base)
     print(f"base model in {base}")
 
 
