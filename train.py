@@ -440,9 +440,6 @@ def train(cfg):
             torch.cuda.synchronize()
         tokens_per_s = tokens.numel() / (time.perf_counter() - start)  # of all ranks
 
-        if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt, model, optimizer, step, cfg, previous=saved)
-            saved = step
         if rank == 0:
             mfu = tokens_per_s * flops_per_token / (peak * world) if peak else None
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens.numel(),
@@ -451,6 +448,10 @@ def train(cfg):
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                             mfu=f"{mfu:.1%}" if mfu is not None else "n/a", mem=f"{record['mem']:.1f}G")
+        # after the log line: a kill between the two leaves the checkpoint behind the log, never ahead of it
+        if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt, model, optimizer, step, cfg, previous=saved)
+            saved = step
     bar.close()
     save_final(out / "final", model, optimizer, args, tokenizer, dtype)
     log0(f"saved {out / 'final'} (Hugging Face; RoPE {args.rope_scaling or 'unchanged'}, max_position_embeddings "

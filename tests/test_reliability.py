@@ -172,7 +172,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny, tmp_pat
         if tmp.exists():
             break
     assert tmp.exists(), "five kills all landed after the rename"
-    assert checkpoint_step(tmp_path) == logged_steps(tmp_path)  # killed writing step s + 1: checkpoint.pt holds s
+    assert checkpoint_step(tmp_path) == logged_steps(tmp_path) - 1  # killed writing step s's: checkpoint.pt holds s - 1
     save, held = train.save_checkpoint, []
     monkeypatch.setattr(train, "save_checkpoint", lambda *a, **k: save(*a, **k) or held.extend(
         line for line in Path("/proc/self/maps").read_text().splitlines() if "checkpoint.pt" in line))
