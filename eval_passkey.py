@@ -61,7 +61,8 @@ def make_trial(tokenizer, length, trial, seed=0, depths=None, max_key_distance=N
     count = lambda text: len(tokenizer.encode(text))  # noqa: E731 (with the tokenizer's default BOS)
     if max_key_distance is not None:  # the filler after the key line holds at most max_key_distance tokens
         most = largest(lambda n: len(tokenizer.encode(filler(n), bos=False)) <= max_key_distance, max_key_distance + 1)
-        after = rng.randint(0, most)
+        fits = largest(lambda n: count(build_prompt(key, 0, n)) <= length, length + 1)  # and the prompt fits length
+        after = rng.randint(0, min(most, fits))
         split, depth = (lambda n: (n, after)), None  # noqa: E731
     else:
         depth = depths[trial % len(depths)] if depths else rng.random()

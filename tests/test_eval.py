@@ -186,6 +186,14 @@ def test_max_key_distance_keeps_the_key_close_to_the_question(smollm2_tokenizer)
         assert len(smollm2_tokenizer.encode(after, bos=False)) <= 40 and t["depth"] > 0.9
 
 
+def test_max_key_distance_longer_than_the_prompt_leaves_room_for_the_rest(smollm2_tokenizer):
+    """At a length the template nearly fills, the distance is capped by what fits, and every trial fits exactly."""
+    for trial in range(20):
+        t = make_trial(smollm2_tokenizer, 200, trial, max_key_distance=190)
+        after = t["prompt"].split(KEY_LINE.format(key=t["key"]))[1].removesuffix(QUESTION).strip()
+        assert len(smollm2_tokenizer.encode(after, bos=False)) <= 190 and 200 - TOLERANCE <= t["prompt_tokens"] <= 200
+
+
 def test_a_depth_sweep_cycles_through_the_depths(tiny, tmp_path):
     out = eval_passkey.main(["--model", str(tiny), "--lengths", "400", "--trials", "6", "--depths", "0,0.5,1",
                              "--out", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "sweep.png")])
