@@ -67,11 +67,12 @@ def setup_ppl(impl, model_dir, ids, length, stride):
     @torch.inference_mode()
     def run(n_tokens=None):
         doc = torch.tensor(ids[:n_tokens])
+        window, step = min(length, len(doc)), min(stride, len(doc) // 2)  # the warm-up's short document: two windows
         if impl == "ours":
-            nll, scored, _ = eval_ppl.document_nll(model, doc, min(length, len(doc)), stride)
+            nll, scored, _ = eval_ppl.document_nll(model, doc, window, step)
             return nll, scored
         nll, scored = 0.0, 0
-        for begin, end, first in eval_ppl.windows(len(doc), min(length, len(doc)), stride):
+        for begin, end, first in eval_ppl.windows(len(doc), window, step):
             window = doc[None, begin:end]
             labels = window.clone()
             labels[:, : first - begin] = -100  # scored: ids[first:end], each predicted from the token before it
