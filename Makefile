@@ -14,7 +14,7 @@ $(VENV)/.test: $(VENV)/.main requirements-test.txt
 	touch $@
 
 demo: $(VENV)/.main
-	$(BIN)/python train.py  # the embedded default: PoSE Lc 256 -> Lt 2048 on Shakespeare, a few minutes on CPU
+	$(BIN)/python demo/run.py  # the embedded default: PoSE 256 -> 2048 on the shipped tiny base, evaluated; minutes on CPU
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest

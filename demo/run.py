@@ -1,14 +1,16 @@
 """The embedded default: the paper's experiment in miniature, on a CPU in minutes (`make demo` runs this).
 
-    python demo/run.py                     # PoSE-extend demo/base from Lo=256 to Lt=2048, evaluate, print, plot
-    python demo/run.py --steps 60 --trials 10 --out runs/demo-small   # the smaller run tests/test_demo.py checks
+    python demo/run.py                                   # PoSE-extend demo/base from Lo=256 to Lt=2048, evaluate, plot
+    python demo/run.py --trials 40 --out DIR               # what tests/test_demo.py runs and checks
+    python demo/run.py --method randpos --out runs/demo-randpos    # a baseline (or --scaling, --chunks, --content)
 
-demo/base (not shipped yet) is a tiny LLaMA pretrained from scratch at Lo = 256 tokens (demo/build_base.py). PoSE
+demo/base is a tiny LLaMA (0.7M parameters) pretrained from scratch at Lo = 256 tokens by demo/build_base.py. PoSE
 fine-tunes it with train_len = Lo = 256 (Lc) for target_len = 8·Lo = 2048 (Lt): positions jump inside 256-token
 examples (Eqs. 3-5) and RoPE is scaled by s = 8 (YaRN here; the paper's default is linear). Then both the base
-model ("None") and the PoSE model are scored like the paper's Table 1 (sliding-window perplexity on four held-out
-plays) and Figure 2b (passkey retrieval, by length and depth, and with the key within the last Lo tokens).
-Every step is one of the project's own commands, printed before it runs; results are JSON and PNG under --out.
+model ("none") and the fine-tuned one are scored like the paper's Table 1 (sliding-window perplexity on four
+held-out plays) and Figure 2b (passkey retrieval, by length and depth, and with the key within the last Lo tokens).
+Every step is one of the project's own commands, printed before it runs; results are JSON and PNG under --out, and
+a rerun with the same --out resumes (finished steps are skipped).
 """
 import argparse
 import json
@@ -32,19 +34,23 @@ def run(*args):
         sys.exit(f"error: {args[0]} failed (its message is above); rerun demo/run.py to resume where it stopped.")
 
 
-def fine_tuning_data(out, base):
-    """Training plays cut into pieces, and as many passkey-episode documents (as in pretraining)."""
+def fine_tuning_data(out, base, method="pose"):
+    """Training plays cut into pieces, and as many passkey episodes, one per document (as in the base's last stage).
+    --method full needs documents of Lt tokens: pieces four times as long and episodes filled to Lt tokens."""
     from data import fetch_shakespeare
-    from demo.build_base import passkey_document, pieces, split_plays
+    from demo.build_base import PIECE_CHARS, passkey_episode, pieces, split_plays
     from tokenizer import load_tokenizer
 
     train, held = split_plays(fetch_shakespeare())
-    path = out / "finetune.jsonl"
+    full = method == "full"
+    path = out / ("finetune_full.jsonl" if full else "finetune.jsonl")
     if not path.exists():
         tokenizer, rng = load_tokenizer(base), random.Random(1)
-        docs = [p for f in train for p in pieces(f.read_text(encoding="utf-8"))]
-        docs += [passkey_document(tokenizer, rng) for _ in range(len(docs))]
-        path.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
+        docs = [p for f in train for p in pieces(f.read_text(encoding="utf-8"), size=PIECE_CHARS * (4 if full else 1))]
+        docs += [passkey_episode(tokenizer, rng, tokens=(LT if full else LO) + 2) for _ in range(len(docs))]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
+        tmp.replace(path)
     held_dir = out / "held_out"
     held_dir.mkdir(exist_ok=True)
     for f in held:
@@ -62,10 +68,11 @@ def evaluate(name, model, held_dir, out, args):
         "--max_key_distance", LO - 64, "--seed", 1, "--out", out / f"{name}_passkey_near.json")
 
 
-def summary(out):
-    """-> {model: {"ppl": {L: ppl}, "passkey": {L: acc}, "near": {L: acc}, "by_depth": {(L, depth): acc}}}."""
+def summary(out, method="pose"):
+    """-> {model: {"ppl": {L: ppl}, "passkey": {L: acc}, "near": {L: acc}, "by_depth": {(L, depth): acc}}} for the
+    base ("none") and the fine-tuned model (named by its --method)."""
     table = {}
-    for name in ("none", "pose"):
+    for name in ("none", method):
         ppl, far, near = (json.loads((out / f"{name}_{kind}.json").read_text())["lengths"]
                           for kind in ("ppl", "passkey", "passkey_near"))
         by_depth = {}
@@ -102,7 +109,7 @@ def report(table, out):
         print("(pip install matplotlib for demo.png)")
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, style in (("none", "o--"), ("pose", "o-")):
+    for name, style in zip(table, ("o--", "o-")):
         a.plot(LENGTHS, [table[name]["ppl"][L] for L in LENGTHS], style, label=name)
         b.plot(LENGTHS, [100 * table[name]["passkey"][L] for L in LENGTHS], style, label=f"{name}, any depth")
         b.plot(LENGTHS, [100 * table[name]["near"][L] for L in LENGTHS], style.replace("o", "s"), alpha=0.6,
@@ -116,16 +123,19 @@ def report(table, out):
         ax.legend()
     a.set_yscale("log")
     b.set_ylim(-5, 105)
-    fig.suptitle(f"PoSE {LO} -> {LT} on the tiny demo model (None = no fine-tuning)")
+    fig.suptitle(f"{list(table)[1]} {LO} -> {LT} on the tiny demo model (none = no fine-tuning)")
     fig.tight_layout()
     fig.savefig(out / "demo.png", dpi=120)
-    print(f"plots: {out / 'demo.png'}, {out / 'none_passkey.png'}, {out / 'pose_passkey.png'}")
+    print(f"plots: {out / 'demo.png'}, " + ", ".join(str(out / f"{name}_passkey.png") for name in table))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--steps", type=int, default=150, help="PoSE fine-tuning steps of 32 examples of Lc = 256 tokens")
+    p.add_argument("--method", default="pose", choices=("pose", "randpos", "full"),
+                   help="pose; randpos (Lc sorted random positions of 0..Lt-1); full (Lt tokens at 0..Lt-1, the "
+                        "upper bound PoSE approximates, 8x the tokens per example)")
     p.add_argument("--scaling", default="yarn", choices=("linear", "ntk", "yarn"), help="RoPE scaling, s = Lt/Lo = 8")
     p.add_argument("--chunks", type=int, default=2, help="N, chunks per example")
     p.add_argument("--content", default="random", choices=("random", "contiguous", "aligned"))
@@ -138,16 +148,17 @@ def main(argv=None):
     if not (args.base / "config.json").is_file():
         sys.exit(f"error: {args.base} holds no model; build it with python demo/build_base.py.")
     args.out.mkdir(parents=True, exist_ok=True)
-    data, held_dir = fine_tuning_data(args.out, args.base)
-    pose_dir = args.out / "pose"
+    data, held_dir = fine_tuning_data(args.out, args.base, args.method)
+    pose_dir = args.out / args.method
     if not (pose_dir / "final").exists():
-        run("train.py", "--model", args.base, "--data", data, "--method", "pose", "--train_len", LO,
+        run("train.py", "--model", args.base, "--data", data, "--method", args.method, "--train_len", LO,
             "--target_len", LT, "--scaling", args.scaling, "--chunks", args.chunks, "--content", args.content,
-            "--steps", args.steps, "--batch_size", 32, "--micro_batch_size", 32, "--lr", args.lr, "--warmup", 10,
+            "--steps", args.steps, "--batch_size", 32, "--micro_batch_size", 8 if args.method == "full" else 32,
+            "--lr", args.lr, "--warmup", 10,
             "--save_every", 50, "--out", pose_dir, *(["--resume"] if (pose_dir / "checkpoint.pt").exists() else []))
     evaluate("none", args.base, held_dir, args.out, args)
-    evaluate("pose", pose_dir / "final", held_dir, args.out, args)
-    report(summary(args.out), args.out)
+    evaluate(args.method, pose_dir / "final", held_dir, args.out, args)
+    report(summary(args.out, args.method), args.out)
 
 
 if __name__ == "__main__":
