@@ -103,7 +103,7 @@ def passkey_episode(tokenizer, rng, tokens=LO + 2):
     uniform depths alone failed 4 times in 10), since evaluations sweep depths 0 and 1 too."""
     key, depth = rng.randint(10000, 99999), min(1.0, max(0.0, rng.uniform(-0.1, 1.1)))  # the ends get 1/12 each
     count = lambda n: len(tokenizer.encode(build_prompt(key, round(depth * n), n - round(depth * n)) + f" {key}."))  # noqa: E731
-    lo, hi = 0, 400  # the most filler words that fit (binary search)
+    lo, hi = 0, tokens + 1  # the most filler words that fit (binary search; a word is at least one token)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if count(mid) <= tokens else (lo, mid)

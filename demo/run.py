@@ -47,7 +47,8 @@ def fine_tuning_data(out, base, method="pose"):
     if not path.exists():
         tokenizer, rng = load_tokenizer(base), random.Random(1)
         docs = [p for f in train for p in pieces(f.read_text(encoding="utf-8"), size=PIECE_CHARS * (4 if full else 1))]
-        docs += [passkey_episode(tokenizer, rng, tokens=(LT if full else LO) + 2) for _ in range(len(docs))]
+        # filled to at most `tokens`, short of it by up to a filler word: full needs every episode >= Lt tokens
+        docs += [passkey_episode(tokenizer, rng, tokens=LT + 16 if full else LO + 2) for _ in range(len(docs))]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
         tmp.replace(path)
