@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data import DATA_DIR, fetch_shakespeare  # noqa: E402
-from eval_passkey import build_prompt  # noqa: E402
+from eval_passkey import build_prompt, largest  # noqa: E402
 
 HELD_OUT = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt")
 VOCAB = 2048
@@ -103,11 +103,8 @@ def passkey_episode(tokenizer, rng, tokens=LO + 2):
     uniform depths alone failed 4 times in 10), since evaluations sweep depths 0 and 1 too."""
     key, depth = rng.randint(10000, 99999), min(1.0, max(0.0, rng.uniform(-0.1, 1.1)))  # the ends get 1/12 each
     count = lambda n: len(tokenizer.encode(build_prompt(key, round(depth * n), n - round(depth * n)) + f" {key}."))  # noqa: E731
-    lo, hi = 0, tokens + 1  # the most filler words that fit (binary search; a word is at least one token)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if count(mid) <= tokens else (lo, mid)
-    return build_prompt(key, round(depth * lo), lo - round(depth * lo)) + f" {key}."
+    n = largest(lambda n: count(n) <= tokens, tokens + 1)  # the most filler words that fit (a word is >= 1 token)
+    return build_prompt(key, round(depth * n), n - round(depth * n)) + f" {key}."
 
 
 def copy_document(pieces_, rng, tokens=2 * LO, copies=6):
@@ -133,9 +130,10 @@ def pretrain(name, data, out, flags, start):
 
 
 def write_jsonl(path, docs):
-    with open(path, "w") as f:
-        for text in docs:
-            f.write(json.dumps({"text": text}) + "\n")
+    """One {"text": ...} line per document, written whole then renamed: a killed run leaves no partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
+    tmp.replace(path)
 
 
 def main():
@@ -149,8 +147,8 @@ def main():
     texts = [tokenizer.decode([i]) for i in range(tokenizer.n_vocab)]
     vocab = [t for t in texts[1:] if "\ufffd" not in t and "\n" not in t]  # whole characters; 0 is <|endoftext|>
     write_jsonl(work / "copy.jsonl", [copy_document(vocab, rng) for _ in range(1000)])
-    docs = [p for f in train_plays for p in pieces(f.read_text(encoding="utf-8"))]
-    n = len(docs)
+    play_pieces = [p for f in train_plays for p in pieces(f.read_text(encoding="utf-8"))]
+    docs, n = list(play_pieces), len(play_pieces)
     docs += [passkey_document(tokenizer, rng) for _ in range(n)]
     docs += [copy_document(vocab, rng) for _ in range(n)]
     rng.shuffle(docs)
@@ -161,8 +159,7 @@ def main():
              ["--init", str(work / "config.json"), "--tokenizer", str(work / "tokenizer")])
     pretrain("stage 2 (the mix)", work / "pretrain.jsonl", work / "stage2", STAGE2, ["--model", str(work / "stage1" / "final")])
     rng = random.Random(0)
-    episodes = [p for f in train_plays for p in pieces(f.read_text(encoding="utf-8"))]
-    episodes += [passkey_episode(tokenizer, rng) for _ in range(len(episodes))]
+    episodes = play_pieces + [passkey_episode(tokenizer, rng) for _ in range(n)]
     rng.shuffle(episodes)
     write_jsonl(work / "episodes.jsonl", episodes)
     pretrain("stage 3 (whole episodes)", work / "episodes.jsonl", work / "stage3", STAGE3,

@@ -38,7 +38,7 @@ def fine_tuning_data(out, base, method="pose"):
     """Training plays cut into pieces, and as many passkey episodes, one per document (as in the base's last stage).
     --method full needs documents of Lt tokens: pieces four times as long and episodes filled to Lt tokens."""
     from data import fetch_shakespeare
-    from demo.build_base import PIECE_CHARS, passkey_episode, pieces, split_plays
+    from demo.build_base import PIECE_CHARS, passkey_episode, pieces, split_plays, write_jsonl
     from tokenizer import load_tokenizer
 
     train, held = split_plays(fetch_shakespeare())
@@ -49,9 +49,7 @@ def fine_tuning_data(out, base, method="pose"):
         docs = [p for f in train for p in pieces(f.read_text(encoding="utf-8"), size=PIECE_CHARS * (4 if full else 1))]
         # filled to at most `tokens`, short of it by up to a filler word: full needs every episode >= Lt tokens
         docs += [passkey_episode(tokenizer, rng, tokens=LT + 16 if full else LO + 2) for _ in range(len(docs))]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
-        tmp.replace(path)
+        write_jsonl(path, docs)
     held_dir = out / "held_out"
     held_dir.mkdir(exist_ok=True)
     for f in held:
@@ -150,15 +148,15 @@ def main(argv=None):
         sys.exit(f"error: {args.base} holds no model; build it with python demo/build_base.py.")
     args.out.mkdir(parents=True, exist_ok=True)
     data, held_dir = fine_tuning_data(args.out, args.base, args.method)
-    pose_dir = args.out / args.method
-    if not (pose_dir / "final").exists():
+    tuned_dir = args.out / args.method
+    if not (tuned_dir / "final").exists():
         run("train.py", "--model", args.base, "--data", data, "--method", args.method, "--train_len", LO,
             "--target_len", LT, "--scaling", args.scaling, "--chunks", args.chunks, "--content", args.content,
             "--steps", args.steps, "--batch_size", 32, "--micro_batch_size", 8 if args.method == "full" else 32,
             "--lr", args.lr, "--warmup", 10,
-            "--save_every", 50, "--out", pose_dir, *(["--resume"] if (pose_dir / "checkpoint.pt").exists() else []))
+            "--save_every", 50, "--out", tuned_dir, *(["--resume"] if (tuned_dir / "checkpoint.pt").exists() else []))
     evaluate("none", args.base, held_dir, args.out, args)
-    evaluate(args.method, pose_dir / "final", held_dir, args.out, args)
+    evaluate(args.method, tuned_dir / "final", held_dir, args.out, args)
     report(summary(args.out, args.method), args.out)
 
 

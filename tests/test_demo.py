@@ -2,9 +2,9 @@
 
 demo/run.py as `make demo` runs it (the shipped base, Lo = 256; PoSE to Lt = 2048 with the default 150 steps; 8,192
 tokens of each of 4 held-out plays), with more passkey trials (40 a length, 8 at each of the 5 depths), then the
-shapes of the paper's Table 1 and Figure 2b in miniature. Seeds are fixed. At 40
-trials a 90% threshold is 3 standard errors below a true 98%, and a 50-point gap between two rates is > 5 standard
-errors from a true gap of 80 points. About 2.5 minutes on 2 cores.
+shapes of the paper's Table 1 and Figure 2b in miniature. Seeds are fixed. At 40 trials a 90% threshold is 3
+standard errors below a true 98%, and a 50-point gap between two rates is > 5 standard errors from a true gap of
+80 points. About 2.5 minutes on 2 cores.
 """
 import os
 import subprocess
