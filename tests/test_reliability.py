@@ -149,7 +149,9 @@ def error_of(main, args, capsys):
 # ---- 1. kill anywhere, resume, end where an uninterrupted run ends -------------------------------------------------
 
 def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tiny, tmp_path):
-    kill_after = random.randint(SAVE_EVERY, STEPS - 3)  # a checkpoint exists; several steps remain to be killed in
+    # each checkpoint follows its step's log line, so the first is on disk once step SAVE_EVERY + 1 is logged;
+    # several steps remain to be killed in
+    kill_after = random.randint(SAVE_EVERY + 1, STEPS - 3)
     delay = random.uniform(0, 0.05)  # and then anywhere in the next step: forward, backward, update or checkpoint
     print(f"killed {delay:.3f} s after step {kill_after} was logged")  # shown if the test fails
     run = start(tmp_path, "train.py", *argv(tiny, tmp_path))
