@@ -137,7 +137,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             x, w = h.to(dtype), weight.to(dtype)
             keep = targets != -100
-            n = keep.sum()
+            n = keep.sum().clamp(min=1)  # no targets at all: a loss of 0 (and no gradient), not 0 / 0
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             # inside forward grad mode is always off and needs_input_grad ignores it: torch.no_grad() comes as a flag
             dh = torch.empty_like(h) if grad_enabled and ctx.needs_input_grad[0] else None

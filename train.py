@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import pose
@@ -96,6 +95,9 @@ class Config:
     dtype: str | None = flag(None, "compute dtype; weights and AdamW states stay fp32 (default: bfloat16 on GPU, "
                              "float32 on CPU, where bf16 is fast only with AMX or AVX512-BF16)",
                              choices=("float32", "bfloat16"))
+    compile: bool = flag(False, "compile each transformer block with torch.compile (one graph, reused by every "
+                         "block): fuses norms, RoPE, SwiGLU and casts; the first step pays the compilation (a minute "
+                         "or two on CPU). Measured on CPU in docs/BENCHMARKS.md; untested on GPU", action="store_true")
     checkpointing: bool | None = flag(None, "activation checkpointing: recompute each block in backward, memory for "
                                       "one block's activations instead of all (default: on for GPU, off for CPU)",
                                       action=argparse.BooleanOptionalAction)
@@ -370,6 +372,9 @@ def train(cfg):
     # ---- parallelism on top of the unchanged model (torchtitan): each block, then the root
     model.gradient_checkpointing = checkpointing
     model.train()
+    if cfg.compile:  # before sharding, as torchtitan does; in place, so parameter names and checkpoints stay the same
+        for block in model.layers:
+            block.compile()
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -418,9 +423,8 @@ def train(cfg):
         for micro in range(0, per_rank, cfg.micro_batch_size):
             rows = slice(mine.start + micro, mine.start + micro + cfg.micro_batch_size)
             x, p, y = (t[rows].to(device) for t in (tokens, position_ids, targets))  # (B, L) each
-            with autocast:
-                logits = model(x, p)  # (B, L, vocab)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+            with autocast:  # the summed loss of the micro batch; its (B·L, vocab) logits are never whole
+                loss = model(x, p, targets=y) * (y != IGNORE).sum()
             # FSDP averages gradients over ranks, so scale by world: the sum over all ranks / n_targets
             (loss * world / n_targets).backward()
             loss_sum += loss.detach()

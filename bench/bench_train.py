@@ -10,9 +10,10 @@ train.py's bf16 autocast over fp32 weights), threads, AdamW (train.py's settings
 train.py does: forward and backward per micro batch (loss summed, divided by the batch's target count), clip, AdamW
 step, zero_grad. Implementations:
 
-    ours            model(x, positions, targets=y): the loss over 256-row chunks, logits never whole (model.py)
-    ours+compile    the same, each TransformerBlock compiled with torch.compile (optional, from outside model.py)
-    ours-logits     model(x, positions) -> (B, T, vocab) logits -> F.cross_entropy, as train.py computes its loss
+    ours            model(x, positions, targets=y): the loss over 256-row chunks, logits never whole (model.py), as
+                    train.py computes its loss
+    ours+compile    the same, each TransformerBlock compiled with torch.compile, as train.py --compile does
+    ours-logits     model(x, positions) -> (B, T, vocab) logits -> F.cross_entropy: the plain loss, for comparison
     transformers    LlamaForCausalLM(attn_implementation="sdpa")(x, position_ids, attention_mask=ones, labels=y,
                     shift_labels=y, use_cache=False): its own loss over the same targets
 
@@ -162,7 +163,7 @@ def main(argv=None):
           f"{flops_per_step / 1e12:.2f} TFLOP per step", flush=True)
 
     # the ceiling first, in its own process with the same threads; again at the end, and the faster one counts
-    sizes = (512, 1024, 2048) if a.dtype == "float32" else (512, 1024)
+    sizes = (512, 1024, 2048)
     ceilings = [harness.matmul_ceiling(a.dtype, a.threads, sizes)]
 
     workers, warm_ups = {}, {}

@@ -161,6 +161,18 @@ def test_micro_batch_size_changes_memory_not_the_result(tiny, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
 
 
+def test_compiled_blocks_train_what_eager_blocks_train(tiny, tmp_path):
+    """--compile fuses each block's elementwise work (torch.compile / inductor); the arithmetic is the same."""
+    torch._dynamo.reset()
+    train.main(argv(tiny, tmp_path / "eager"))
+    train.main(argv(tiny, tmp_path / "compiled", "--compile"))
+    torch.testing.assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=1e-5, atol=0)
+    eager, compiled = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    assert compiled.keys() == eager.keys()  # compiling in place keeps the parameter names of checkpoints
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=1e-5, msg=name)
+
+
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
     common = ["--steps", "6", "--save_every", "3", "--micro_batch_size", "2"]
     train.main(argv(tiny, tmp_path / "whole", *common))
