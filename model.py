@@ -121,6 +121,7 @@ def attend(q, k, v):
     return y.transpose(1, 2)
 
 
+IGNORE = -100  # targets the loss skips (PyTorch's ignore_index): PoSE's chunk-boundary labels
 LOSS_CHUNK = 256  # rows of (rows, vocab) fp32 logits alive at once in the loss: 50 MB for a 49k vocabulary
 
 
@@ -136,7 +137,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         with torch.autocast(device, enabled=False):
             x, w = h.to(dtype), weight.to(dtype)
-            keep = targets != -100
+            keep = targets != IGNORE
             n = keep.sum().clamp(min=1)  # no targets at all: a loss of 0 (and no gradient), not 0 / 0
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             # inside forward grad mode is always off and needs_input_grad ignores it: torch.no_grad() comes as a flag

@@ -41,9 +41,8 @@ from tqdm import tqdm
 
 import pose
 from data import fetch_shakespeare, read_documents
-from model import ModelArgs, Transformer, load, resolve, with_scaling
+from model import IGNORE, ModelArgs, Transformer, load, resolve, with_scaling
 
-IGNORE = -100
 ROOT = Path(__file__).resolve().parent
 # the no-argument demo: PoSE fine-tuning of the shipped tiny base demo/base (Lo = 256) to 2048
 DEMO_ARGS = ["--train_len", "256", "--target_len", "2048", "--steps", "50", "--batch_size", "8", "--lr", "1e-3",
@@ -96,8 +95,8 @@ class Config:
                              "float32 on CPU, where bf16 is fast only with AMX or AVX512-BF16)",
                              choices=("float32", "bfloat16"))
     compile: bool = flag(False, "compile each transformer block with torch.compile (one graph, reused by every "
-                         "block): fuses norms, RoPE, SwiGLU and casts; the first step pays the compilation (a minute "
-                         "or two on CPU). Measured on CPU in docs/BENCHMARKS.md; untested on GPU", action="store_true")
+                         "block): fuses norms, RoPE, SwiGLU and casts; the first step pays the compilation (about 30 s "
+                         "for SmolLM2-135M on a CPU). Measured on CPU in docs/BENCHMARKS.md; untested on GPU", action="store_true")
     checkpointing: bool | None = flag(None, "activation checkpointing: recompute each block in backward, memory for "
                                       "one block's activations instead of all (default: on for GPU, off for CPU)",
                                       action=argparse.BooleanOptionalAction)

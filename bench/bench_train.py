@@ -1,7 +1,10 @@
 """One PoSE training step, ours against transformers' LlamaForCausalLM on the same work: tokens/s, peak memory, MFU.
 
-    python bench/bench_train.py --threads 2                                    # fp32, Lc 2048 -> Lt 16384
-    python bench/bench_train.py --threads 2 --dtype bfloat16 --train_len 64    # bf16 autocast (short: see below)
+    python bench/bench_train.py --threads 1 --repeats 2 --profile                   # fp32, Lc 2048 -> Lt 16384
+    python bench/bench_train.py --threads 1 --dtype bfloat16 --repeats 3 --profile  # bf16 autocast
+
+bf16 is fast on a CPU only with AVX512-BF16 or AMX; without (AVX2), a bf16 matmul is ~70x slower than fp32 and only
+a short step (--train_len 64) is affordable.
 
 The same work for every implementation: SmolLM2-135M's weights (exported once with save_pretrained; our worker and
 transformers both load that directory), RoPE scaled for Lt as train.py does (linear PI, s = Lt / Lo), one PoSE batch
