@@ -137,7 +137,7 @@ def main(argv=None):
     if args.depths and args.max_key_distance is not None:
         fail("--depths and --max_key_distance both place the key; give one of them.")
     config = {"script": "eval_passkey", **{k: getattr(args, k) for k in (
-        "model", "rope_scaling", "dtype", "trials", "seed", "depths", "max_key_distance")}}
+        "model", "rope_scaling", "context_len", "dtype", "trials", "seed", "depths", "max_key_distance")}}
     session = Session(args, config)
     trial = lambda length, i: make_trial(session.tokenizer, length, i, args.seed, args.depths, args.max_key_distance)  # noqa: E731
     try:
@@ -207,11 +207,22 @@ def add_common_args(p):
                    help="a training-free scaling over the checkpoint's: TYPE:FACTOR (linear:2, ntk:2, dynamic:2, "
                         "yarn:2; Lo = the checkpoint's context) or a JSON dict with Hugging Face's keys")
     p.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated lengths in tokens")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="default: bf16 on CUDA (as train.py), fp32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--context_len", type=int, default=None,
+                   help="the trained context of a Meta checkpoint, whose params.json does not state it "
+                        "(default: a guess from its settings, printed)")
     p.add_argument("--out", required=True, help="results JSON, rewritten after each length; a rerun skips done lengths")
     p.add_argument("--overwrite", action="store_true", help="start afresh when --out holds results of other settings")
     p.add_argument("--plot", default=None, help="also draw a figure to this .png")
+
+
+def default_device_and_dtype(device, dtype):
+    """(device, dtype) with the defaults filled in: CUDA when present, and there bf16, as train.py: in fp32, SDPA's
+    GQA has only the math kernel (a T x S score matrix); model.attend then copies the KV heads instead."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or ("bf16" if device.startswith("cuda") else "fp32")
 
 
 def machine():
@@ -226,7 +237,8 @@ class Session:
     def __init__(self, args, config):
         self.args, self.out = args, Path(args.out)
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device, args.dtype = default_device_and_dtype(args.device, args.dtype)
+        config["dtype"] = args.dtype
         if self.world > 1:
             if self.device == "cuda":
                 self.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
@@ -249,7 +261,8 @@ class Session:
         try:
             from model import load
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-            self.model, self.tokenizer = load(args.model, rope_scaling=args.rope_scaling, dtype=dtype, device=self.device)
+            self.model, self.tokenizer = load(args.model, rope_scaling=args.rope_scaling, dtype=dtype, device=self.device,
+                                              context_len=args.context_len)
         except Exception as e:  # noqa: BLE001 — any failure to load is the user's path or file: one sentence
             reason = str(e).strip().split("\n")[0] if isinstance(e, ValueError) else f"{type(e).__name__}: {e}".split("\n")[0]
             fail(f"could not load the model {args.model}: {reason}")

@@ -120,7 +120,7 @@ def main(argv=None):
     if args.docs < 1 or (args.max_tokens is not None and args.max_tokens < max(largest, args.min_tokens)):
         fail("--docs must be ≥ 1, and --max_tokens at least the largest length and --min_tokens.")
     config = {"script": "eval_ppl", **{k: getattr(args, k) for k in (
-        "model", "rope_scaling", "dtype", "data", "stride", "min_tokens", "docs", "max_tokens", "bos_each_window")}}
+        "model", "rope_scaling", "context_len", "dtype", "data", "stride", "min_tokens", "docs", "max_tokens", "bos_each_window")}}
     session = Session(args, config)
     bos = session.tokenizer.bos_id if args.bos_each_window else None
     if args.bos_each_window and bos is None:

@@ -108,6 +108,12 @@ class KVCache(nn.Module):
         return self.k[:, :end], self.v[:, :end]
 
 
+def gqa_by_copies(device_type, dtype):
+    """On CUDA in fp32 only SDPA's math kernel takes enable_gqa, and it builds the T×S scores (128 GiB a layer at
+    32k with 32 heads): copying the KV heads keeps the memory-efficient kernel instead."""
+    return device_type == "cuda" and dtype == torch.float32
+
+
 def attend(q, k, v):
     """Causal attention of q (B, T, H, hd) over k, v (B, S, H_kv, hd); query t sits at key S − T + t.
 
@@ -119,6 +125,9 @@ def attend(q, k, v):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
     # GQA: each key/value head serves n_heads / n_kv_heads query heads; enable_gqa shares them without copies
     gqa = k.shape[1] != q.shape[1]
+    if gqa and gqa_by_copies(q.device.type, q.dtype):
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        gqa = False
     if T == S or T == 1:  # training / prefill, or one decoded token that sees every cached key
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
     else:  # several new tokens after a cache: only here is a (T, S) mask built

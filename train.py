@@ -13,8 +13,10 @@ cached per document, and resuming needs only the step number. The loss is the me
 token of the global batch (the chunk-boundary label is masked, see pose.next_token_targets).
 
 Optimization follows the paper (1,000 steps, global batch 64, lr 2e-5, 10 warm-up steps) and the authors' DeepSpeed
-config for what the paper leaves out: AdamW with betas (0.9, 0.999), weight decay 0, gradient clipping at 1.0, linear
-warm-up, then linear decay to 0 at the last step like their WarmupDecayLR (--no-lr_decay: constant).
+config for what the paper leaves out: AdamW with betas (0.9, 0.999), weight decay 0, gradient clipping at 1.0, warm-up,
+then linear decay to 0 at the last step like their WarmupDecayLR (--no-lr_decay: constant). Their WarmupDecayLR warms
+up at a log rate (DeepSpeed's default warmup_type, which their config leaves as is): --warmup_type log; the default
+here is linear.
 
 With world size > 1 every TransformerBlock and then the root is wrapped in FSDP2 `fully_shard` (torchtitan's
 recipe): fp32 master weights sharded across ranks, bf16 compute through MixedPrecisionPolicy, gloo on CPU, NCCL on
@@ -93,7 +95,9 @@ class Config:
     micro_batch_size: int = flag(1, "examples per rank and forward pass; lower it when out of memory (the global "
                                  "batch, and so the result, stay the same)")
     lr: float = flag(2e-5, "peak learning rate of AdamW (paper: 2e-5)")
-    warmup: int = flag(10, "steps of linear warm-up from 0 (paper: 10)")
+    warmup: int = flag(10, "steps of warm-up from 0 (paper: 10)")
+    warmup_type: str = flag("linear", "warm-up shape: linear (lr * step / warmup) or log (lr * ln(step) / ln(warmup), "
+                            "DeepSpeed's default, so the authors' runs)", choices=("linear", "log"))
     lr_decay: bool = flag(True, "after warm-up decay linearly to 0 at --steps, as the authors' DeepSpeed WarmupDecayLR; "
                           "--no-lr_decay keeps it constant", action=argparse.BooleanOptionalAction)
     weight_decay: float = flag(0.0, "AdamW weight decay (0 in the authors' setup)")
@@ -222,9 +226,18 @@ def draw_batch(docs, cfg, step):
     return tokens, torch.stack(positions), targets
 
 
+def rank_rows(batch_size, world, rank):
+    """The rows of the global batch rank `rank` of `world` trains on: one contiguous block each, in rank order."""
+    per_rank = batch_size // world
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
 def lr_at(step, cfg):
-    """Linear warm-up over `warmup` steps, then constant or linear decay to 0 at `steps` (step counts from 1)."""
+    """Warm-up over `warmup` steps, then constant or linear decay to 0 at `steps` (step counts from 1). The log
+    warm-up is DeepSpeed's WarmupLR at iteration step - 1: lr * ln(step) / ln(warmup), 0 at step 1."""
     if step <= cfg.warmup:
+        if cfg.warmup_type == "log":
+            return cfg.lr * math.log(step) / math.log(cfg.warmup) if cfg.warmup > 1 else cfg.lr
         return cfg.lr * step / cfg.warmup
     if not cfg.lr_decay:
         return cfg.lr
@@ -288,7 +301,7 @@ def save_checkpoint(path, model, optimizer, step, cfg, previous=None):
 
 
 MUST_MATCH = ("model", "init", "data", "method", "train_len", "target_len", "scaling", "chunks", "content",
-              "keep_boundary", "batch_size", "lr", "warmup", "lr_decay", "weight_decay", "grad_clip", "seed", "dtype")
+              "keep_boundary", "batch_size", "lr", "warmup", "warmup_type", "lr_decay", "weight_decay", "grad_clip", "seed", "dtype")
 
 
 def load_checkpoint(path, model, optimizer, cfg):
@@ -418,7 +431,7 @@ def train(cfg):
     peak = peak_flops(cfg, device, dtype) if rank == 0 else None
     if peak and device.type == "cpu" and not cfg.peak_tflops:  # bf16 without AMX / AVX512-BF16 can be 100x slower
         log0(f"MFU relative to a {str(dtype)[6:]} matmul measured at {peak / 1e9:.0f} GFLOP/s on this CPU")
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's examples of the global batch
+    mine = rank_rows(cfg.batch_size, world, rank)
 
     # ---- the loop
     bar = tqdm(range(step + 1, cfg.steps + 1), initial=step, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)

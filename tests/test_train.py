@@ -2,6 +2,7 @@
 two processes trains exactly what one process trains, a resumed run ends where an uninterrupted one does, the final
 checkpoint loads as the extended model, and user mistakes end in one sentence, not a traceback."""
 import json
+import math
 import os
 import random
 import subprocess
@@ -98,14 +99,27 @@ def test_targets_are_next_tokens_with_chunk_boundaries_masked():
     assert ((masked == 0) | (masked == 1)).all() and masked.sum() > 0  # N=2: at most one boundary label each
 
 
-def test_batch_slices_of_ranks_cover_the_global_batch_in_order():
-    """Rank r of W trains on rows r·B/W..(r+1)·B/W of the same global batch: the data ignore the world size."""
-    docs = [torch.arange(300, dtype=torch.int32), torch.arange(500, 900, dtype=torch.int32)]
-    tokens, positions, _ = train.draw_batch(docs, cfg_for(), step=5)
-    for world in (1, 2, 4):
-        per_rank = 8 // world
-        parts = [tokens[r * per_rank:(r + 1) * per_rank] for r in range(world)]
-        assert torch.equal(torch.cat(parts), tokens)
+def test_keep_boundary_reaches_the_labels():
+    """--keep_boundary: the one label where the text jumps is kept (the authors' choice): every label is the next
+    token of the example, none masked but the last."""
+    docs = [torch.arange(1000, dtype=torch.int32)]
+    tokens, _, targets = train.draw_batch(docs, cfg_for(keep_boundary=True), step=3)
+    assert torch.equal(targets[:, :-1], tokens[:, 1:]) and (targets[:, -1] == train.IGNORE).all()
+    assert (tokens[:, 1:] != tokens[:, :-1] + 1).any()  # there were jumps to mask, so the flag had work to do
+
+
+def test_ranks_train_contiguous_blocks_of_the_same_global_batch_in_order():
+    """train.rank_rows: rank r of W trains rows r·B/W..(r+1)·B/W of the one global batch, so the data ignore W."""
+    for world in (1, 2, 4, 8):
+        rows = [list(range(64))[train.rank_rows(64, world, r)] for r in range(world)]
+        assert [i for part in rows for i in part] == list(range(64)) and len({len(p) for p in rows}) == 1
+
+
+def test_the_process_sees_no_gpu():
+    """tests/conftest.py hides CUDA for the CPU suite, and subprocesses inherit it (POSE_TEST_CUDA=1 lifts it)."""
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+    child = run_script("-c", "import torch; print(torch.cuda.is_available())", check=True)
+    assert child.stdout.strip() == "False"
 
 
 def test_flags_keep_their_types():
@@ -115,6 +129,14 @@ def test_flags_keep_their_types():
     assert cfg.peak_tflops == 1.5 and cfg.lr_decay is False and cfg.checkpointing is True and cfg.dtype is None
     assert train.parse_args([]) == train.Config()  # the paper's defaults: 1,000 steps, batch 64, lr 2e-5, warm-up 10
     assert (train.Config.steps, train.Config.batch_size, train.Config.lr, train.Config.warmup) == (1000, 64, 2e-5, 10)
+
+
+def test_log_warmup_is_deepspeeds_warmup_lr():
+    """DeepSpeed WarmupLR, warmup_type log (their default): gamma = ln(i + 1) / ln(warmup) at iteration i = step - 1."""
+    cfg = train.Config(steps=20, warmup=10, lr=1.0, warmup_type="log")
+    assert [train.lr_at(s, cfg) for s in (1, 10)] == [0.0, 1.0]
+    assert train.lr_at(4, cfg) == pytest.approx(math.log(4) / math.log(10))
+    assert train.lr_at(11, cfg) == train.lr_at(11, train.Config(steps=20, warmup=10, lr=1.0))
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero_or_stays():
@@ -249,6 +271,71 @@ def test_init_pretrains_from_scratch_without_touching_rope(tiny, tmp_path):
     config = json.loads((tmp_path / "final" / "config.json").read_text())
     assert config["rope_scaling"] is None and config["max_position_embeddings"] == 24 and config["vocab_size"] == 258
     assert (tmp_path / "final" / "tokenizer.json").is_file()
+
+
+def test_the_optimizer_steps_with_the_logged_learning_rate(tiny, tmp_path, monkeypatch):
+    used = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: used.append(self.param_groups[0]["lr"])
+                        or step(self, *a, **k))
+    train.main(argv(tiny, tmp_path, "--steps", "4", "--warmup", "2"))
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert used == logged == [train.lr_at(s, train.parse_args(argv(tiny, tmp_path, "--steps", "4", "--warmup", "2")))
+                              for s in range(1, 5)] and len(set(used)) == 4
+
+
+def test_bfloat16_autocasts_the_single_process_forward(tiny, tmp_path, monkeypatch):
+    seen = []
+    forward = Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: seen.append(
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")) or forward(self, *a, **k))
+    train.main(argv(tiny, tmp_path / "bf16", "--steps", "1", "--dtype", "bfloat16"))
+    train.main(argv(tiny, tmp_path / "fp32", "--steps", "1", "--dtype", "float32"))
+    assert seen == [torch.bfloat16] * 4 + [False] * 4  # 4 micro batches each
+    assert losses(tmp_path / "bf16") != losses(tmp_path / "fp32")
+
+
+def test_the_rope_factor_is_target_over_the_models_context_not_train_len(tiny, tmp_path):
+    """s = Lt / Lo (section 3.2), also when Lc < Lo: Lc 16, Lo 32, Lt 128 -> x4, not x8."""
+    train.main(argv(tiny, tmp_path, "--steps", "1", "--train_len", "16"))
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["rope_scaling"]["factor"] == 4.0 and config["original_max_position_embeddings"] == 32
+
+
+@pytest.mark.parametrize("flags", [["--method", "randpos"], ["--method", "full"], ["--content", "aligned"]])
+def test_baselines_and_aligned_content_train(tiny, tmp_path, flags):
+    train.main(argv(tiny, tmp_path, "--steps", "2", "--save_every", "0", *flags))
+    assert len(losses(tmp_path)) == 2 and all(math.isfinite(x) for x in losses(tmp_path))
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_a_yarn_run_with_a_graded_ramp_loads_as_the_extended_model(tmp_path):
+    """Head dim 16, Lo 64: YaRN's ramp has channels strictly between interpolation and extrapolation (with head dim
+    8 and Lo 32 it is a plain step), and transformers agrees with the trained model beyond Lo."""
+    from transformers import LlamaForCausalLM
+
+    import rope
+
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    theta, plain = rope.inv_freq(16, 10000.0, scaling)[0], rope.inv_freq(16, 10000.0)[0]
+    between = ((theta < plain * (1 - 1e-9)) & (theta > plain / 4 * (1 + 1e-9))).sum()
+    assert between >= 2
+    torch.manual_seed(0)
+    Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=258, hidden_dim=64,
+                          max_seq_len=64)).save_pretrained(tmp_path / "base", tokenizer=byte_tokenizer())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text(" ".join(WORDS * 40))
+    train.main(["--model", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--target_len", "256",
+                "--steps", "1", "--batch_size", "2", "--peak_tflops", "1", "--scaling", "yarn", "--out",
+                str(tmp_path / "out")])
+    config = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
+    assert config["rope_scaling"] == {"rope_type": "yarn", **{k: v for k, v in scaling.items() if k != "rope_type"}}
+    ours = Transformer.from_pretrained(tmp_path / "out" / "final")
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path / "out" / "final").eval()
+    x = torch.randint(0, 258, (1, 40), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(20), torch.arange(220, 240)])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, positions), theirs(x, position_ids=positions).logits, rtol=0, atol=1e-4)
 
 
 # ---- bad input: one sentence on stderr, exit status 1, no traceback ------------------------------------------------
