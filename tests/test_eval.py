@@ -132,6 +132,94 @@ def test_perplexity_equals_transformers_and_is_token_weighted(tiny, tmp_path, sc
     assert abs(ppl[0] - ppl[1]) > 1e-2 * ppl[0]  # context matters to this model, so the checks above have teeth
 
 
+def reference(tiny, rope_parameters, max_position_embeddings=256):
+    """transformers' model of the tiny checkpoint with RoPE set here, from the test's own reading of each scaling."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig.from_pretrained(tiny)
+    config.rope_parameters, config.max_position_embeddings = rope_parameters, max_position_embeddings
+    return LlamaForCausalLM.from_pretrained(tiny, config=config).eval()
+
+
+@pytest.mark.parametrize("flag", ["yarn:2", "ntk:2", "dynamic:2", "linear:2", "none"])
+def test_rope_scaling_type_factor_reaches_the_model(tiny, tmp_path, flag):
+    """--rope_scaling TYPE:FACTOR end to end: the perplexity equals transformers' with that scaling on Lo = 256."""
+    d = 16  # head dim of the tiny model
+    expected = {"yarn:2": ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}, 512),
+                "ntk:2": ({"rope_type": "default", "rope_theta": 10000.0 * 2 ** (d / (d - 2))}, 256),
+                "dynamic:2": ({"rope_type": "dynamic", "factor": 2.0}, 256),
+                "linear:2": ({"rope_type": "linear", "factor": 2.0}, 512),
+                "none": ({"rope_type": "default"}, 256)}[flag]
+    data, texts = documents(tmp_path / "docs.jsonl")
+    results = eval_ppl.main(["--model", str(tiny), "--data", str(data), "--lengths", "512", "--stride", "256",
+                             "--min_tokens", "600", "--docs", "1", "--rope_scaling", flag, "--out",
+                             str(tmp_path / "ppl.json"), "--max_tokens", "1024"])
+    theirs = reference(tiny, {"rope_theta": 10000.0, **expected[0]}, expected[1])
+    tokenizer = byte_tokenizer()
+    # 1024 tokens: every window is 512 long (transformers' dynamic NTK keeps the frequencies of the longest input
+    # seen so far, ours those of the window at hand; they agree when the windows are alike)
+    docs = [tokenizer.encode(t)[:1024] for t in texts if len(tokenizer.encode(t)) >= 600][:1]
+    assert results["lengths"]["512"]["ppl"] == pytest.approx(transformers_ppl(theirs, docs, 512, 256), rel=1e-4)
+    if flag != "none":  # and the scaling mattered: the plain model scores otherwise
+        plain = transformers_ppl(reference(tiny, {"rope_theta": 10000.0, "rope_type": "default"}), docs, 512, 256)
+        assert results["lengths"]["512"]["ppl"] != pytest.approx(plain, rel=1e-3)
+
+
+def transformers_ppl_with_bos(model, docs, length, stride, bos):
+    """The authors' loop (YaRN's compute_perplexity): BOS + L − 1 tokens a window, token 0 scored from BOS."""
+    nll, count = 0.0, 0
+    for ids in docs:
+        ids, previous_end = torch.tensor(ids), 0
+        for begin in range(0, len(ids), stride):
+            end = min(begin + length - 1, len(ids))
+            inputs = torch.cat([torch.tensor([bos]), ids[begin:end]])[None]
+            labels = inputs.clone()
+            labels[:, :-(end - previous_end)] = -100
+            with torch.no_grad():
+                loss = model(inputs, labels=labels).loss
+            valid = (labels[:, 1:] != -100).sum().item()
+            nll, count = nll + loss.item() * valid, count + valid
+            previous_end = end
+            if end == len(ids):
+                break
+    return math.exp(nll / count)
+
+
+def test_bos_before_every_window_is_the_authors_protocol(tiny, tmp_path):
+    data, texts = documents(tmp_path / "docs.jsonl")
+    argv = ["--model", str(tiny), "--data", str(data), "--lengths", "256", "--stride", "128", "--min_tokens", "600",
+            "--docs", "2"]
+    with_bos = eval_ppl.main([*argv, "--bos_each_window", "--out", str(tmp_path / "bos.json")])["lengths"]["256"]
+    plain = eval_ppl.main([*argv, "--out", str(tmp_path / "plain.json")])["lengths"]["256"]
+    tokenizer = byte_tokenizer()
+    docs = [tokenizer.encode(t, bos=False) for t in texts if len(tokenizer.encode(t)) >= 600][:2]
+    theirs = LlamaForCausalLM.from_pretrained(tiny).eval()
+    assert with_bos["ppl"] == pytest.approx(transformers_ppl_with_bos(theirs, docs, 256, 128, 256), rel=1e-4)
+    assert with_bos["scored_tokens"] == sum(map(len, docs))  # every token, the first one from BOS
+    assert plain["scored_tokens"] == sum(map(len, docs))  # the tokenizer's own BOS + every token after it
+    assert with_bos["ppl"] != pytest.approx(plain["ppl"], rel=1e-3)
+
+
+def test_gpu_evaluation_defaults_to_bf16_and_fp32_gqa_copies_the_kv_heads(monkeypatch):
+    from eval_passkey import default_device_and_dtype
+    from model import attend, gqa_by_copies
+
+    assert default_device_and_dtype("cuda:1", None) == ("cuda:1", "bf16")
+    assert default_device_and_dtype("cpu", None) == ("cpu", "fp32")
+    assert default_device_and_dtype("cuda", "fp32") == ("cuda", "fp32")
+    assert gqa_by_copies("cuda", torch.float32) and not gqa_by_copies("cuda", torch.bfloat16)
+    assert not gqa_by_copies("cpu", torch.float32)  # the CPU flash kernel takes enable_gqa in fp32
+    q, k, v = torch.randn(1, 9, 4, 8), torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8)
+    shared = attend(q, k, v)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr("model.gqa_by_copies", lambda *a: True)  # the CUDA fp32 path, run on the CPU
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(k.get("enable_gqa")) or sdpa(*a, **k))
+    torch.testing.assert_close(attend(q, k, v), shared)
+    assert calls == [False]
+
+
 def test_truncation_is_explicit(tiny, tmp_path, capsys):
     data, _ = documents(tmp_path / "docs.jsonl")
     results = eval_ppl.main(["--model", str(tiny), "--data", str(data), "--lengths", "256", "--stride", "128",
