@@ -337,3 +337,21 @@ def test_unknown_params_key(tmp_path):
     (directory / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "bogus": 1}))
     with pytest.raises(ValueError, match="params.json has keys ModelArgs does not know: \\['bogus'\\]"):
         Transformer.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("params,guess", [({"rope_theta": 1000000.0}, 16384),  # Code Llama
+                                          ({"norm_eps": 1e-6}, 2048), ({"norm_eps": 1e-5}, 4096),
+                                          ({"rope_theta": 500000.0}, 8192)])
+def test_meta_context_is_a_guess_said_out_loud_and_the_user_can_state_it(tmp_path, capsys, params, guess):
+    _, directory = hf_model(tmp_path, kv_heads=2)
+    ours = Transformer.from_pretrained(directory)
+    to_meta(ours.state_dict(), ours.args, tmp_path / "meta")
+    written = json.loads((tmp_path / "meta" / "params.json").read_text())
+    del written["max_seq_len"]  # as in Meta's own downloads
+    (tmp_path / "meta" / "params.json").write_text(json.dumps({**written, **params}))
+    assert Transformer.from_pretrained(tmp_path / "meta").args.max_seq_len == guess
+    err = capsys.readouterr().err
+    assert f"guessed {guess} tokens" in err and "pass --context_len if wrong" in err
+    assert Transformer.from_pretrained(tmp_path / "meta", context_len=4096).args.max_seq_len == 4096
+    with pytest.raises(ValueError, match="only for Meta checkpoints"):
+        Transformer.from_pretrained(directory, context_len=4096)
