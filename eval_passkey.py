@@ -204,8 +204,10 @@ def parse_scaling(text):
 def add_common_args(p):
     p.add_argument("--model", required=True, help="Hugging Face dir, Meta dir, .gguf file, or smollm2")
     p.add_argument("--rope_scaling", type=parse_scaling, default=None,
-                   help="a training-free scaling over the checkpoint's: TYPE:FACTOR (linear:2, ntk:2, dynamic:2, "
-                        "yarn:2; Lo = the checkpoint's context) or a JSON dict with Hugging Face's keys")
+                   help="a training-free scaling: TYPE:FACTOR (linear:2, ntk:2, dynamic:2, yarn:2) stretches the "
+                        "checkpoint's window by FACTOR (on a checkpoint that already carries a scaling: its own "
+                        "type, factor multiplied); a JSON dict with Hugging Face's keys and an "
+                        "original_max_position_embeddings replaces the checkpoint's scaling")
     p.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated lengths in tokens")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="default: bf16 on CUDA (as train.py), fp32 on CPU")
