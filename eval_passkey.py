@@ -137,7 +137,8 @@ def main(argv=None):
     if args.depths and args.max_key_distance is not None:
         fail("--depths and --max_key_distance both place the key; give one of them.")
     config = {"script": "eval_passkey", **{k: getattr(args, k) for k in (
-        "model", "rope_scaling", "context_len", "dtype", "trials", "seed", "depths", "max_key_distance")}}
+        "model", "rope_scaling", "context_len", "dtype", "trials", "seed", "depths",
+        "max_key_distance")}}
     session = Session(args, config)
     trial = lambda length, i: make_trial(session.tokenizer, length, i, args.seed, args.depths, args.max_key_distance)  # noqa: E731
     try:
@@ -204,25 +205,27 @@ def parse_scaling(text):
 def add_common_args(p):
     p.add_argument("--model", required=True, help="Hugging Face dir, Meta dir, .gguf file, or smollm2")
     p.add_argument("--rope_scaling", type=parse_scaling, default=None,
-                   help="a training-free scaling: TYPE:FACTOR (linear:2, ntk:2, dynamic:2, yarn:2) stretches the "
-                        "checkpoint's window by FACTOR (on a checkpoint that already carries a scaling: its own "
-                        "type, factor multiplied); a JSON dict with Hugging Face's keys and an "
+                   help="a training-free scaling: TYPE:FACTOR (linear:2, ntk:2, dynamic:2, "
+                        "yarn:2) stretches the checkpoint's window by FACTOR (on a checkpoint "
+                        "that already carries a scaling: its own type, factor multiplied); a "
+                        "JSON dict with Hugging Face's keys and an "
                         "original_max_position_embeddings replaces the checkpoint's scaling")
     p.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated lengths in tokens")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="default: bf16 on CUDA (as train.py), fp32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--context_len", type=int, default=None,
-                   help="the trained context of a Meta checkpoint, whose params.json does not state it "
-                        "(default: a guess from its settings, printed)")
+                   help="the trained context of a Meta checkpoint, whose params.json does not "
+                        "state it (default: a guess from its settings, printed)")
     p.add_argument("--out", required=True, help="results JSON, rewritten after each length; a rerun skips done lengths")
     p.add_argument("--overwrite", action="store_true", help="start afresh when --out holds results of other settings")
     p.add_argument("--plot", default=None, help="also draw a figure to this .png")
 
 
 def default_device_and_dtype(device, dtype):
-    """(device, dtype) with the defaults filled in: CUDA when present, and there bf16, as train.py: in fp32, SDPA's
-    GQA has only the math kernel (a T x S score matrix); model.attend then copies the KV heads instead."""
+    """(device, dtype) with the defaults filled in: CUDA when present, and there bf16 as in
+    train.py (in fp32, SDPA's GQA has only the math kernel, a T×S score matrix; model.attend then
+    copies the KV heads instead)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return device, dtype or ("bf16" if device.startswith("cuda") else "fp32")
 
@@ -263,7 +266,8 @@ class Session:
         try:
             from model import load
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-            self.model, self.tokenizer = load(args.model, rope_scaling=args.rope_scaling, dtype=dtype, device=self.device,
+            self.model, self.tokenizer = load(args.model, rope_scaling=args.rope_scaling,
+                                              dtype=dtype, device=self.device,
                                               context_len=args.context_len)
         except Exception as e:  # noqa: BLE001 — any failure to load is the user's path or file: one sentence
             reason = str(e).strip().split("\n")[0] if isinstance(e, ValueError) else f"{type(e).__name__}: {e}".split("\n")[0]

@@ -10,8 +10,8 @@ first --docs of those with at least --min_tokens tokens (default: the largest le
 ids[b : b+L] start every --stride tokens; a window scores only the tokens no earlier window scored (the first one
 all tokens after its first), so every token after the first is scored exactly once, at every L, with at least
 L − stride tokens of context once past the first window. Positions restart at 0 in each window.
---bos_each_window is the authors' protocol instead (the YaRN/PoSE perplexity script): every window is BOS followed
-by L − 1 document tokens (documents encoded without BOS), so token 0 is scored too, predicted from BOS.
+--bos_each_window is the authors' protocol instead (the YaRN/PoSE perplexity script): every
+window is BOS and L − 1 document tokens (encoded without BOS); token 0 is scored too, from BOS.
 ppl = exp(Σ NLL / Σ scored tokens) over all documents: per token, never per window. The model returns hidden
 states; logits are formed only for the scored positions, 1024 at a time, so no window needs a T × vocab tensor
 (and SDPA never builds a T × T one): a 32k window of SmolLM2-135M fits in a few GB.
@@ -29,9 +29,8 @@ LOGIT_CHUNK = 1024  # scored positions per (chunk, vocab) fp32 logits tensor: 20
 
 
 def windows(n_tokens, length, stride, first=1):
-    """[(begin, end, first)]: the window ids[begin:end] scores the targets ids[first:end] (Press et al. 2021).
-
-    `first`: the first target of the document, 1 (token 0 has no context) or 0 (a BOS before each window)."""
+    """[(begin, end, first)]: the window ids[begin:end] scores the targets ids[first:end] (Press
+    et al. 2021). `first`: the document's first target, 1 (token 0 has no context) or 0 (a BOS)."""
     assert 1 <= stride < length, "a stride ≥ the window length would leave each window's first token unscored"
     spans, scored_to = [], first
     for begin in range(0, n_tokens, stride):
@@ -47,7 +46,7 @@ def windows(n_tokens, length, stride, first=1):
 def document_nll(model, ids, length, stride, on_window=lambda: None, bos=None):
     """ids (n,) -> (summed NLL of every scored target, number of scored targets, number of windows).
 
-    `bos`: an id put before every window of L − 1 tokens (the authors' protocol); None: windows of L tokens."""
+    `bos`: an id put before every window of L − 1 tokens (the authors' protocol); None: L tokens."""
     nll, scored = 0.0, 0
     lead = [] if bos is None else [bos]
     spans = windows(len(ids), length - len(lead), stride, first=1 - len(lead))
@@ -65,8 +64,8 @@ def document_nll(model, ids, length, stride, on_window=lambda: None, bos=None):
 
 
 def select_documents(texts, tokenizer, min_tokens, count, max_tokens=None, bos=None):
-    """The first `count` documents with ≥ min_tokens tokens, as token lists (cut to max_tokens when given);
-    `bos` None: encoded with the tokenizer's default BOS, else as given."""
+    """The first `count` documents with ≥ min_tokens tokens, as token lists (cut to max_tokens when
+    given); `bos` None: encoded with the tokenizer's default BOS, else as given."""
     chosen, longest = [], 0
     for text in texts:
         ids = tokenizer.encode(text, bos=bos)
@@ -109,26 +108,29 @@ def main(argv=None):
     p.add_argument("--max_tokens", type=int, default=None,
                    help="TRUNCATE each document to its first N tokens before the windows (default: whole documents)")
     p.add_argument("--bos_each_window", action="store_true",
-                   help="the authors' protocol: BOS + L-1 document tokens in every window, token 0 scored from BOS "
-                        "(default: L document tokens, encoded with the tokenizer's own BOS setting)")
+                   help="the authors' protocol: BOS + L-1 document tokens in every window, token "
+                        "0 scored from BOS (default: L document tokens, encoded with the "
+                        "tokenizer's own BOS setting)")
     args = p.parse_args(argv)
     largest = max(args.lengths)
     args.min_tokens = args.min_tokens or largest
     if not 1 <= args.stride < min(args.lengths) - args.bos_each_window:
-        fail(f"--stride must be ≥ 1 and smaller than every length ({min(args.lengths)}, less one for the BOS), "
+        fail(f"--stride must be ≥ 1 and smaller than every length ({min(args.lengths)}, less one "
+             "for the BOS), "
              "or the first token of each window would go unscored.")
     if args.docs < 1 or (args.max_tokens is not None and args.max_tokens < max(largest, args.min_tokens)):
         fail("--docs must be ≥ 1, and --max_tokens at least the largest length and --min_tokens.")
     config = {"script": "eval_ppl", **{k: getattr(args, k) for k in (
-        "model", "rope_scaling", "context_len", "dtype", "data", "stride", "min_tokens", "docs", "max_tokens", "bos_each_window")}}
+        "model", "rope_scaling", "context_len", "dtype", "data", "stride", "min_tokens", "docs",
+        "max_tokens", "bos_each_window")}}
     session = Session(args, config)
     bos = session.tokenizer.bos_id if args.bos_each_window else None
     if args.bos_each_window and bos is None:
         fail(f"--bos_each_window: the tokenizer of {args.model} has no BOS token.")
     try:
         texts = data.read_documents(args.data)
-        docs = select_documents(texts, session.tokenizer, args.min_tokens, args.docs, args.max_tokens,
-                                bos=False if args.bos_each_window else None)
+        docs = select_documents(texts, session.tokenizer, args.min_tokens, args.docs,
+                                args.max_tokens, bos=False if args.bos_each_window else None)
     except (OSError, ValueError) as e:
         fail(f"{args.data}: {e}")
     if session.rank == 0:
@@ -138,11 +140,12 @@ def main(argv=None):
               f"windows of each length every {args.stride} tokens.")
     for length in session.todo():
         mine = range(session.rank, len(docs), session.world)
-        with session.progress(f"ppl {length}", unit="window",
-                              total=sum(len(windows(len(docs[i]), length - (bos is not None), args.stride))
-                                        for i in mine)) as bar:
-            parts = [(i, *document_nll(session.model, torch.tensor(docs[i], device=session.device), length,
-                                       args.stride, on_window=bar.update, bos=bos)) for i in mine]
+        span = length - (bos is not None)  # document tokens a window holds
+        total = sum(len(windows(len(docs[i]), span, args.stride)) for i in mine)
+        with session.progress(f"ppl {length}", unit="window", total=total) as bar:
+            parts = [(i, *document_nll(session.model, torch.tensor(docs[i], device=session.device),
+                                       length, args.stride, on_window=bar.update, bos=bos))
+                     for i in mine]
         parts = sorted(session.gather(parts))
         nll, scored = sum(p[1] for p in parts), sum(p[2] for p in parts)
         session.finish(length, {"ppl": math.exp(nll / scored), "nll": nll, "scored_tokens": scored,

@@ -68,7 +68,7 @@ class ModelArgs:
 
     @property
     def window(self):
-        """The context this checkpoint is meant for now, scaling included: what a PoSE run extends."""
+        """The context the checkpoint is meant for now, its scaling included: what PoSE extends."""
         return rope.window(self.rope_scaling, self.max_seq_len)
 
     def flops_per_token(self, seq_len):
@@ -109,8 +109,8 @@ class KVCache(nn.Module):
 
 
 def gqa_by_copies(device_type, dtype):
-    """On CUDA in fp32 only SDPA's math kernel takes enable_gqa, and it builds the T×S scores (128 GiB a layer at
-    32k with 32 heads): copying the KV heads keeps the memory-efficient kernel instead."""
+    """On CUDA in fp32 only SDPA's math kernel takes enable_gqa, and it builds the T×S scores
+    (128 GiB a layer at 32k with 32 heads): copied KV heads keep the memory-efficient kernel."""
     return device_type == "cuda" and dtype == torch.float32
 
 
@@ -309,18 +309,19 @@ class Transformer(nn.Module):
     # ---- weights in and out -------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, *, rope_scaling=None, dtype=torch.float32, device="cpu", context_len=None):
+    def from_pretrained(cls, path, *, rope_scaling=None, dtype=torch.float32, device="cpu",
+                        context_len=None):
         """A Meta directory, a Hugging Face directory or a .gguf file -> Transformer (eval mode).
 
-        `rope_scaling` (Hugging Face's keys) is applied as `with_scaling` says. `context_len`: the trained context
-        of a Meta checkpoint, whose params.json does not state it (otherwise guessed, and the guess printed).
+        `rope_scaling` (Hugging Face's keys) is applied as `with_scaling` says. `context_len`: the
+        trained context of a Meta checkpoint, whose params.json does not state it (else guessed).
         """
         path = resolve(path)
         if (path / "params.json").is_file():
             args, state = _read_meta(path, context_len)
         elif context_len is not None:
-            raise ValueError(f"{path} states its own context; the context length is given only for Meta "
-                             "checkpoints, whose params.json has none.")
+            raise ValueError(f"{path} states its own context; the context length is given only for "
+                             "Meta checkpoints, whose params.json has none.")
         elif path.is_file() and path.suffix == ".gguf":
             args, state = _read_gguf(path)
         elif (path / "config.json").is_file():
@@ -365,22 +366,28 @@ class Transformer(nn.Module):
 
 
 def with_scaling(args, scaling):
-    """ModelArgs with RoPE `scaling` (Hugging Face's keys) applied to a loaded checkpoint:
-    rope_type default/none: plain RoPE at Lo; with original_max_position_embeddings: in place of the checkpoint's
-    scaling, as given, context = factor · original; with only a type and a factor: the checkpoint's window W
-    stretched by the factor on top of the scaling it has (rope.extend), context = factor · W."""
-    scaling = dict(scaling)
-    if rope.kind(scaling) in ("default", "none"):
-        plain = {"rope_scaling": None, "use_scaled_rope": False, "max_seq_len": args.original_max_seq_len}
+    """ModelArgs with RoPE `scaling` (Hugging Face's keys) applied to a loaded checkpoint.
+
+    rope_type default/none: plain RoPE at Lo. With original_max_position_embeddings: in place of
+    the checkpoint's scaling, as given, context = factor · original. With only a type and a
+    factor: the checkpoint's window W stretched by the factor on top of the scaling it has
+    (rope.extend), context = factor · W."""
+    scaling, kind = dict(scaling), rope.kind(scaling)
+    if kind in ("default", "none"):
+        plain = {"rope_scaling": None, "use_scaled_rope": False,
+                 "max_seq_len": args.original_max_seq_len}
         return ModelArgs(**{**asdict(args), **plain})
-    context = round((scaling.get("original_max_position_embeddings") or 0) * scaling.get("factor", 1))
-    if scaling.get("original_max_position_embeddings") is None:
+    original = scaling.get("original_max_position_embeddings")
+    if original is None:
         if scaling.get("factor") is None:
-            raise ValueError(f"rope_type {rope.kind(scaling)!r} needs a factor, got {scaling}.")
+            raise ValueError(f"rope_type {kind!r} needs a factor, got {scaling}.")
         context = round(scaling["factor"] * args.window)
-        scaling = {**scaling, **rope.extend(args.rope_scaling, args.window, context, rope.kind(scaling))}
+        scaling = {**scaling, **rope.extend(args.rope_scaling, args.window, context, kind)}
+    else:
+        context = round(original * scaling.get("factor", 1))
     rope.inv_freq(args.head_dim, args.rope_theta, scaling)  # validate now, with rope.py's message
-    return ModelArgs(**{**asdict(args), "rope_scaling": scaling, "use_scaled_rope": False, "max_seq_len": context})
+    scaled = {"rope_scaling": scaling, "use_scaled_rope": False, "max_seq_len": context}
+    return ModelArgs(**{**asdict(args), **scaled})
 
 
 def _read_json(file):
@@ -432,17 +439,18 @@ def _from_hf_name(name):  # HF -> ours
     return name  # left unmapped: load_weights reports it as unexpected
 
 
-HF_KEYS = {  # the keys transformers 5 expects per rope_type (any other draws a warning on every load)
+HF_KEYS = {  # the keys transformers 5 takes per rope_type (any other: a warning on every load)
     "linear": ("factor",), "dynamic": ("factor",),
-    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
-             "mscale_all_dim", "truncate"),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+             "beta_slow", "mscale", "mscale_all_dim", "truncate"),
     "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
 
 
 def hf_config(args, dtype="float32"):
-    """config.json for transformers' LlamaForCausalLM. NTK has no rope_type there: it is exactly a new base.
-    Linear and dynamic take no Lo in rope_scaling: dynamic reads it from max_position_embeddings, and for linear
-    it is kept beside, as a top-level original_max_position_embeddings (Phi-3's field), for us to read back."""
+    """config.json for transformers' LlamaForCausalLM. NTK has no rope_type there: it is exactly a
+    new base. Linear and dynamic take no Lo in rope_scaling: dynamic reads it from
+    max_position_embeddings; linear's is kept beside, as a top-level
+    original_max_position_embeddings (Phi-3's field), for us to read back."""
     scaling, theta, extra = args.rope_scaling, args.rope_theta, {}
     if rope.kind(scaling) == "ntk":
         d, s = args.head_dim, scaling["factor"]
@@ -452,7 +460,7 @@ def hf_config(args, dtype="float32"):
                    **{k: v for k, v in scaling.items() if k in HF_KEYS[rope.kind(scaling)]}}
         if scaling["rope_type"] == "linear":
             extra = {"original_max_position_embeddings": args.original_max_seq_len}
-    return {**extra,
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
@@ -461,7 +469,7 @@ def hf_config(args, dtype="float32"):
         "max_position_embeddings": args.original_max_seq_len if (scaling or {}).get("rope_type") == "dynamic"
         else args.max_seq_len,
         "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": dtype,
+        "torch_dtype": dtype, **extra,
     }
 
 
@@ -473,13 +481,15 @@ def _read_hf(path):
     if config.get("model_type") != "llama":
         raise ValueError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'llama'.")
     params = config.get("rope_parameters") or {}  # transformers 5 puts rope_theta and the scaling here
-    scaling = {k: v for k, v in (config.get("rope_scaling") or params).items() if k not in ("rope_theta", "type")}
-    if rope.kind(config.get("rope_scaling") or params) == "default":
+    stated = config.get("rope_scaling") or params
+    scaling = {k: v for k, v in stated.items() if k not in ("rope_theta", "type")}
+    if rope.kind(stated) == "default":
         scaling = None
-    else:  # Lo: stated in the scaling, or beside it (Phi-3, our linear), or as transformers: max_position_embeddings
-        scaling["rope_type"] = rope.kind(config.get("rope_scaling") or params)
+    else:  # Lo: in the scaling, beside it (Phi-3, our linear), or max_position_embeddings (HF)
+        scaling["rope_type"] = rope.kind(stated)
         scaling.setdefault("original_max_position_embeddings",
-                           config.get("original_max_position_embeddings") or config.get("max_position_embeddings"))
+                           config.get("original_max_position_embeddings")
+                           or config.get("max_position_embeddings"))
     try:
         args = ModelArgs(
             dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
@@ -549,14 +559,15 @@ def _read_meta(path, context_len=None):
         params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
     if context_len is not None:
         params["max_seq_len"] = context_len
-    elif "max_seq_len" not in params:  # Meta states it in code, not in params.json: a guess, said out loud
+    elif "max_seq_len" not in params:  # Meta states it in code, not in params.json: a guess, said
         theta = params.get("rope_theta")  # Llama 3.1 / 3 / Code Llama / 1 (norm_eps 1e-6) / 2
-        params["max_seq_len"] = (131072 if params.get("use_scaled_rope") else 8192 if theta == 500000 else
-                                 16384 if theta == 1000000 else 2048 if params.get("norm_eps") == 1e-6 else 4096)
+        params["max_seq_len"] = (131072 if params.get("use_scaled_rope")
+                                 else 8192 if theta == 500000 else 16384 if theta == 1000000
+                                 else 2048 if params.get("norm_eps") == 1e-6 else 4096)
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"note: {path / 'params.json'} states no context; guessed {params['max_seq_len']} tokens from its "
-                  "settings (early Llama-2-chat files look like Llama 1's 2048): pass --context_len if wrong.",
-                  file=sys.stderr, flush=True)
+            print(f"note: {path / 'params.json'} states no context; guessed "
+                  f"{params['max_seq_len']} tokens from its settings (early Llama-2-chat files look like Llama 1's 2048): "
+                  "pass --context_len if wrong.", file=sys.stderr, flush=True)
     args = ModelArgs(**params)
     for i in range(args.n_layers):
         for key, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
@@ -606,12 +617,14 @@ def _read_gguf(path):
         state[name or t.name] = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
     n_heads = field("llama.attention.head_count")
     scaling, kind = None, field("llama.rope.scaling.type", "none")
-    if kind in ("linear", "yarn"):  # llama.cpp's keys; without an original context, Lo = the context (as HF)
+    if kind in ("linear", "yarn"):  # llama.cpp's keys; no original context: Lo = the context, as HF
+        original = (field("llama.rope.scaling.original_context_length")
+                    or field("llama.context_length"))
         scaling = {"rope_type": kind, "factor": float(field("llama.rope.scaling.factor")),
-                   "original_max_position_embeddings": field("llama.rope.scaling.original_context_length")
-                   or field("llama.context_length")}
+                   "original_max_position_embeddings": original}
     elif kind != "none":
-        raise ValueError(f"{path}: llama.rope.scaling.type {kind!r} is not supported (none, linear or yarn).")
+        raise ValueError(f"{path}: llama.rope.scaling.type {kind!r} is not supported "
+                         "(none, linear, yarn).")
     args = ModelArgs(
         dim=field("llama.embedding_length"), n_layers=field("llama.block_count"), n_heads=n_heads,
         n_kv_heads=field("llama.attention.head_count_kv", n_heads),
@@ -649,8 +662,8 @@ def load(path, *, rope_scaling=None, dtype=torch.float32, device="cpu", context_
     from tokenizer import load_tokenizer
 
     path = resolve(path)
-    model = Transformer.from_pretrained(path, rope_scaling=rope_scaling, dtype=dtype, device=device,
-                                        context_len=context_len)
+    model = Transformer.from_pretrained(path, rope_scaling=rope_scaling, dtype=dtype,
+                                        device=device, context_len=context_len)
     tokenizer = load_tokenizer(path)
     if tokenizer.n_vocab > model.args.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the embedding only "

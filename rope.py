@@ -15,8 +15,8 @@ Lt − 1 while the model was trained on < Lo; a scaling makes those positions lo
 `scaling` is None or a dict with Hugging Face's keys, so a config.json written by model.py gives the same
 numbers in transformers. Everything is computed in float64; the caller casts the final cos/sin.
 
-A checkpoint may already carry a scaling (Llama 3.1: llama3 ×8 from Lo = 8192, window 131072). Its window is what
-it was trained for, and `extend` stretches that window on top of the scaling it has (see there).
+A checkpoint may already carry a scaling (Llama 3.1: llama3 ×8 from Lo = 8192, window 131072).
+Its window is what it was trained for; `extend` stretches that window on top of the scaling it has.
 """
 import math
 
@@ -30,40 +30,48 @@ _REQUIRED = {"linear": ("factor",), "ntk": ("factor",),
 
 
 def kind(scaling):
-    """The rope_type of a scaling dict (Hugging Face's legacy key "type" too); None -> "default"."""
+    """The rope_type of a scaling dict (also Hugging Face's legacy key "type"); None: "default"."""
     return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
 
 
 def window(scaling, max_position_embeddings):
-    """The context a checkpoint is meant for: max_position_embeddings, or factor × Lo where its scaling implies
-    more (some configs keep max_position_embeddings = Lo and state the stretch only in the scaling)."""
+    """The context a checkpoint is meant for: max_position_embeddings, or factor × Lo where its
+    scaling implies more (some configs keep max_position_embeddings = Lo)."""
     if kind(scaling) == "default":
         return max_position_embeddings
-    return max(max_position_embeddings, round(scaling["factor"] * scaling["original_max_position_embeddings"]))
+    stretched = round(scaling["factor"] * scaling["original_max_position_embeddings"])
+    return max(max_position_embeddings, stretched)
 
 
 def extend(scaling, current, target_len, rope_type=None):
-    """The scaling that stretches a model with RoPE `scaling` and window `current` to `target_len` (Lt).
+    """The scaling that stretches a model with RoPE `scaling` and window `current` to Lt.
 
-    Plain RoPE: `rope_type` (linear when None) with s = Lt / Lo, Lo = current. A checkpoint that already carries
-    a scaling keeps it: the same rope_type with its factor multiplied by Lt / current, Lo and every other key
-    unchanged, so the channels it was trained with unscaled (llama3's and yarn's fast ones) stay unscaled; that is
-    exactly a loadable Hugging Face config. Anything else is refused with a sentence saying what would work."""
+    Plain RoPE: `rope_type` (linear when None) with s = Lt / Lo, Lo = current. A checkpoint that
+    already carries a scaling keeps it: the same rope_type, its factor multiplied by Lt / current,
+    Lo and every other key unchanged, so the channels it was trained with unscaled (llama3's and
+    yarn's fast ones) stay unscaled, in a config transformers loads. Anything else is refused
+    with a sentence that says what would work."""
     have = kind(scaling)
     if target_len <= current:
-        raise ValueError(f"the target length {target_len} is within the checkpoint's window of {current} tokens "
-                         f"(RoPE {have}): nothing to extend; ask for more than {current}.")
+        raise ValueError(f"the target length {target_len} is within the checkpoint's window of "
+                         f"{current} tokens (RoPE {have}): nothing to extend; ask for more than "
+                         f"{current}.")
     if have == "default":
-        return {"rope_type": rope_type or "linear", "factor": target_len / current,
-                "original_max_position_embeddings": current}
+        new = {"rope_type": rope_type or "linear", "factor": target_len / current,
+               "original_max_position_embeddings": current}
+        if new["rope_type"] == "llama3":  # Llama 3.1's blend (Meta's use_scaled_rope)
+            new.update(low_freq_factor=1.0, high_freq_factor=4.0)
+        return new
     factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    already = f"the checkpoint's RoPE is already {have} x{factor:g} from {original}"
     if have not in ("linear", "yarn", "llama3", "dynamic"):
-        raise ValueError(f"the checkpoint's RoPE is already {have} x{factor:g} from {original}, which has no larger "
-                         "factor to extend it by; start from a checkpoint with plain, linear, yarn or llama3 RoPE.")
+        raise ValueError(f"{already}, which has no larger factor to extend it by; start from a "
+                         "checkpoint with plain, linear, yarn or llama3 RoPE.")
     if rope_type not in (None, have):
-        raise ValueError(f"the checkpoint's RoPE is already {have} x{factor:g} from {original}; it is extended as "
-                         f"{have} with a larger factor, so ask for {have} (or leave the scaling out), not {rope_type}.")
-    # Lt / Lo when the window is factor · Lo: exact, so transformers' yarn sees max_position / Lo = factor
+        raise ValueError(f"{already}; it is extended as {have} with a larger factor, so ask for "
+                         f"{have} (or leave the scaling out), not {rope_type}.")
+    # Lt / Lo when the window is factor · Lo: exact, so transformers' yarn finds max_position / Lo
+    # equal to the factor (it warns otherwise)
     new = target_len / original if current == factor * original else factor * target_len / current
     return {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": have, "factor": new}
 

