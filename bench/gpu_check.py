@@ -63,7 +63,7 @@ LLAMA_7B = dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=2048)
 SIZES = {  # the GPU run and its dry image: the same steps, smaller
     "gpu": {
-        "budgets": {"a": 45, "b": 150, "c": 90, "d": 75, "e": 90},
+        "budgets": {"a": 40, "b": 165, "c": 85, "d": 70, "e": 90},  # 450 s in all
         "b": {"init": dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=1408),
               "train_len": 1024, "batch_size": 8, "micro_batch_size": 4, "steps": 20,
               "kill_at": 13, "save_every": 5, "fsdp_steps": 5, "timeout": 120, "compile": True},
@@ -293,17 +293,25 @@ def random_tokens(shape, seed, device):
     return torch.randint(0, SMALL["vocab_size"], shape, generator=g).to(device)
 
 
-def check_logits(run, case):
+def transformers_model(directory, dtype, device):
+    """LlamaForCausalLM loaded in `dtype` as users load it (its RoPE buffer stays fp32)."""
     from transformers import LlamaForCausalLM
 
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=dtype)
+    if model.dtype != dtype:  # transformers before 4.56 calls it torch_dtype
+        model = LlamaForCausalLM.from_pretrained(directory, torch_dtype=dtype)
+    return model.eval().to(device)
+
+
+def check_logits(run, case):
     kind, kv_heads, tied = case
     directory, device = small_hf_dir(run, SCALINGS[kind], kv_heads, tied), run.device
     x = random_tokens((2, 200), 1, device)
     positions = torch.cat([torch.arange(0, 100), torch.arange(900, 1000)]).to(device)  # a skip
-    theirs = LlamaForCausalLM.from_pretrained(directory).eval().to(device)
     with torch.no_grad():
-        reference = theirs(x, position_ids=positions.expand(2, -1)).logits.float()
-        theirs_bf16 = theirs.to(torch.bfloat16)(x, position_ids=positions.expand(2, -1)).logits
+        reference, theirs_bf16 = (
+            transformers_model(directory, dtype, device)(x, position_ids=positions.expand(2, -1))
+            .logits.float() for dtype in (torch.float32, torch.bfloat16))
         ours = {dtype: Transformer.from_pretrained(directory, dtype=dtype, device=device)(
             x, positions) for dtype in (torch.float32, torch.bfloat16)}
         on_cpu = Transformer.from_pretrained(directory)(x.cpu(), positions.cpu())
