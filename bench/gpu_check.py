@@ -510,9 +510,9 @@ def section_b(run, record):
     cut = run.attempt(record, f"SIGKILL in step {s['kill_at']}",
                       lambda: run_train(run, fast, work / "cut", kill_at=s["kill_at"]), need=20)
     if cut and "returncode" in cut:
-        checkpoint = torch.load(work / "cut" / "checkpoint.pt", map_location="cpu",
-                                weights_only=True, mmap=True)
-        cut.update(checkpoint_step=checkpoint["step"], killed=cut["returncode"] == -9)
+        checkpoint = work / "cut" / "checkpoint.pt"
+        saved = torch.load(checkpoint, weights_only=True)["step"] if checkpoint.exists() else None
+        cut.update(killed=cut["returncode"] == -9, checkpoint_step=saved)
     resumed = run.attempt(record, "--resume",
                           lambda: run_train(run, fast + ["--resume"], work / "cut"), need=20)
     if whole and resumed and whole.get("returncode") == 0 == resumed.get("returncode"):
