@@ -18,12 +18,11 @@ warm-up, then linear decay to 0 at the last step like their WarmupDecayLR (--no-
 
 With world size > 1 every TransformerBlock and then the root is wrapped in FSDP2 `fully_shard` (torchtitan's
 recipe): fp32 master weights sharded across ranks, bf16 compute through MixedPrecisionPolicy, gloo on CPU, NCCL on
-GPU. A single process trains the plain model, with torch.autocast when --dtype is bf16
-(`torchrun --nproc_per_node 1 train.py --fsdp` shards it all the same, to check the FSDP2 path on one
-device). Checkpoints are full state
+GPU. A single process trains the plain model, with torch.autocast when --dtype is bf16. Checkpoints are full state
 dicts (one plain file any single process loads). Every rank reads --model, --data and checkpoints itself: on several
 nodes put them on a shared filesystem. The CUDA path (NCCL, bf16, flash-attn, activation checkpointing on GPU) is
 written but untested on the CPU-only machine this was developed on; the CPU paths are tested in tests/test_train.py.
+`torchrun --nproc_per_node 1 train.py --fsdp ...` shards a single process too: the FSDP2 path on one device.
 """
 import argparse
 import contextlib
