@@ -194,13 +194,14 @@ def test_cache_prefill_in_pieces_equals_one_pass(tmp_path):
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_chunked_prefill_fills_the_cache_and_gives_the_logits_of_one_pass(tmp_path, kv_heads):
-    """Transformer.prefill in pieces (as eval_passkey does for long prompts): every layer's keys and values, the last
-    position's logits and the greedy continuation are the one-pass prefill's."""
+    """Transformer.prefill in pieces (as eval_passkey does for long prompts): every layer's keys
+    and values, the last position's logits and the greedy continuation are the one-pass ones."""
     _, directory = hf_model(tmp_path, kv_heads=kv_heads)
     model = Transformer.from_pretrained(directory)
     x = tokens(length=70)
     caches = [model.make_cache(2, 70) for _ in range(2)]
-    whole, pieces = model.prefill(x, caches[0]), model.prefill(x, caches[1], chunk=16)  # 16 + 16 + 16 + 16 + 6
+    whole = model.prefill(x, caches[0])
+    pieces = model.prefill(x, caches[1], chunk=16)  # 16 + 16 + 16 + 16 + 6 tokens
     for one, chunked in zip(*caches):
         assert chunked.length == one.length == 70
         torch.testing.assert_close(chunked.k, one.k, rtol=0, atol=1e-5)

@@ -268,7 +268,8 @@ def bad(tiny, out, case):
 EXPECTED = {"target_len <= train_len": "must be larger than --train_len", "noskip with a target": "leave --target_len out",
             "no document long enough": "the longest has", "batch not divisible": "must be divisible by world size",
             "model not loadable": "neither a .gguf file", "nan loss": "the last good checkpoint",
-            "resume without checkpoint": "does not exist", "fsdp without torchrun": "needs torchrun"}
+            "resume without checkpoint": "does not exist",
+            "fsdp without torchrun": "needs torchrun"}
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
