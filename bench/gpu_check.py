@@ -8,8 +8,8 @@ a  correctness: logits of tiny models (MHA and GQA, tied and untied, every RoPE 
    forward; the chunked prefill against one pass; the chunked loss against F.cross_entropy; the
    attention kernel each path ran
 b  train.py: bf16, --compile, activation checkpointing, 20 steps; the same run SIGKILLed in step 13
-   and resumed, against the uninterrupted one; FSDP2 forced at world size 1 (torchrun, --fsdp)
-   against the plain path, in fp32
+   and resumed, against the uninterrupted one; FSDP2 forced at world size 1 (--fsdp, as rank 0 of
+   1 with torchrun's environment) against the plain path, in fp32
 c  throughput of a random-init 1.1B LLaMA (TinyLlama's shape) at Lc = 2048: ours eager and
    compiled against transformers (sdpa), same batch and weights: tokens/s, MFU, peak memory
 d  Figure 3: one training step of that model, PoSE (Lc 2048) against Full-length, Lt 2k ... 128k:
@@ -34,6 +34,8 @@ import os
 import platform
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -456,25 +458,41 @@ def write_documents(directory, n_docs, words):
     return directory
 
 
-def run_train(run, argv, out, *, torchrun=False, kill_at=None):
-    """train.py in a fresh process -> {seconds, returncode, last log line, output tails}."""
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(run, argv, out, *, rank_of_one=False, kill_at=None):
+    """train.py in a fresh process -> {seconds, returncode, last log line, output tails}.
+    rank_of_one: with the environment `torchrun --standalone --nproc_per_node 1` gives its worker,
+    set here so that the run stays one process (torchrun puts its worker in a session of its own,
+    which a timeout could not kill with it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if run.dry else {})}
-    if torchrun:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc_per_node", "1", "train.py"]
-    elif kill_at is not None:
+    if rank_of_one:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if kill_at is not None:
         command = [sys.executable, "-c", KILL_IN_STEP.format(root=str(ROOT), step=kill_at)]
     else:
         command = [sys.executable, "train.py"]
     start = time.monotonic()
     timeout = max(10.0, min(run.sizes["b"]["timeout"], run.left()))
-    done = subprocess.run(command + argv + ["--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    process = subprocess.Popen(command + argv + ["--out", str(out)], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)  # a group of its own, killed whole below
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # compile workers too: nothing left on the GPU
+        process.communicate()
+        raise
     log = out / "log.jsonl"
     log = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return {"seconds": round(time.monotonic() - start, 1), "returncode": done.returncode,
+    return {"seconds": round(time.monotonic() - start, 1), "returncode": process.returncode,
             "last_step": log[-1] if log else None,
-            "stdout": done.stdout[-1500:], "stderr": done.stderr[-1500:]}
+            "stdout": stdout[-1500:], "stderr": stderr[-1500:]}
 
 
 def compare_runs(a, b):
@@ -526,8 +544,8 @@ def section_b(run, record):
     plain = common + ["--steps", str(s["fsdp_steps"]), "--dtype", "float32", "--checkpointing"]
     one = run.attempt(record, "plain path (fp32)",
                       lambda: run_train(run, plain, work / "plain"), need=10)
-    fsdp = run.attempt(record, "FSDP2 at world size 1 (torchrun --fsdp, fp32)",
-                       lambda: run_train(run, plain + ["--fsdp"], work / "fsdp", torchrun=True),
+    fsdp = run.attempt(record, "FSDP2 at world size 1 (--fsdp, rank 0 of 1, fp32)",
+                       lambda: run_train(run, plain + ["--fsdp"], work / "fsdp", rank_of_one=True),
                        need=10)
     if one and fsdp and one.get("returncode") == 0 == fsdp.get("returncode"):
         def fsdp_check():
