@@ -10,8 +10,11 @@ in the requested length (a binary search on the number of filler words, each che
 it is at most TOLERANCE tokens short (0–1 for SmolLM2), and that exact count is recorded. Depth d puts a fraction
 d of the filler words before the key line: d=0 right after the instructions, d=1 right before the question.
 Each trial draws its key (10000–99999) and depth from Random(f"{seed}:{length}:{trial}"), so it is the same on
-any number of ranks and after a resume. Greedy decoding with the KV cache (`model.generate`: one prefill, ≤ 8
-steps, logits for the last position only); correct when the first integer of the answer equals the key.
+any number of ranks and after a resume. Greedy decoding with the KV cache (`model.generate`: a
+prefill in pieces of PREFILL_CHUNK tokens, ≤ 8 steps, logits for the last position only); correct
+when the first integer of the answer equals the key. The pieces give the one-pass logits and keep
+activations to one piece's: a 128k prompt needs memory for the weights and the KV cache, not for
+128k tokens of activations.
 The bottom of this file (model flags, the resumable results file, ranks) is shared with eval_ppl.py.
 """
 import argparse
@@ -33,6 +36,7 @@ KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 TOLERANCE = 8  # tokens a prompt may fall short of its length: the longest filler word in a byte-level tokenizer
 MAX_NEW_TOKENS = 8
+PREFILL_CHUNK = 4096  # prompt tokens per prefill piece (Transformer.prefill)
 
 
 def filler(n_words):
@@ -82,9 +86,11 @@ def make_trial(tokenizer, length, trial, seed=0, depths=None, max_key_distance=N
 
 
 @torch.inference_mode()
-def run_trial(model, tokenizer, trial, device):
+def run_trial(model, tokenizer, trial, device, prefill_chunk=PREFILL_CHUNK):
     tokens = torch.tensor([trial["tokens"]], device=device)
-    answer = tokenizer.decode(model.generate(tokens, MAX_NEW_TOKENS, eos_id=tokenizer.eos_id)[0].tolist())
+    generated = model.generate(tokens, MAX_NEW_TOKENS, eos_id=tokenizer.eos_id,
+                               prefill_chunk=prefill_chunk)
+    answer = tokenizer.decode(generated[0].tolist())
     first_integer = re.search(r"\d+", answer)
     correct = first_integer is not None and int(first_integer.group()) == trial["key"]
     return {k: v for k, v in trial.items() if k not in ("prompt", "tokens")} | {"answer": answer, "correct": correct}

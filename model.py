@@ -292,18 +292,30 @@ class Transformer(nn.Module):
                 for _ in self.layers]
 
     @torch.no_grad()
-    def generate(self, tokens, max_new_tokens, *, eos_id=None):
-        """Greedy decoding with a KV cache: one prefill, then one token per step. -> (B, max_new_tokens)."""
+    def prefill(self, tokens, cache, chunk=None):
+        """Feed tokens (B, T) into `cache`, `chunk` tokens at a time (None: all at once) -> the
+        last position's final normed state (B, dim). Each piece attends to the cache and to
+        itself, so the cache and the result are the one-pass ones; only one piece's activations
+        are alive at a time, so a long prompt needs memory for the weights and the KV cache."""
+        step = chunk or tokens.shape[1]
+        for start in range(0, tokens.shape[1], step):
+            h = self(tokens[:, start:start + step], cache=cache, hidden_only=True)
+        return h[:, -1]
+
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens, *, eos_id=None, prefill_chunk=None):
+        """Greedy decoding with a KV cache: a prefill (in pieces of `prefill_chunk` tokens),
+        then one token per step. -> (B, max_new_tokens)."""
         B, T = tokens.shape
         cache = self.make_cache(B, T + max_new_tokens)
-        h = self(tokens, cache=cache, hidden_only=True)
+        h = self.prefill(tokens, cache, prefill_chunk)
         out = []
         for _ in range(max_new_tokens):
-            next_token = self.logits(h[:, -1]).argmax(-1, keepdim=True)  # (B, 1): logits of the last position only
+            next_token = self.logits(h).argmax(-1, keepdim=True)  # (B, 1): last position's logits
             out.append(next_token)
             if eos_id is not None and (next_token == eos_id).all():
                 break
-            h = self(next_token, cache=cache, hidden_only=True)
+            h = self(next_token, cache=cache, hidden_only=True)[:, -1]
         return torch.cat(out, dim=1)
 
     # ---- weights in and out -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ GPU. A single process trains the plain model, with torch.autocast when --dtype i
 dicts (one plain file any single process loads). Every rank reads --model, --data and checkpoints itself: on several
 nodes put them on a shared filesystem. The CUDA path (NCCL, bf16, flash-attn, activation checkpointing on GPU) is
 written but untested on the CPU-only machine this was developed on; the CPU paths are tested in tests/test_train.py.
+`torchrun --nproc_per_node 1 train.py --fsdp ...` shards a single process too (FSDP2 on one device).
 """
 import argparse
 import contextlib
@@ -115,6 +116,8 @@ class Config:
     checkpointing: bool | None = flag(None, "activation checkpointing: recompute each block in backward, memory for "
                                       "one block's activations instead of all (default: on for GPU, off for CPU)",
                                       action=argparse.BooleanOptionalAction)
+    fsdp: bool = flag(False, "shard with FSDP2 even at world size 1 (run under torchrun): the "
+                      "multi-GPU code path, checked on one device", action="store_true")
     peak_tflops: float | None = flag(None, "peak TFLOP/s of one device for MFU (default: known GPUs in bf16, e.g. H100 "
                                      "989, A100 312; on CPU a matmul measured at startup)", type=float)
     out: str = flag("out/pose", "output directory: final/ (Hugging Face), checkpoint.pt, log.jsonl (per step: step, "
@@ -374,7 +377,11 @@ def train(cfg):
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
+    sharded = world > 1 or cfg.fsdp
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise ValueError("--fsdp needs torchrun's environment: "
+                         "torchrun --standalone --nproc_per_node 1 train.py ...")
+    if sharded:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     checkpointing = cfg.checkpointing if cfg.checkpointing is not None else device.type == "cuda"
@@ -396,7 +403,8 @@ def train(cfg):
     example_len = cfg.target_len if cfg.method == "full" else cfg.train_len
     log0(f"{cfg.method}: Lc={cfg.train_len} -> Lt={cfg.target_len} (Lo={args.original_max_seq_len}, RoPE "
          f"{args.rope_scaling or 'unchanged'}), N={cfg.chunks}, content={cfg.content}; {cfg.steps} steps x "
-         f"{cfg.batch_size} examples x {example_len} tokens, world {world}, {device.type} {str(dtype)[6:]}, "
+         f"{cfg.batch_size} examples x {example_len} tokens, "
+         f"world {world}{' (FSDP2)' if sharded else ''}, {device.type} {str(dtype)[6:]}, "
          f"activation checkpointing {'on' if checkpointing else 'off'}")
 
     # ---- parallelism on top of the unchanged model (torchtitan): each block, then the root
@@ -405,7 +413,7 @@ def train(cfg):
     if cfg.compile:  # before sharding, as torchtitan does; in place, so parameter names and checkpoints stay the same
         for block in model.layers:
             block.compile()
-    if world > 1:
+    if sharded:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -193,6 +193,26 @@ def test_cache_prefill_in_pieces_equals_one_pass(tmp_path):
     torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_chunked_prefill_fills_the_cache_and_gives_the_logits_of_one_pass(tmp_path, kv_heads):
+    """Transformer.prefill in pieces (as eval_passkey does for long prompts): every layer's keys
+    and values, the last position's logits and the greedy continuation are the one-pass ones."""
+    _, directory = hf_model(tmp_path, kv_heads=kv_heads)
+    model = Transformer.from_pretrained(directory)
+    x = tokens(length=70)
+    caches = [model.make_cache(2, 70) for _ in range(2)]
+    whole = model.prefill(x, caches[0])
+    pieces = model.prefill(x, caches[1], chunk=16)  # 16 + 16 + 16 + 16 + 6 tokens
+    for one, chunked in zip(*caches):
+        assert chunked.length == one.length == 70
+        torch.testing.assert_close(chunked.k, one.k, rtol=0, atol=1e-5)
+        torch.testing.assert_close(chunked.v, one.v, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.logits(pieces), model.logits(whole), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(whole), model(x)[:, -1], rtol=0, atol=1e-5)
+    assert torch.equal(model.generate(x, 6, prefill_chunk=16), model.generate(x, 6))
+
+
 def test_loss_is_next_token_cross_entropy_with_ignored_labels(tmp_path):
     _, directory = hf_model(tmp_path)
     model = Transformer.from_pretrained(directory)

@@ -350,13 +350,15 @@ def bad(tiny, out, case):
         "model not loadable": argv(tiny, out, "--model", str(tiny / "data")),
         "nan loss": argv(tiny, out, "--lr", "1e30", "--warmup", "0", "--save_every", "1", "--steps", "5"),
         "resume without checkpoint": argv(tiny, out, "--resume"),
+        "fsdp without torchrun": argv(tiny, out, "--fsdp"),
     }[case]
 
 
 EXPECTED = {"target_len <= train_len": "must be larger than --train_len", "noskip with a target": "leave --target_len out",
             "no document long enough": "the longest has", "batch not divisible": "must be divisible by world size",
             "model not loadable": "neither a .gguf file", "nan loss": "the last good checkpoint",
-            "resume without checkpoint": "does not exist"}
+            "resume without checkpoint": "does not exist",
+            "fsdp without torchrun": "needs torchrun"}
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
