@@ -29,10 +29,10 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import pose
+from checkpoint import fill_shards, find_checkpoint, load_checkpoint, read_info, save_checkpoint, save_final
 from data import fetch_shakespeare, read_documents
 from model import IGNORE, ModelArgs, Transformer, load, resolve, with_scaling
 
@@ -102,15 +103,23 @@ class Config:
                                       action=argparse.BooleanOptionalAction)
     peak_tflops: float | None = flag(None, "peak TFLOP/s of one device for MFU (default: known GPUs in bf16, e.g. H100 "
                                      "989, A100 312; on CPU a matmul measured at startup)", type=float)
-    out: str = flag("out/pose", "output directory: final/ (Hugging Face), checkpoint.pt, log.jsonl (per step: step, "
-                    "loss, lr, grad_norm, tokens, tokens_per_s, mfu, mem = peak GiB)")
-    save_every: int = flag(100, "write OUT/checkpoint.pt every this many steps (0: at the end only); the previous one "
-                           "is replaced only once the new one is complete")
-    resume: bool = flag(False, "continue exactly from OUT/checkpoint.pt (same settings)", action="store_true")
-    overwrite: bool = flag(False, "start afresh even though OUT/checkpoint.pt holds another run (it is replaced at "
+    out: str = flag("out/pose", "output directory: final/ (Hugging Face), the checkpoint (checkpoint.pt from one "
+                    "process, checkpoints/step-N/ from several), log.jsonl (per step: step, loss, lr, grad_norm, "
+                    "tokens, tokens_per_s, mfu, mem = peak GiB)")
+    save_every: int = flag(100, "write a checkpoint every this many steps (0: at the end only); the previous one "
+                           "is deleted only once the new one is complete")
+    save_dtype: str = flag("bfloat16", "dtype of the final model's weights (the checkpoints keep fp32)",
+                           choices=("bfloat16", "float32"))
+    resume: bool = flag(False, "continue exactly from OUT's checkpoint (same settings; written on any world size)",
+                        action="store_true")
+    auto_resume: bool = flag(False, "continue from OUT's checkpoint when there is one (same settings), start afresh "
+                             "when there is none: for torchrun --max-restarts N, which restarts every worker with "
+                             "the same arguments after one dies", action="store_true")
+    overwrite: bool = flag(False, "start afresh even though OUT holds a checkpoint of another run (it is replaced at "
                            "the first save); without it a new run refuses to touch an existing checkpoint",
                            action="store_true")
-
+    timeout: float = flag(30.0, "minutes a rank waits in a collective (a broadcast, a gather) before it gives up "
+                          "with an error, so a dead or stuck rank ends the run instead of hanging it")
 
 def parse_args(argv) -> Config:
     parts = __doc__.split("\n\n")
@@ -130,7 +139,7 @@ def log0(*args):
         print(*args, flush=True)
 
 
-def build_model(cfg):
+def read_model(cfg):
     """-> (model fp32 on CPU with the scaled RoPE, tokenizer); fills in cfg.train_len and cfg.target_len."""
     if cfg.init is not None:
         from tokenizer import load_tokenizer
@@ -146,7 +155,7 @@ def build_model(cfg):
         if tokenizer.n_vocab > model_args.vocab_size:
             raise ValueError(f"--init: vocab_size {model_args.vocab_size} is smaller than the tokenizer's "
                              f"{tokenizer.n_vocab} tokens.")
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        torch.manual_seed(cfg.seed)
         model = Transformer(model_args)
     else:
         model, tokenizer = load(cfg.model)
@@ -171,6 +180,37 @@ def build_model(cfg):
             model = Transformer(args)
         model.load_weights(state)
     return model, tokenizer
+
+
+def build_model(cfg, world, rank):
+    """-> (model fp32 with the scaled RoPE, its full state dict or None, tokenizer).
+
+    One process: the model read_model loads, as every script loads it; state is None. Several: only rank 0 reads the
+    weights (torchtitan): every rank gets a model on the meta device, rank 0 also the full state dict for
+    checkpoint.fill_shards, so the host memory of a 70B model is spent once, not once per rank."""
+    if world == 1:
+        model, tokenizer = read_model(cfg)
+        return model, None, tokenizer
+    found = [None, None, None]  # rank 0's (args, train_len, target_len) or its error, for every rank
+    if rank == 0:
+        try:
+            model, tokenizer = read_model(cfg)
+            found[:2] = [model.args, (cfg.train_len, cfg.target_len)]
+        except ValueError as e:
+            found[2] = str(e)
+    dist.broadcast_object_list(found, src=0)
+    if found[2] is not None:
+        raise ValueError(found[2])
+    args, (cfg.train_len, cfg.target_len) = found[:2]
+    state = None
+    if rank == 0:
+        state, model = model.state_dict(), None  # the model itself is dropped: its tensors live on in `state`
+    else:
+        from tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(resolve(cfg.tokenizer if cfg.init is not None else cfg.model))
+    with torch.device("meta"):
+        return Transformer(args), state, tokenizer
 
 
 def load_documents(cfg, tokenizer, rank):
@@ -244,69 +284,20 @@ def memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def full_state(model, optimizer):
-    """Full (unsharded) model and optimizer state dicts on CPU, gathered to rank 0 under FSDP (empty elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-
-
-def save_checkpoint(path, model, optimizer, step, cfg, previous=None):
-    """OUT/checkpoint.pt: written whole to a temporary file, then renamed over the previous good one (`previous`:
-    its step). A kill leaves the old file as it was; a failed write (a full disk) is one sentence, the old file kept."""
-    model_state, optimizer_state = full_state(model, optimizer)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    rng = {"cpu": torch.get_rng_state()}  # not used by the loop (data come from the per-step generator)
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": asdict(cfg), "rng": rng}
-    tmp = Path(str(path) + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: after a power cut the old or the new file, whole
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)  # give back the space the partial file took
-        kept = f"the previous checkpoint {path} (step {previous}) is intact" if previous else f"{path} is unchanged"
-        raise ValueError(f"could not write the checkpoint of step {step} to {tmp} ({e.strerror or e}); {kept}: "
-                         "free space, then rerun with --resume.") from None
-
-
 MUST_MATCH = ("model", "init", "data", "method", "train_len", "target_len", "scaling", "chunks", "content",
               "keep_boundary", "batch_size", "lr", "warmup", "lr_decay", "weight_decay", "grad_clip", "seed", "dtype")
 
 
-def load_checkpoint(path, model, optimizer, cfg):
-    """Restore model, optimizer and RNG from `path`; -> the number of steps already done."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    if not path.is_file():
-        raise ValueError(f"--resume: {path} does not exist; run without --resume to start, or point --out at the run.")
-    try:  # weights_only: a checkpoint is untrusted input, and a pickle that wants to run code is refused
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        saved = state["config"]
-    except Exception as e:  # also a cut file, or one train.py did not write
-        raise ValueError(f"--resume: {path} is not a checkpoint of plain tensors written by train.py "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from None
+def resume_from(path, model, optimizer, cfg):
+    """Restore model and optimizer from `path` (checkpoint.pt or checkpoints/step-N, from any world size) after
+    checking its settings; -> the number of steps already done."""
+    step, saved = read_info(path)
     changed = [k for k in MUST_MATCH + (("steps",) if cfg.lr_decay else ()) if saved.get(k) != getattr(cfg, k)]
     if changed:
         raise ValueError(f"--resume: {path} was trained with different settings: "
                          + ", ".join(f"--{k} {saved.get(k)} (now {getattr(cfg, k)})" for k in changed) + ".")
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-    for values in optimizer.state.values():  # copies: as views of the mmapped file, the AdamW states would keep the
-        for key, value in values.items():  # replaced checkpoint.pt on disk (deleted, not freed) for the whole run
-            if torch.is_tensor(value):
-                values[key] = value.clone()
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state["step"]
+    load_checkpoint(path, model, optimizer)
+    return step
 
 
 def logged_step(line):
@@ -317,26 +308,6 @@ def logged_step(line):
         return math.inf
 
 
-def save_final(directory, model, optimizer, args, tokenizer, dtype):
-    """A Hugging Face directory with the scaled RoPE in config.json: built in DIR.tmp, then moved into place."""
-    model_state, _ = full_state(model, optimizer)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    with torch.device("meta"):
-        final = Transformer(args)
-    final.load_weights({k: v.to(dtype) for k, v in model_state.items()})
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        final.save_pretrained(tmp, tokenizer=tokenizer)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"could not write {tmp} ({e.strerror or e}); {directory.parent / 'checkpoint.pt'} holds the "
-                         "last step: free space, then rerun with --resume to write the final model.") from None
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-
-
 def train(cfg):
     # ---- processes and devices: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
     world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
@@ -344,7 +315,7 @@ def train(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=cfg.timeout))
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     checkpointing = cfg.checkpointing if cfg.checkpointing is not None else device.type == "cuda"
     per_rank = cfg.batch_size // world
@@ -358,7 +329,7 @@ def train(cfg):
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- model, tokenizer, data
-    model, tokenizer = build_model(cfg)
+    model, state, tokenizer = build_model(cfg, world, rank)
     args = model.args
     pose.check(cfg.method, cfg.target_len, cfg.train_len, cfg.target_len, cfg.chunks, cfg.content)
     docs = load_documents(cfg, tokenizer, rank)
@@ -382,25 +353,32 @@ def train(cfg):
         policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)  # embeddings, final norm, output; moves shards to device
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # embeddings, final norm, output
+        model.to_empty(device=device)  # this rank's slices, not yet filled
+        fill_shards(model, state)  # rank 0's weights, one tensor at a time
+        del state
         autocast = contextlib.nullcontext()  # FSDP's policy casts the parameters for compute
     else:
         model.to(device)
         autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
-    step, ckpt, log_path = 0, out / "checkpoint.pt", out / "log.jsonl"
-    saved = None  # the step of the last complete checkpoint
-    if cfg.resume:
-        step = saved = load_checkpoint(ckpt, model, optimizer, cfg)
-        log0(f"resumed from {ckpt} after step {step}")
+    step, log_path, found = 0, out / "log.jsonl", find_checkpoint(out)
+    saved = None  # (path, step) of the last complete checkpoint
+    if found is not None and (cfg.resume or cfg.auto_resume):
+        step = resume_from(found, model, optimizer, cfg)
+        saved = (found, step)
+        log0(f"resumed from {found} after step {step}")
         if rank == 0 and log_path.exists():  # drop log lines of steps that will be trained again
             lines = [ln for ln in log_path.read_text().splitlines() if logged_step(ln) <= step]
             tmp = log_path.with_name(log_path.name + ".tmp")  # rewritten whole, then renamed: a kill keeps it
             tmp.write_text("".join(ln + "\n" for ln in lines))
             os.replace(tmp, log_path)
-    elif ckpt.exists() and not cfg.overwrite:  # forgetting --resume must not cost the run
-        raise ValueError(f"{ckpt} holds a run already: add --resume to continue it, or --overwrite to start afresh.")
+    elif cfg.resume:
+        raise ValueError(f"--resume: {out} holds no checkpoint (checkpoint.pt or checkpoints/step-N); run without "
+                         "--resume to start, or point --out at the run.")
+    elif found is not None and not cfg.overwrite:  # forgetting --resume must not cost the run
+        raise ValueError(f"{found} holds a run already: add --resume to continue it, or --overwrite to start afresh.")
     elif rank == 0:
         log_path.write_text("")
     flops_per_token = args.flops_per_token(example_len)
@@ -433,7 +411,8 @@ def train(cfg):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # DTensor-aware under FSDP2
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            kept = f"the last good checkpoint {ckpt} (step {saved}) is kept" if saved else "no checkpoint was written yet"
+            kept = f"the last good checkpoint {saved[0]} (step {saved[1]}) is kept" if saved else \
+                "no checkpoint was written yet"
             raise ValueError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step}; stopped before the "
                              f"update and {kept}: lower --lr or use --dtype float32.")
         optimizer.step()
@@ -452,12 +431,11 @@ def train(cfg):
                             mfu=f"{mfu:.1%}" if mfu is not None else "n/a", mem=f"{record['mem']:.1f}G")
         # after the log line: a kill between the two leaves the checkpoint behind the log, never ahead of it
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt, model, optimizer, step, cfg, previous=saved)
-            saved = step
+            saved = (save_checkpoint(out, model, optimizer, step, asdict(cfg), previous=saved), step)
     bar.close()
-    save_final(out / "final", model, optimizer, args, tokenizer, dtype)
-    log0(f"saved {out / 'final'} (Hugging Face; RoPE {args.rope_scaling or 'unchanged'}, max_position_embeddings "
-         f"{args.max_seq_len}) and {ckpt}")
+    save_final(out / "final", model, args, tokenizer, getattr(torch, cfg.save_dtype), last=saved[0])
+    log0(f"saved {out / 'final'} (Hugging Face, {cfg.save_dtype}; RoPE {args.rope_scaling or 'unchanged'}, "
+         f"max_position_embeddings {args.max_seq_len}) and {saved[0]}")
 
 
 def demo_args():

@@ -69,7 +69,8 @@ def tiny(tmp_path_factory):
 def argv(tiny, out, *extra):
     return ["--model", str(tiny / "base"), "--data", str(tiny / "data"), "--train_len", "16", "--target_len", "128",
             "--steps", str(STEPS), "--batch_size", "2", "--lr", "1e-3", "--warmup", "2", "--save_every",
-            str(SAVE_EVERY), "--peak_tflops", "1", "--out", str(out), *extra]
+            str(SAVE_EVERY), "--peak_tflops", "1", "--save_dtype", "float32",
+            "--out", str(out), *extra]
 
 
 def losses(out):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import train
 from data import read_documents
 from model import ModelArgs, Transformer
@@ -52,7 +53,8 @@ def tiny(tmp_path_factory):
 
 def argv(tiny, out, *extra):
     return ["--model", str(tiny / "base"), "--data", str(tiny / "data"), "--target_len", "128", "--steps", "4",
-            "--batch_size", "4", "--lr", "1e-3", "--warmup", "2", "--peak_tflops", "1", "--out", str(out), *extra]
+            "--batch_size", "4", "--lr", "1e-3", "--warmup", "2", "--peak_tflops", "1", "--save_dtype", "float32",
+            "--out", str(out), *extra]
 
 
 def losses(out):
@@ -143,12 +145,19 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
-    # the checkpoint written under FSDP is a plain full state dict that one process loads
-    state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 4 and set(state["optimizer"]["state"]) == set(state["model"])
+    # under FSDP each rank wrote its own part of the checkpoint (DCP), published as step-000004; one process loads it
+    path = checkpoint.find_checkpoint(tmp_path / "two")
+    assert path == tmp_path / "two" / "checkpoints" / "step-000004" and len(list(path.glob("*.distcp"))) == 2
+    assert not (tmp_path / "two" / "checkpoint.pt").exists() and not list(path.parent.glob("*.tmp"))
     final = Transformer.from_pretrained(tmp_path / "two" / "final")
+    with torch.device("meta"):
+        model = Transformer(final.args)
+    model.to_empty(device="cpu")
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint.load_checkpoint(path, model, optimizer)
     for name, tensor in final.state_dict().items():
-        assert torch.equal(state["model"][name], tensor), name
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert set(optimizer.state_dict()["state"]) == set(range(len(list(model.parameters()))))
 
 
 def test_micro_batch_size_changes_memory_not_the_result(tiny, tmp_path):
@@ -267,7 +276,7 @@ def bad(tiny, out, case):
 EXPECTED = {"target_len <= train_len": "must be larger than --train_len", "noskip with a target": "leave --target_len out",
             "no document long enough": "the longest has", "batch not divisible": "must be divisible by world size",
             "model not loadable": "neither a .gguf file", "nan loss": "the last good checkpoint",
-            "resume without checkpoint": "does not exist"}
+            "resume without checkpoint": "holds no checkpoint"}
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
