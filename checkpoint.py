@@ -194,10 +194,11 @@ def load_checkpoint(path, model, optimizer):
         model_state, optimizer_state = get_state_dict(model, optimizer)  # the slices to fill, shaped for this world
         state = {"model": model_state, "optimizer": optimizer_state}
         try:
-            dcp.load(state, storage_reader=SafeReader(path))
+            SafeReader(path).read_metadata()  # first here, for its own error rather than DCP's summary of it
+            dcp.load(state, storage_reader=SafeReader(path), no_dist=not dist.is_initialized())
         except Exception as e:
-            raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from None
+            raise ValueError(f"--resume: {path} is not a checkpoint of plain tensors written by train.py "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return
     state = read_plain(path)

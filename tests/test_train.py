@@ -248,6 +248,36 @@ def test_final_checkpoint_loads_as_the_extended_model(tiny, tmp_path, scaling):
         torch.testing.assert_close(ours(x, positions), theirs(x, position_ids=positions).logits, rtol=0, atol=1e-4)
 
 
+def test_the_final_model_is_bf16_safetensors_shards_that_transformers_loads(tiny, tmp_path, monkeypatch):
+    """The export by default: bf16 (the fp32 weights rounded once), cut into safetensors files of at most
+    checkpoint.SHARD_BYTES (here 30 kB, so several) with model.safetensors.index.json, one tensor gathered at a time;
+    ours and transformers read the same weights and agree on the logits at positions beyond Lo."""
+    from transformers import LlamaForCausalLM
+
+    train.main(argv(tiny, tmp_path / "fp32", "--steps", "2"))
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 30_000)
+    train.main(argv(tiny, tmp_path / "bf16", "--steps", "2", "--save_dtype", "bfloat16"))
+    final = tmp_path / "bf16" / "final"
+    index = json.loads((final / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (final / "model.safetensors").exists()
+    assert sorted(p.name for p in final.glob("*.safetensors")) == files
+    shards = [load_file(final / f) for f in files]
+    assert all(sum(t.numel() * 2 for t in shard.values()) <= 30_000 or len(shard) == 1 for shard in shards)
+    bf16, fp32 = {k: v for shard in shards for k, v in shard.items()}, weights(tmp_path / "fp32")
+    assert bf16.keys() == fp32.keys() == index["weight_map"].keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in bf16.values())
+    for name in fp32:
+        assert bf16[name].dtype == torch.bfloat16 and torch.equal(bf16[name], fp32[name].to(torch.bfloat16)), name
+    assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ours = Transformer.from_pretrained(final)
+    theirs = LlamaForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    x = torch.randint(0, 258, (1, 40), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(20), torch.arange(100, 120)])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, positions), theirs(x, position_ids=positions).logits, rtol=0, atol=1e-4)
+
+
 def test_init_pretrains_from_scratch_without_touching_rope(tiny, tmp_path):
     byte_tokenizer().save(tmp_path / "tok")
     init = json.dumps({"dim": 32, "n_layers": 1, "n_heads": 4, "hidden_dim": 64, "max_seq_len": 24})
