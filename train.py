@@ -16,11 +16,12 @@ Optimization follows the paper (1,000 steps, global batch 64, lr 2e-5, 10 warm-u
 config for what the paper leaves out: AdamW with betas (0.9, 0.999), weight decay 0, gradient clipping at 1.0, linear
 warm-up, then linear decay to 0 at the last step like their WarmupDecayLR (--no-lr_decay: constant).
 
-With world size > 1 every TransformerBlock and then the root is wrapped in FSDP2 `fully_shard` (torchtitan's
-recipe): fp32 master weights sharded across ranks, bf16 compute through MixedPrecisionPolicy, gloo on CPU, NCCL on
-GPU. A single process trains the plain model, with torch.autocast when --dtype is bf16. Checkpoints are full state
-dicts (one plain file any single process loads). Every rank reads --model, --data and checkpoints itself: on several
-nodes put them on a shared filesystem. The CUDA path (NCCL, bf16, flash-attn, activation checkpointing on GPU) is
+With world size > 1 the model is built on the meta device, every TransformerBlock and then the root is wrapped in
+FSDP2 `fully_shard` (torchtitan's recipe), and rank 0, the only one to read --model, fills the shards: fp32 master
+weights sharded across ranks, bf16 compute through MixedPrecisionPolicy, gloo on CPU, NCCL on GPU. A single process
+trains the plain model, with torch.autocast when --dtype is bf16. One process checkpoints into OUT/checkpoint.pt,
+several into OUT/checkpoints/step-N/ (each rank its own slice); either resumes on any world size (checkpoint.py).
+Every rank reads --data and checkpoints itself: on several nodes put them and --out on a shared filesystem. The CUDA path (NCCL, bf16, flash-attn, activation checkpointing on GPU) is
 written but untested on the CPU-only machine this was developed on; the CPU paths are tested in tests/test_train.py.
 """
 import argparse
@@ -114,7 +115,9 @@ class Config:
                         action="store_true")
     auto_resume: bool = flag(False, "continue from OUT's checkpoint when there is one (same settings), start afresh "
                              "when there is none: for torchrun --max-restarts N, which restarts every worker with "
-                             "the same arguments after one dies", action="store_true")
+                             "the same arguments after one dies (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for "
+                             "torchrun: a restarted gloo group can otherwise read a dead worker's address)",
+                             action="store_true")
     overwrite: bool = flag(False, "start afresh even though OUT holds a checkpoint of another run (it is replaced at "
                            "the first save); without it a new run refuses to touch an existing checkpoint",
                            action="store_true")
