@@ -1,20 +1,22 @@
-"""Weights into and out of a training run on many ranks, no rank holding the whole model (torchtitan's recipe).
+"""Weights into and out of a run on many ranks, no rank holding the whole model (after torchtitan).
 
-    torchrun --nproc_per_node 8 train.py --model path/to/llama --data pile.jsonl --target_len 32768  # uses all of it
+    torchrun --nproc_per_node 8 train.py --model path/to/llama --data pile.jsonl --target_len 32768
 
-Loading: every rank builds the model on the meta device and shards it with FSDP2; rank 0 alone has read the
-checkpoint, and fill_shards broadcasts it one tensor at a time, each rank keeping its slice and rank 0 dropping each
-full tensor once sent. Host memory summed over ranks is one model plus the shards, not one model per rank.
+Loading: every rank builds the model on the meta device and shards it with FSDP2; rank 0 alone has
+read the checkpoint, and fill_shards broadcasts it one tensor at a time, each rank keeping its slice
+and rank 0 dropping each full tensor once sent. Host memory summed over ranks is one model plus the
+shards, not one model per rank.
 
-Checkpoints: one process writes OUT/checkpoint.pt, a plain torch.save of the full state, as before. With world
-size > 1 each rank writes its own slice of the weights and AdamW moments with torch.distributed.checkpoint (DCP)
-into OUT/checkpoints/step-N.tmp/; once every rank is done, rank 0 adds train_state.json (step, settings) and renames
-the directory to step-N. A directory without .tmp is complete, so a kill mid-save leaves the previous one whole. DCP
-records each tensor's global shape and offsets, so any world size resumes it, one process included; both kinds
-are read by any world size, and the newest complete one wins.
+Checkpoints: one process writes OUT/checkpoint.pt, a plain torch.save of the full state. With world
+size > 1 each rank writes its own slice of the weights and AdamW moments with
+torch.distributed.checkpoint (DCP) into OUT/checkpoints/step-N.tmp/; once every rank is done, rank 0
+adds train_state.json (step, settings) and renames the directory to step-N. A directory without
+.tmp is complete, so a kill mid-save leaves the previous one whole. DCP records each tensor's global
+shape and offsets, so any world size resumes it, one process included; checkpoint.pt too is read on
+any world size. The newest complete checkpoint of either kind is the one resumed.
 
-Export: the final model is gathered one tensor at a time, cast (bf16 by default) and written by rank 0 into
-safetensors shards with model.safetensors.index.json, as transformers writes them: never whole on any rank.
+Export: the final model is gathered one tensor at a time, cast (bf16 by default) and written by
+rank 0 into safetensors files with model.safetensors.index.json, as transformers writes them.
 """
 import json
 import os
@@ -36,26 +38,31 @@ def is_rank0():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def fill_shards(model, state):
-    """Copy rank 0's full state dict into the FSDP2 shards of `model` (materialized from meta, contents garbage).
+def first_line(e):
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
-    The same as torchtitan's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True), one tensor at a
-    time, so that rank 0 frees each full tensor as soon as every rank holds its slice."""
+
+def fill_shards(model, state):
+    """Copy rank 0's full state dict into the FSDP2 shards of `model` (materialized from meta).
+
+    torchtitan's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True), one tensor
+    at a time, so that rank 0 frees each full tensor as soon as every rank holds its slice."""
     from torch.distributed.tensor import distribute_tensor
 
     with torch.no_grad():
-        for name, param in model.state_dict().items():  # DTensors: this rank's slice of each parameter
+        for name, param in model.state_dict().items():  # DTensors: this rank's slice of each
             if dist.get_rank() == 0:
                 full = state.pop(name).to(param.device, param.dtype)
             else:
                 full = torch.empty(param.shape, dtype=param.dtype, device=param.device)
             dist.broadcast(full, src=0)
-            # src_data_rank=None: every rank cuts its own slice from the tensor it holds, no further traffic
-            param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
+            # src_data_rank=None: each rank cuts its slice from the tensor it holds, no more traffic
+            mesh, placements = param.device_mesh, param.placements
+            param.copy_(distribute_tensor(full, mesh, placements, src_data_rank=None))
             del full
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------------------
+# ---- checkpoints ---------------------------------------------------------------------------------
 
 def step_dirs(out):
     """The complete DCP checkpoints in OUT, oldest first."""
@@ -65,14 +72,14 @@ def step_dirs(out):
 
 
 def read_plain(path):
-    """OUT/checkpoint.pt as plain tensors (weights_only: a pickle that wants to run code is refused)."""
+    """OUT/checkpoint.pt as plain tensors (weights_only: a pickle that runs code is refused)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state["config"], state["step"]
         return state
     except Exception as e:  # also a cut file, or one train.py did not write
-        raise ValueError(f"--resume: {path} is not a checkpoint of plain tensors written by train.py "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from None
+        raise ValueError(f"--resume: {path} is not a checkpoint of plain tensors written by "
+                         f"train.py ({first_line(e)}).") from None
 
 
 def read_info(path):
@@ -82,14 +89,15 @@ def read_info(path):
             info = json.loads((path / "train_state.json").read_text())
             return info["step"], info["config"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"--resume: {path} is not a checkpoint written by train.py ({e}).") from None
+            raise ValueError(f"--resume: {path} is not a checkpoint written by train.py "
+                             f"({first_line(e)}).") from None
     state = read_plain(path)
     return state["step"], state["config"]
 
 
 def find_checkpoint(out):
-    """The newest complete checkpoint in OUT: checkpoint.pt or checkpoints/step-N (a kill between publishing one
-    and deleting the older can leave both), or None."""
+    """The newest complete checkpoint in OUT, checkpoint.pt or checkpoints/step-N, or None. (A kill
+    between publishing one and deleting the older can leave both.)"""
     plain, dirs = Path(out) / "checkpoint.pt", step_dirs(out)
     if not dirs:
         return plain if plain.exists() else None
@@ -98,23 +106,15 @@ def find_checkpoint(out):
     return dirs[-1]
 
 
-def full_state(model, optimizer):
-    """Full (unsharded) model and optimizer state dicts on CPU, gathered to rank 0 under FSDP (empty elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-
-
 def save_checkpoint(out, model, optimizer, step, config, previous=None):
-    """Write the checkpoint of `step` (`previous`: (path, step) of the last complete one, kept whole if this fails);
-    -> its path. Older checkpoints are deleted once the new one is complete."""
+    """Write the checkpoint of `step`; -> its path. `previous`: (path, step) of the last complete
+    one, named if this fails. The older checkpoints are deleted once the new one is complete."""
     out = Path(out)
     if dist.is_initialized() and dist.get_world_size() > 1:
         path = _save_sharded(out, model, optimizer, step, config, previous)
     else:
         path = _save_plain(out / "checkpoint.pt", model, optimizer, step, config, previous)
-    if is_rank0():  # the newest is complete: the older ones (of either kind) go
+    if is_rank0():
         for old in [out / "checkpoint.pt", *step_dirs(out)]:
             if old != path and old.exists():
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
@@ -124,26 +124,29 @@ def save_checkpoint(out, model, optimizer, step, config, previous=None):
 def _failed(step, tmp, error, previous):
     kept = f"the previous checkpoint {previous[0]} (step {previous[1]}) is intact" if previous \
         else f"{tmp.with_suffix('')} is unchanged"
-    return ValueError(f"could not write the checkpoint of step {step} to {tmp} ({error}); {kept}: free space, then "
-                      "rerun with --resume.")
+    return ValueError(f"could not write the checkpoint of step {step} to {tmp} ({error}); {kept}: "
+                      "free space, then rerun with --resume.")
 
 
 def _save_plain(path, model, optimizer, step, config, previous):
-    """One torch.save, written whole to a temporary file, then renamed over the previous one: a kill leaves the old
-    file as it was; a failed write (a full disk) is one sentence, the old file kept."""
-    model_state, optimizer_state = full_state(model, optimizer)
-    if not is_rank0():
-        return path
-    rng = {"cpu": torch.get_rng_state()}  # not used by the loop (data come from the per-step generator)
+    """One torch.save, written whole to a temporary file, then renamed over the previous one: a
+    kill leaves the old file as it was; a failed write (a full disk) is one sentence, old kept."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {"model": get_model_state_dict(model, options=options),
+             "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+             "step": step, "config": config,
+             "rng": {"cpu": torch.get_rng_state()}}  # unused by the loop (data: per-step generator)
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": config, "rng": rng}
+        state["rng"]["cuda"] = torch.cuda.get_rng_state()
     tmp = Path(str(path) + ".tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: after a power cut the old or the new file, whole
+            os.fsync(f.fileno())  # on disk before the rename: after a power cut old or new, whole
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)  # give back the space the partial file took
@@ -152,7 +155,7 @@ def _save_plain(path, model, optimizer, step, config, previous):
 
 
 def _save_sharded(out, model, optimizer, step, config, previous):
-    """DCP: each rank writes its slice into step-N.tmp/, then rank 0 publishes it by renaming it to step-N."""
+    """DCP: each rank writes its slice into step-N.tmp/, then rank 0 renames it to step-N."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -162,11 +165,11 @@ def _save_sharded(out, model, optimizer, step, config, previous):
         for stale in (out / SHARDED).glob("*.tmp"):
             shutil.rmtree(stale)
     dist.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's slices (DTensors), no gather
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's slices, no gather
     error = None
     try:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
-    except Exception as e:  # DCP raises the same CheckpointException on every rank when one rank's write failed
+    except Exception as e:  # DCP raises on every rank when one rank's write failed
         error = e
     if error is None and is_rank0():
         try:
@@ -174,39 +177,43 @@ def _save_sharded(out, model, optimizer, step, config, previous):
             os.replace(tmp, final)  # the publication: a complete step-N appears at once
         except OSError as e:
             error = e
-    errors = [str(getattr(error, "strerror", None) or error) if error else None]
-    dist.broadcast_object_list(errors, src=0)  # rank 0's verdict, so every rank stops, or goes on, together
-    if errors[0] is not None or error is not None:
+    verdict = [str(getattr(error, "strerror", None) or error) if error else None]
+    dist.broadcast_object_list(verdict, src=0)  # rank 0's, so that every rank stops or goes on
+    if verdict[0] is not None or error is not None:
         if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _failed(step, tmp, errors[0] or error, previous)
+        raise _failed(step, tmp, verdict[0] or error, previous)
     return final
 
 
 def load_checkpoint(path, model, optimizer):
-    """Restore model and optimizer from a checkpoint of either kind, whatever the world size it was written on."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+    """Restore model and optimizer from a checkpoint of either kind, from any world size."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                         set_model_state_dict,
                                                          set_optimizer_state_dict, set_state_dict)
 
     if path.is_dir():
         import torch.distributed.checkpoint as dcp
 
-        model_state, optimizer_state = get_state_dict(model, optimizer)  # the slices to fill, shaped for this world
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # this world's slices
         state = {"model": model_state, "optimizer": optimizer_state}
         try:
-            SafeReader(path).read_metadata()  # first here, for its own error rather than DCP's summary of it
+            SafeReader(path).read_metadata()  # here first, for its own error, not DCP's summary
             dcp.load(state, storage_reader=SafeReader(path), no_dist=not dist.is_initialized())
         except Exception as e:
-            raise ValueError(f"--resume: {path} is not a checkpoint of plain tensors written by train.py "
-                             f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from None
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            raise ValueError(f"--resume: {path} is not a checkpoint of plain tensors written by "
+                             f"train.py ({first_line(e)}).") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
         return
     state = read_plain(path)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, state["model"], options=options)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-    for values in optimizer.state.values():  # copies: as views of the mmapped file, the AdamW states would keep the
-        for key, value in values.items():  # replaced checkpoint.pt on disk (deleted, not freed) for the whole run
+    # copies: as views of the mmapped file, the AdamW states would keep the replaced checkpoint.pt
+    # on disk (deleted, not freed) for the whole run
+    for values in optimizer.state.values():
+        for key, value in values.items():
             if torch.is_tensor(value):
                 values[key] = value.clone()
     torch.set_rng_state(state["rng"]["cpu"])
@@ -215,21 +222,22 @@ def load_checkpoint(path, model, optimizer):
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's .metadata is a pickle: only DCP's own metadata classes, torch.Size, dtypes, layouts and a path may be built
-    from it, so a checkpoint, untrusted input, never runs code (as torch.load(weights_only=True) for checkpoint.pt)."""
+    """DCP's .metadata is a pickle: only DCP's metadata classes, torch.Size, dtypes, layouts and a
+    path may be built from it, so that a checkpoint, untrusted input, never runs code."""
     ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
 
     def find_class(self, module, name):
-        if "." not in name and (module.startswith("torch.distributed.checkpoint.") or module == "torch"
+        dcp = "torch.distributed.checkpoint."
+        if "." not in name and (module.startswith(dcp) or module == "torch"
                                 or (module, name) in self.ALLOWED):
             found = super().find_class(module, name)
             if (module, name) in self.ALLOWED or isinstance(found, torch.dtype) or (
-                    isinstance(found, type) and found.__module__.startswith("torch.distributed.checkpoint.")):
+                    isinstance(found, type) and found.__module__.startswith(dcp)):
                 return found
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
 
-def _safe_reader_class():
+def SafeReader(path):  # noqa: N802 (a FileSystemReader, its class made on use: imports stay cheap)
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -241,25 +249,21 @@ def _safe_reader_class():
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
-    return Reader
+    return Reader(path)
 
 
-def SafeReader(path):  # noqa: N802 (a class, built on first use so that importing this file stays cheap)
-    return _safe_reader_class()(path)
-
-
-# ---- export --------------------------------------------------------------------------------------------------
+# ---- export --------------------------------------------------------------------------------------
 
 def save_final(directory, model, args, tokenizer, dtype, last=None):
-    """A Hugging Face directory (config.json with the scaled RoPE, tokenizer, safetensors), built in DIR.tmp and then
-    moved into place. One tensor gathered at a time; rank 0 casts it to `dtype` and writes a file whenever
-    SHARD_BYTES are pending, so neither optimizer state nor the whole model is ever gathered. `last`: the path of
-    the last checkpoint, named if this fails."""
+    """A Hugging Face directory (config.json with the scaled RoPE, tokenizer, safetensors), built in
+    DIR.tmp, then moved into place. One tensor gathered at a time; rank 0 casts it to `dtype` and
+    writes a file whenever SHARD_BYTES are pending: no optimizer state and never the whole model.
+    `last`: the path of the last checkpoint, named if this fails."""
     from safetensors.torch import save_file
 
-    state = model.state_dict()  # this rank's slices (DTensors under FSDP2), names as in a single process
+    state = model.state_dict()  # this rank's slices (DTensors under FSDP2), one process's names
     names, files, size = list(state), [[]], 0
-    for name in names:  # the layout, from the global shapes alone: whole tensors, in order, <= SHARD_BYTES a file
+    for name in names:  # the layout, from the global shapes alone: whole tensors, in order
         nbytes = state[name].numel() * dtype.itemsize
         if files[-1] and size + nbytes > SHARD_BYTES:
             files.append([])
@@ -267,7 +271,8 @@ def save_final(directory, model, args, tokenizer, dtype, last=None):
         files[-1].append(name)
         size += nbytes
     n = len(files)
-    file_names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    file_names = ["model.safetensors"] if n == 1 else \
+        [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     tmp = directory.with_name(directory.name + ".tmp")
     error = None
     if is_rank0():
@@ -275,7 +280,7 @@ def save_final(directory, model, args, tokenizer, dtype, last=None):
         tmp.mkdir(parents=True)
     for file_name, group in zip(file_names, files):
         pending = {}
-        for name in group:  # every rank takes part in each gather, even after rank 0 failed to write
+        for name in group:  # every rank joins each gather, even after rank 0 failed to write
             tensor = state[name]
             full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
             if is_rank0():
@@ -289,8 +294,9 @@ def save_final(directory, model, args, tokenizer, dtype, last=None):
     if is_rank0() and error is None:
         try:
             if n > 1:
-                index = {"metadata": {"total_size": sum(state[k].numel() for k in names) * dtype.itemsize},
-                         "weight_map": {_to_hf_name(k): f for f, g in zip(file_names, files) for k in g}}
+                total = sum(state[k].numel() for k in names) * dtype.itemsize
+                weight_map = {_to_hf_name(k): f for f, ks in zip(file_names, files) for k in ks}
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             config = hf_config(args, dtype=str(dtype).removeprefix("torch."))
             if tokenizer is not None:
@@ -301,11 +307,11 @@ def save_final(directory, model, args, tokenizer, dtype, last=None):
             os.replace(tmp, directory)
         except OSError as e:
             error = e
-    errors = [str(error.strerror or error) if error else None]
+    verdict = [str(error.strerror or error) if error else None]
     if dist.is_initialized():
-        dist.broadcast_object_list(errors, src=0)
-    if errors[0] is not None:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
         if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"could not write {tmp} ({errors[0]}); {last} holds the last step: free space, then "
-                         "rerun with --resume to write the final model.")
+        raise ValueError(f"could not write {tmp} ({verdict[0]}); {last} holds the last step: free "
+                         "space, then rerun with --resume to write the final model.")

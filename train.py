@@ -16,12 +16,14 @@ Optimization follows the paper (1,000 steps, global batch 64, lr 2e-5, 10 warm-u
 config for what the paper leaves out: AdamW with betas (0.9, 0.999), weight decay 0, gradient clipping at 1.0, linear
 warm-up, then linear decay to 0 at the last step like their WarmupDecayLR (--no-lr_decay: constant).
 
-With world size > 1 the model is built on the meta device, every TransformerBlock and then the root is wrapped in
-FSDP2 `fully_shard` (torchtitan's recipe), and rank 0, the only one to read --model, fills the shards: fp32 master
-weights sharded across ranks, bf16 compute through MixedPrecisionPolicy, gloo on CPU, NCCL on GPU. A single process
-trains the plain model, with torch.autocast when --dtype is bf16. One process checkpoints into OUT/checkpoint.pt,
-several into OUT/checkpoints/step-N/ (each rank its own slice); either resumes on any world size (checkpoint.py).
-Every rank reads --data and checkpoints itself: on several nodes put them and --out on a shared filesystem. The CUDA path (NCCL, bf16, flash-attn, activation checkpointing on GPU) is
+With world size > 1 the model is built on the meta device, every TransformerBlock and then the root
+is wrapped in FSDP2 `fully_shard` (torchtitan's recipe), and rank 0, the only one to read --model,
+fills the shards: fp32 master weights sharded across ranks, bf16 compute through
+MixedPrecisionPolicy, gloo on CPU, NCCL on GPU. A single process trains the plain model, with
+torch.autocast when --dtype is bf16. One process checkpoints into OUT/checkpoint.pt, several into
+OUT/checkpoints/step-N/ (each rank its own slice); either resumes on any world size (checkpoint.py).
+Every rank reads --data and checkpoints itself: on several nodes put them and --out on a shared
+filesystem. The CUDA path (NCCL, bf16, flash-attn, activation checkpointing on GPU) is
 written but untested on the CPU-only machine this was developed on; the CPU paths are tested in tests/test_train.py.
 """
 import argparse
@@ -41,7 +43,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import pose
-from checkpoint import fill_shards, find_checkpoint, load_checkpoint, read_info, save_checkpoint, save_final
+from checkpoint import (fill_shards, find_checkpoint, load_checkpoint, read_info, save_checkpoint,
+                        save_final)
 from data import fetch_shakespeare, read_documents
 from model import IGNORE, ModelArgs, Transformer, load, resolve, with_scaling
 
@@ -104,25 +107,29 @@ class Config:
                                       action=argparse.BooleanOptionalAction)
     peak_tflops: float | None = flag(None, "peak TFLOP/s of one device for MFU (default: known GPUs in bf16, e.g. H100 "
                                      "989, A100 312; on CPU a matmul measured at startup)", type=float)
-    out: str = flag("out/pose", "output directory: final/ (Hugging Face), the checkpoint (checkpoint.pt from one "
-                    "process, checkpoints/step-N/ from several), log.jsonl (per step: step, loss, lr, grad_norm, "
-                    "tokens, tokens_per_s, mfu, mem = peak GiB)")
-    save_every: int = flag(100, "write a checkpoint every this many steps (0: at the end only); the previous one "
-                           "is deleted only once the new one is complete")
-    save_dtype: str = flag("bfloat16", "dtype of the final model's weights (the checkpoints keep fp32)",
+    out: str = flag("out/pose", "output directory: final/ (Hugging Face), the checkpoint "
+                    "(checkpoint.pt from one process, checkpoints/step-N/ from several), "
+                    "log.jsonl (per step: step, loss, lr, grad_norm, tokens, tokens_per_s, mfu, "
+                    "mem = peak GiB)")
+    save_every: int = flag(100, "write a checkpoint every this many steps (0: at the end only); "
+                           "the previous one is deleted only once the new one is complete")
+    save_dtype: str = flag("bfloat16", "dtype of the final model's weights (checkpoints keep fp32)",
                            choices=("bfloat16", "float32"))
-    resume: bool = flag(False, "continue exactly from OUT's checkpoint (same settings; written on any world size)",
-                        action="store_true")
-    auto_resume: bool = flag(False, "continue from OUT's checkpoint when there is one (same settings), start afresh "
-                             "when there is none: for torchrun --max-restarts N, which restarts every worker with "
-                             "the same arguments after one dies (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for "
-                             "torchrun: a restarted gloo group can otherwise read a dead worker's address)",
+    resume: bool = flag(False, "continue exactly from OUT's checkpoint (same settings; written on "
+                        "any world size)", action="store_true")
+    auto_resume: bool = flag(False, "continue from OUT's checkpoint when there is one (same "
+                             "settings), start afresh when there is none: for torchrun "
+                             "--max-restarts N, which restarts every worker with the same "
+                             "arguments after one dies (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                             "for torchrun: a restarted gloo group can otherwise read a dead "
+                             "worker's address)",
                              action="store_true")
-    overwrite: bool = flag(False, "start afresh even though OUT holds a checkpoint of another run (it is replaced at "
-                           "the first save); without it a new run refuses to touch an existing checkpoint",
-                           action="store_true")
-    timeout: float = flag(30.0, "minutes a rank waits in a collective (a broadcast, a gather) before it gives up "
-                          "with an error, so a dead or stuck rank ends the run instead of hanging it")
+    overwrite: bool = flag(False, "start afresh even though OUT holds a checkpoint of another run "
+                           "(it is replaced at the first save); without it a new run refuses to "
+                           "touch an existing checkpoint", action="store_true")
+    timeout: float = flag(30.0, "minutes a rank waits in a collective (a broadcast, a gather) "
+                          "before it gives up with an error: a dead or stuck rank ends the run "
+                          "instead of hanging it")
 
 def parse_args(argv) -> Config:
     parts = __doc__.split("\n\n")
@@ -188,13 +195,14 @@ def read_model(cfg):
 def build_model(cfg, world, rank):
     """-> (model fp32 with the scaled RoPE, its full state dict or None, tokenizer).
 
-    One process: the model read_model loads, as every script loads it; state is None. Several: only rank 0 reads the
-    weights (torchtitan): every rank gets a model on the meta device, rank 0 also the full state dict for
-    checkpoint.fill_shards, so the host memory of a 70B model is spent once, not once per rank."""
+    One process: the model read_model loads, as every script loads it; state is None. Several: only
+    rank 0 reads the weights (torchtitan): every rank gets a model on the meta device, rank 0 also
+    the full state dict for checkpoint.fill_shards, so the host memory of a 70B model is spent
+    once, not once per rank."""
     if world == 1:
         model, tokenizer = read_model(cfg)
         return model, None, tokenizer
-    found = [None, None, None]  # rank 0's (args, train_len, target_len) or its error, for every rank
+    found = [None, None, None]  # rank 0's args, (train_len, target_len) or error, for every rank
     if rank == 0:
         try:
             model, tokenizer = read_model(cfg)
@@ -207,7 +215,7 @@ def build_model(cfg, world, rank):
     args, (cfg.train_len, cfg.target_len) = found[:2]
     state = None
     if rank == 0:
-        state, model = model.state_dict(), None  # the model itself is dropped: its tensors live on in `state`
+        state, model = model.state_dict(), None  # the module goes; its tensors live on in `state`
     else:
         from tokenizer import load_tokenizer
 
@@ -292,8 +300,8 @@ MUST_MATCH = ("model", "init", "data", "method", "train_len", "target_len", "sca
 
 
 def resume_from(path, model, optimizer, cfg):
-    """Restore model and optimizer from `path` (checkpoint.pt or checkpoints/step-N, from any world size) after
-    checking its settings; -> the number of steps already done."""
+    """Restore model and optimizer from `path` (checkpoint.pt or checkpoints/step-N, from any world
+    size) after checking its settings; -> the number of steps already done."""
     step, saved = read_info(path)
     changed = [k for k in MUST_MATCH + (("steps",) if cfg.lr_decay else ()) if saved.get(k) != getattr(cfg, k)]
     if changed:
@@ -318,7 +326,8 @@ def train(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=cfg.timeout))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=cfg.timeout))
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     checkpointing = cfg.checkpointing if cfg.checkpointing is not None else device.type == "cuda"
     per_rank = cfg.batch_size // world
@@ -378,10 +387,12 @@ def train(cfg):
             tmp.write_text("".join(ln + "\n" for ln in lines))
             os.replace(tmp, log_path)
     elif cfg.resume:
-        raise ValueError(f"--resume: {out} holds no checkpoint (checkpoint.pt or checkpoints/step-N); run without "
-                         "--resume to start, or point --out at the run.")
+        raise ValueError(f"--resume: {out} holds no checkpoint (checkpoint.pt or "
+                         "checkpoints/step-N); run without --resume to start, or point --out at "
+                         "the run.")
     elif found is not None and not cfg.overwrite:  # forgetting --resume must not cost the run
-        raise ValueError(f"{found} holds a run already: add --resume to continue it, or --overwrite to start afresh.")
+        raise ValueError(f"{found} holds a run already: add --resume to continue it, or "
+                         "--overwrite to start afresh.")
     elif rank == 0:
         log_path.write_text("")
     flops_per_token = args.flops_per_token(example_len)
@@ -434,11 +445,13 @@ def train(cfg):
                             mfu=f"{mfu:.1%}" if mfu is not None else "n/a", mem=f"{record['mem']:.1f}G")
         # after the log line: a kill between the two leaves the checkpoint behind the log, never ahead of it
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
-            saved = (save_checkpoint(out, model, optimizer, step, asdict(cfg), previous=saved), step)
+            path = save_checkpoint(out, model, optimizer, step, asdict(cfg), previous=saved)
+            saved = (path, step)
     bar.close()
     save_final(out / "final", model, args, tokenizer, getattr(torch, cfg.save_dtype), last=saved[0])
-    log0(f"saved {out / 'final'} (Hugging Face, {cfg.save_dtype}; RoPE {args.rope_scaling or 'unchanged'}, "
-         f"max_position_embeddings {args.max_seq_len}) and {saved[0]}")
+    log0(f"saved {out / 'final'} (Hugging Face, {cfg.save_dtype}; RoPE "
+         f"{args.rope_scaling or 'unchanged'}, max_position_embeddings {args.max_seq_len}) "
+         f"and {saved[0]}")
 
 
 def demo_args():
