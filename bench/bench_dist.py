@@ -106,8 +106,8 @@ def main():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for resume in (False, True):
         run = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", __file__, "--worker", "--repo", str(args.repo), "--work", str(args.work),
-               *(["--resume"] if resume else [])]
+               "--nproc_per_node", "2", __file__, "--worker", "--repo", str(args.repo),
+               "--work", str(args.work), *(["--resume"] if resume else [])]
         subprocess.run(run, cwd=args.repo, env=env, check=True, stdout=subprocess.DEVNULL)
     out = args.work / "out"
     files = sorted(p for p in out.rglob("*")
