@@ -27,8 +27,9 @@ from tokenizer import GPT2_PATTERN, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-# torchrun shares its rendezvous store with the workers' process group; after a restart gloo can read the address a
-# killed worker left there and fail to connect (pytorch/pytorch#135712): a store per attempt instead
+# torchrun shares its rendezvous store with the workers' process group; after a restart gloo can
+# read the address a killed worker left there and fail to connect (pytorch/pytorch#135712): a store
+# per attempt instead
 RESTARTABLE = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back again".split()
 STEPS, SAVE_EVERY = 12, 3
@@ -91,8 +92,8 @@ def assert_equals_the_uninterrupted_run(tiny, out):
 
 
 def checkpoint_step(out):
-    """The step of OUT's newest checkpoint, after checking it is whole: checkpoint.pt (one process) as plain tensors,
-    all finite; checkpoints/step-N (two ranks, DCP) with its metadata and each rank's file."""
+    """The step of OUT's newest checkpoint, after checking it is whole: checkpoint.pt (one process)
+    as plain tensors, all finite; checkpoints/step-N (two ranks, DCP) with metadata and 2 files."""
     path = checkpoint.find_checkpoint(out)
     if path.is_dir():
         assert (path / ".metadata").is_file() and len(list(path.glob("*.distcp"))) == 2
@@ -108,11 +109,12 @@ def logged_steps(out):
 
 
 def start(out, *args, env=ENV):
-    """A script in its own process (and process group), its output in OUT/stdout.txt and OUT/stderr.txt."""
+    """A script in its own process (and process group), its output in OUT/stdout.txt and
+    OUT/stderr.txt."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "stdout.txt", "ab") as stdout, open(out / "stderr.txt", "ab") as stderr:
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
-                                start_new_session=True)
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=stdout,
+                                stderr=stderr, start_new_session=True)
 
 
 def process_tree(pid):
@@ -196,13 +198,15 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny, tmp_pat
 
 
 def torchrun(*extra):  # --standalone: torchrun picks a free port itself
-    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra, "train.py"]
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra,
+            "train.py"]
 
 
 def assert_within_1e5_of_the_uninterrupted_run(tiny, out):
     """FSDP's reductions round differently from one process's: 1e-5, not bitwise."""
-    torch.testing.assert_close(losses(out), losses(tiny / "whole"), rtol=0, atol=1e-5)  # each step logged once
-    whole, resumed = load_file(tiny / "whole" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    torch.testing.assert_close(losses(out), losses(tiny / "whole"), rtol=0, atol=1e-5)  # once each
+    whole = load_file(tiny / "whole" / "final" / "model.safetensors")
+    resumed = load_file(out / "final" / "model.safetensors")
     assert whole.keys() == resumed.keys()
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-5)
@@ -210,9 +214,10 @@ def assert_within_1e5_of_the_uninterrupted_run(tiny, out):
 
 @pytest.mark.parametrize("killed,resumed", [(2, 2), (2, 1), (1, 2)])
 def test_sigkill_then_resume_on_any_world_size_equals_one_process(tiny, tmp_path, killed, resumed):
-    """1 process or torchrun with 2 CPU ranks (gloo, FSDP2), killed whole mid-run, resumed on 1 or 2: 2 ranks write
-    a DCP checkpoint (each its own part), 1 a plain checkpoint.pt; either is read on either world size, and the run
-    ends within 1e-5 of the single-process uninterrupted run. The data of a step do not depend on the world size."""
+    """1 process or torchrun with 2 CPU ranks (gloo, FSDP2), killed whole mid-run, resumed on 1 or
+    2: 2 ranks write a DCP checkpoint (each its own part), 1 a plain checkpoint.pt; either is read
+    on either world size, and the run ends within 1e-5 of the single-process uninterrupted run.
+    The data of a step do not depend on the world size."""
     def command(world):
         return torchrun() if world == 2 else ["train.py"]
 
@@ -222,39 +227,46 @@ def test_sigkill_then_resume_on_any_world_size_equals_one_process(tiny, tmp_path
     kill_when(run, lambda: logged_steps(tmp_path) >= kill_after, tmp_path, tree=True)
     step = checkpoint_step(tmp_path)
     assert step % SAVE_EVERY == 0 and (tmp_path / "checkpoints").exists() == (killed == 2)
-    again = subprocess.run([sys.executable, *command(resumed), *argv(tiny, tmp_path, "--resume")], cwd=ROOT,
-                           env=ENV, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, *command(resumed), *argv(tiny, tmp_path, "--resume")],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"after step {step}" in again.stdout and f"world {resumed}" in again.stdout
     assert_within_1e5_of_the_uninterrupted_run(tiny, tmp_path)
 
 
-def test_a_worker_killed_under_torchrun_max_restarts_is_restarted_and_the_run_resumes(tiny, tmp_path):
-    """torchrun --max-restarts 1 with --auto_resume: one of the two workers SIGKILLed at a random step; torchrun stops
-    the other and starts both again with the same arguments, which continue from the last complete checkpoint
-    (a fresh start, had there been none) and end within 1e-5 of the uninterrupted run, each step logged once."""
+def test_a_worker_killed_under_torchrun_max_restarts_is_restarted_and_resumes(tiny, tmp_path):
+    """torchrun --max-restarts 1 with --auto_resume: one of the two workers SIGKILLed at a random
+    step; torchrun stops the other and starts both again with the same arguments, which continue
+    from the last complete checkpoint (a fresh start, had there been none) and end within 1e-5 of
+    the uninterrupted run, each step logged once."""
     kill_after, victim = random.randint(SAVE_EVERY + 1, STEPS - 3), str(random.randint(0, 1))
     print(f"rank {victim} killed after step {kill_after} was logged")  # shown if the test fails
-    run = start(tmp_path, *torchrun("--max-restarts", "1"), *argv(tiny, tmp_path, "--auto_resume"), env=RESTARTABLE)
+    run = start(tmp_path, *torchrun("--max-restarts", "1"), *argv(tiny, tmp_path, "--auto_resume"),
+                env=RESTARTABLE)
     deadline = time.monotonic() + 120
-    while logged_steps(tmp_path) < kill_after and run.poll() is None and time.monotonic() < deadline:
+    while logged_steps(tmp_path) < kill_after and run.poll() is None:
+        assert time.monotonic() < deadline, "timed out waiting for the step to kill after"
         time.sleep(0.001)
     workers = {}
     for pid in process_tree(run.pid)[1:]:
         try:
-            env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+            environ = Path(f"/proc/{pid}/environ").read_text().split("\0")
+            command = Path(f"/proc/{pid}/cmdline").read_text()
         except OSError:
             continue
-        if "RANK" in env and "train.py" in Path(f"/proc/{pid}/cmdline").read_text():
+        env = dict(v.split("=", 1) for v in environ if "=" in v)
+        if "RANK" in env and "train.py" in command:
             workers[env["RANK"]] = pid
-    assert run.poll() is None and set(workers) == {"0", "1"}, (tmp_path / "stderr.txt").read_text()[-3000:]
+    stderr = tmp_path / "stderr.txt"
+    assert run.poll() is None and set(workers) == {"0", "1"}, stderr.read_text()[-3000:]
     os.kill(workers[victim], signal.SIGKILL)
-    checkpoint_step_before = checkpoint_step(tmp_path)
-    assert run.wait(timeout=300) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
-    started = [line for line in (tmp_path / "stdout.txt").read_text().splitlines() if line.startswith("pose: ")]
-    resumed = [line for line in (tmp_path / "stdout.txt").read_text().splitlines() if line.startswith("resumed from")]
+    before = checkpoint_step(tmp_path)
+    assert run.wait(timeout=300) == 0, stderr.read_text()[-3000:]
+    stdout = (tmp_path / "stdout.txt").read_text().splitlines()
+    started = [line for line in stdout if line.startswith("pose: ")]
+    resumed = [line for line in stdout if line.startswith("resumed from")]
     assert len(started) == 2 and len(resumed) == 1, "not restarted, or not resumed"
-    assert resumed[0].endswith(f"checkpoints/step-{checkpoint_step_before:06d} after step {checkpoint_step_before}")
+    assert resumed[0].endswith(f"checkpoints/step-{before:06d} after step {before}")
     assert_within_1e5_of_the_uninterrupted_run(tiny, tmp_path)
 
 
@@ -393,8 +405,8 @@ def test_a_malicious_pickle_in_the_weights_is_refused_and_never_runs(tiny, tmp_p
 
 @pytest.mark.parametrize("case", ["malicious pickle", "cut file", "malicious DCP metadata"])
 def test_a_bad_checkpoint_on_resume_is_refused_and_never_runs(case, tiny, tmp_path, capsys):
-    """checkpoint.pt is read with weights_only=True; a DCP directory's .metadata (a pickle) by an unpickler that
-    builds only DCP's metadata classes."""
+    """checkpoint.pt is read with weights_only=True; a DCP directory's .metadata (a pickle) by an
+    unpickler that builds only DCP's metadata classes."""
     ckpt, marker = tmp_path / "checkpoint.pt", tmp_path / "PWNED"
     if case == "malicious pickle":
         torch.save({"model": Exploit(marker), "step": 3, "config": {}}, ckpt)
@@ -407,14 +419,18 @@ def test_a_bad_checkpoint_on_resume_is_refused_and_never_runs(case, tiny, tmp_pa
         config = checkpoint.read_info(tiny / "whole" / "checkpoint.pt")[1]
         (ckpt / "train_state.json").write_text(json.dumps({"step": 3, "config": config}))
         (ckpt / ".metadata").write_bytes(pickle.dumps(Exploit(marker)))
-    before = sorted((p.name, p.read_bytes()) for p in ([ckpt] if ckpt.is_file() else ckpt.iterdir()))
+    def contents():
+        files = [ckpt] if ckpt.is_file() else ckpt.iterdir()
+        return sorted((p.name, p.read_bytes()) for p in files)
+
+    before = contents()
     error = error_of(train.main, argv(tiny, tmp_path, "--resume"), capsys)
     assert error.startswith(f"error: --resume: {ckpt} is not a checkpoint of plain tensors written by train.py ("), error
     assert ("Error" if case == "cut file" else "UnpicklingError") in error
     if case == "malicious DCP metadata":
         assert "posix.system is not part of a checkpoint's metadata" in error
     assert not marker.exists()  # nothing ran, nothing changed
-    assert sorted((p.name, p.read_bytes()) for p in ([ckpt] if ckpt.is_file() else ckpt.iterdir())) == before
+    assert contents() == before
 
 
 def test_empty_data_is_one_sentence(tiny, tmp_path, capsys):

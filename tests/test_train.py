@@ -53,8 +53,8 @@ def tiny(tmp_path_factory):
 
 def argv(tiny, out, *extra):
     return ["--model", str(tiny / "base"), "--data", str(tiny / "data"), "--target_len", "128", "--steps", "4",
-            "--batch_size", "4", "--lr", "1e-3", "--warmup", "2", "--peak_tflops", "1", "--save_dtype", "float32",
-            "--out", str(out), *extra]
+            "--batch_size", "4", "--lr", "1e-3", "--warmup", "2", "--peak_tflops", "1",
+            "--save_dtype", "float32", "--out", str(out), *extra]
 
 
 def losses(out):
@@ -145,9 +145,11 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
-    # under FSDP each rank wrote its own part of the checkpoint (DCP), published as step-000004; one process loads it
+    # under FSDP each rank wrote its own part of the checkpoint (DCP), published as step-000004;
+    # one process loads it
     path = checkpoint.find_checkpoint(tmp_path / "two")
-    assert path == tmp_path / "two" / "checkpoints" / "step-000004" and len(list(path.glob("*.distcp"))) == 2
+    assert path == tmp_path / "two" / "checkpoints" / "step-000004"
+    assert len(list(path.glob("*.distcp"))) == 2
     assert not (tmp_path / "two" / "checkpoint.pt").exists() and not list(path.parent.glob("*.tmp"))
     final = Transformer.from_pretrained(tmp_path / "two" / "final")
     with torch.device("meta"):
@@ -248,10 +250,11 @@ def test_final_checkpoint_loads_as_the_extended_model(tiny, tmp_path, scaling):
         torch.testing.assert_close(ours(x, positions), theirs(x, position_ids=positions).logits, rtol=0, atol=1e-4)
 
 
-def test_the_final_model_is_bf16_safetensors_shards_that_transformers_loads(tiny, tmp_path, monkeypatch):
-    """The export by default: bf16 (the fp32 weights rounded once), cut into safetensors files of at most
-    checkpoint.SHARD_BYTES (here 30 kB, so several) with model.safetensors.index.json, one tensor gathered at a time;
-    ours and transformers read the same weights and agree on the logits at positions beyond Lo."""
+def test_the_final_model_is_bf16_safetensors_shards_transformers_loads(tiny, tmp_path, monkeypatch):
+    """The export by default: bf16 (the fp32 weights rounded once), cut into safetensors files of
+    at most checkpoint.SHARD_BYTES (here 30 kB, so several) with model.safetensors.index.json, one
+    tensor gathered at a time; ours and transformers read the same weights and agree on the logits
+    at positions beyond Lo."""
     from transformers import LlamaForCausalLM
 
     train.main(argv(tiny, tmp_path / "fp32", "--steps", "2"))
@@ -263,19 +266,22 @@ def test_the_final_model_is_bf16_safetensors_shards_that_transformers_loads(tiny
     assert len(files) > 2 and not (final / "model.safetensors").exists()
     assert sorted(p.name for p in final.glob("*.safetensors")) == files
     shards = [load_file(final / f) for f in files]
-    assert all(sum(t.numel() * 2 for t in shard.values()) <= 30_000 or len(shard) == 1 for shard in shards)
+    assert all(sum(t.numel() * 2 for t in shard.values()) <= 30_000 or len(shard) == 1
+               for shard in shards)
     bf16, fp32 = {k: v for shard in shards for k, v in shard.items()}, weights(tmp_path / "fp32")
     assert bf16.keys() == fp32.keys() == index["weight_map"].keys()
     assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in bf16.values())
     for name in fp32:
-        assert bf16[name].dtype == torch.bfloat16 and torch.equal(bf16[name], fp32[name].to(torch.bfloat16)), name
+        assert bf16[name].dtype == torch.bfloat16, name
+        assert torch.equal(bf16[name], fp32[name].to(torch.bfloat16)), name
     assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
     ours = Transformer.from_pretrained(final)
     theirs = LlamaForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     x = torch.randint(0, 258, (1, 40), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(20), torch.arange(100, 120)])[None]
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, positions), theirs(x, position_ids=positions).logits, rtol=0, atol=1e-4)
+        theirs = theirs(x, position_ids=positions).logits
+        torch.testing.assert_close(ours(x, positions), theirs, rtol=0, atol=1e-4)
 
 
 def test_init_pretrains_from_scratch_without_touching_rope(tiny, tmp_path):
