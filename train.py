@@ -43,8 +43,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import pose
-from checkpoint import (fill_shards, find_checkpoint, load_checkpoint, read_info, save_checkpoint,
-                        save_final)
+from checkpoint import (broadcast_weights, find_checkpoint, load_checkpoint, read_info,
+                        save_checkpoint, save_final)
 from data import fetch_shakespeare, read_documents
 from model import IGNORE, ModelArgs, Transformer, load, resolve, with_scaling
 
@@ -193,15 +193,11 @@ def read_model(cfg):
 
 
 def build_model(cfg, world, rank):
-    """-> (model fp32 with the scaled RoPE, its full state dict or None, tokenizer).
-
-    One process: the model read_model loads, as every script loads it; state is None. Several: only
-    rank 0 reads the weights (torchtitan): every rank gets a model on the meta device, rank 0 also
-    the full state dict for checkpoint.fill_shards, so the host memory of a 70B model is spent
-    once, not once per rank."""
+    """-> (model fp32 with the scaled RoPE, tokenizer): read_model's on rank 0, the only rank that
+    reads the weights; on the meta device elsewhere (checkpoint.broadcast_weights fills it), so
+    the host memory of a 70B model is spent once, not once per rank."""
     if world == 1:
-        model, tokenizer = read_model(cfg)
-        return model, None, tokenizer
+        return read_model(cfg)
     found = [None, None, None]  # rank 0's args, (train_len, target_len) or error, for every rank
     if rank == 0:
         try:
@@ -213,15 +209,13 @@ def build_model(cfg, world, rank):
     if found[2] is not None:
         raise ValueError(found[2])
     args, (cfg.train_len, cfg.target_len) = found[:2]
-    state = None
     if rank == 0:
-        state, model = model.state_dict(), None  # the module goes; its tensors live on in `state`
-    else:
-        from tokenizer import load_tokenizer
+        return model, tokenizer
+    from tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(resolve(cfg.tokenizer if cfg.init is not None else cfg.model))
+    tokenizer = load_tokenizer(resolve(cfg.tokenizer if cfg.init is not None else cfg.model))
     with torch.device("meta"):
-        return Transformer(args), state, tokenizer
+        return Transformer(args), tokenizer
 
 
 def load_documents(cfg, tokenizer, rank):
@@ -341,7 +335,7 @@ def train(cfg):
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- model, tokenizer, data
-    model, state, tokenizer = build_model(cfg, world, rank)
+    model, tokenizer = build_model(cfg, world, rank)
     args = model.args
     pose.check(cfg.method, cfg.target_len, cfg.train_len, cfg.target_len, cfg.chunks, cfg.content)
     docs = load_documents(cfg, tokenizer, rank)
@@ -363,12 +357,14 @@ def train(cfg):
 
         mesh = init_device_mesh(device.type, (world,))
         policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+        if rank == 0:  # before sharding, while it holds them whole
+            broadcast_weights(model, device)
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)  # embeddings, final norm, output
-        model.to_empty(device=device)  # this rank's slices, not yet filled
-        fill_shards(model, state)  # rank 0's weights, one tensor at a time
-        del state
+        if rank != 0:
+            model.to_empty(device=device)  # this rank's slices, uninitialized
+            broadcast_weights(model, device)  # filled from rank 0's weights
         autocast = contextlib.nullcontext()  # FSDP's policy casts the parameters for compute
     else:
         model.to(device)
