@@ -174,6 +174,8 @@ def _save_sharded(out, model, optimizer, step, config, previous):
     if error is None and is_rank0():
         try:
             (tmp / "train_state.json").write_text(json.dumps({"step": step, "config": config}))
+            if final.exists():  # the same step of a run that --overwrite replaces
+                shutil.rmtree(final)
             os.replace(tmp, final)  # the publication: a complete step-N appears at once
         except OSError as e:
             error = e
