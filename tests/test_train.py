@@ -385,3 +385,28 @@ def test_documents_shorter_than_an_example_are_skipped_and_counted(tiny, capsys)
     aligned = train.load_documents(train.Config(data=str(tiny / "data"), train_len=100, target_len=400,
                                                 content="aligned"), byte_tokenizer(), rank=0)
     assert all(len(d) >= 400 for d in aligned) and len(aligned) < len(docs)  # aligned reads text up to Lt
+
+
+def test_sharded_checkpoints_are_published_whole_and_the_newest_is_found(tmp_path):
+    """checkpoints/step-N.tmp (a save killed mid-way) is never resumed and the next save removes
+    it; step-N replaces the same step of a run --overwrite started again; the older checkpoints
+    of both kinds go once the new one is complete. A 1-rank gloo group exercises the DCP path."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, hidden_dim=32))
+        optimizer = torch.optim.AdamW(model.parameters())
+        torch.save({"step": 2, "config": {}}, tmp_path / "checkpoint.pt")
+        (tmp_path / "checkpoints" / "step-000009.tmp").mkdir(parents=True)  # killed mid-save
+        assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+        for config in ({"seed": 0}, {"seed": 1}):  # the second: the same step, --overwrite
+            path = checkpoint._save_sharded(tmp_path, model, optimizer, 4, config, None)
+            assert checkpoint.read_info(path) == (4, config)
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004"]
+        assert checkpoint.save_checkpoint(tmp_path, model, optimizer, 6, {}) == \
+            tmp_path / "checkpoint.pt"  # world size 1: a plain file, and the DCP one goes
+        assert not list((tmp_path / "checkpoints").iterdir())
+        assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+    finally:
+        dist.destroy_process_group()
