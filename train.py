@@ -16,9 +16,9 @@ Optimization follows the paper (1,000 steps, global batch 64, lr 2e-5, 10 warm-u
 config for what the paper leaves out: AdamW with betas (0.9, 0.999), weight decay 0, gradient clipping at 1.0, linear
 warm-up, then linear decay to 0 at the last step like their WarmupDecayLR (--no-lr_decay: constant).
 
-With world size > 1 the model is built on the meta device, every TransformerBlock and then the root
-is wrapped in FSDP2 `fully_shard` (torchtitan's recipe), and rank 0, the only one to read --model,
-fills the shards: fp32 master weights sharded across ranks, bf16 compute through
+With world size > 1 every TransformerBlock and then the root is wrapped in FSDP2 `fully_shard`
+(torchtitan's recipe): only rank 0 reads --model, the other ranks build the model on the meta device
+and receive their slices from it: fp32 master weights sharded across ranks, bf16 compute through
 MixedPrecisionPolicy, gloo on CPU, NCCL on GPU. A single process trains the plain model, with
 torch.autocast when --dtype is bf16. One process checkpoints into OUT/checkpoint.pt, several into
 OUT/checkpoints/step-N/ (each rank its own slice); either resumes on any world size (checkpoint.py).
