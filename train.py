@@ -18,11 +18,14 @@ clipping at 1.0, warm-up, then linear decay to 0 at the last step like their War
 (--no-lr_decay: constant). Their WarmupDecayLR warms up at a log rate (DeepSpeed's default
 warmup_type, which their config leaves as is): --warmup_type log; the default here is linear.
 
-With world size > 1 every TransformerBlock and then the root is wrapped in FSDP2 `fully_shard` (torchtitan's
-recipe): fp32 master weights sharded across ranks, bf16 compute through MixedPrecisionPolicy, gloo on CPU, NCCL on
-GPU. A single process trains the plain model, with torch.autocast when --dtype is bf16. Checkpoints are full state
-dicts (one plain file any single process loads). Every rank reads --model, --data and checkpoints itself: on several
-nodes put them on a shared filesystem. The CUDA path (NCCL, bf16, flash-attn, activation checkpointing on GPU) is
+With world size > 1 every TransformerBlock and then the root is wrapped in FSDP2 `fully_shard`
+(torchtitan's recipe): only rank 0 reads --model, the other ranks build the model on the meta device
+and receive their slices from it: fp32 master weights sharded across ranks, bf16 compute through
+MixedPrecisionPolicy, gloo on CPU, NCCL on GPU. A single process trains the plain model, with
+torch.autocast when --dtype is bf16. One process checkpoints into OUT/checkpoint.pt, several into
+OUT/checkpoints/step-N/ (each rank its own slice); either resumes on any world size (checkpoint.py).
+Every rank reads --data and checkpoints itself: on several nodes put them and --out on a shared
+filesystem. The CUDA path (NCCL, bf16, flash-attn, activation checkpointing on GPU) is
 written but untested on the CPU-only machine this was developed on; the CPU paths are tested in tests/test_train.py.
 `torchrun --nproc_per_node 1 train.py --fsdp ...` shards a single process too (FSDP2 on one device).
 """
@@ -32,10 +35,10 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -44,6 +47,8 @@ from tqdm import tqdm
 
 import pose
 import rope
+from checkpoint import (broadcast_weights, find_checkpoint, load_checkpoint, read_info,
+                        save_checkpoint, save_final)
 from data import fetch_shakespeare, read_documents
 from model import IGNORE, ModelArgs, Transformer, load, resolve, with_scaling
 
@@ -120,15 +125,29 @@ class Config:
                       "multi-GPU code path, checked on one device", action="store_true")
     peak_tflops: float | None = flag(None, "peak TFLOP/s of one device for MFU (default: known GPUs in bf16, e.g. H100 "
                                      "989, A100 312; on CPU a matmul measured at startup)", type=float)
-    out: str = flag("out/pose", "output directory: final/ (Hugging Face), checkpoint.pt, log.jsonl (per step: step, "
-                    "loss, lr, grad_norm, tokens, tokens_per_s, mfu, mem = peak GiB)")
-    save_every: int = flag(100, "write OUT/checkpoint.pt every this many steps (0: at the end only); the previous one "
-                           "is replaced only once the new one is complete")
-    resume: bool = flag(False, "continue exactly from OUT/checkpoint.pt (same settings)", action="store_true")
-    overwrite: bool = flag(False, "start afresh even though OUT/checkpoint.pt holds another run (it is replaced at "
-                           "the first save); without it a new run refuses to touch an existing checkpoint",
-                           action="store_true")
-
+    out: str = flag("out/pose", "output directory: final/ (Hugging Face), the checkpoint "
+                    "(checkpoint.pt from one process, checkpoints/step-N/ from several), "
+                    "log.jsonl (per step: step, loss, lr, grad_norm, tokens, tokens_per_s, mfu, "
+                    "mem = peak GiB)")
+    save_every: int = flag(100, "write a checkpoint every this many steps (0: at the end only); "
+                           "the previous one is deleted only once the new one is complete")
+    save_dtype: str = flag("bfloat16", "dtype of the final model's weights (checkpoints keep fp32)",
+                           choices=("bfloat16", "float32"))
+    resume: bool = flag(False, "continue exactly from OUT's checkpoint (same settings; written on "
+                        "any world size)", action="store_true")
+    auto_resume: bool = flag(False, "continue from OUT's checkpoint when there is one (same "
+                             "settings), start afresh when there is none: for torchrun "
+                             "--max-restarts N, which restarts every worker with the same "
+                             "arguments after one dies (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                             "for torchrun: a restarted gloo group can otherwise read a dead "
+                             "worker's address)",
+                             action="store_true")
+    overwrite: bool = flag(False, "start afresh even though OUT holds a checkpoint of another run "
+                           "(it is replaced at the first save); without it a new run refuses to "
+                           "touch an existing checkpoint", action="store_true")
+    timeout: float = flag(30.0, "minutes a rank waits in a collective (a broadcast, a gather) "
+                          "before it gives up with an error: a dead or stuck rank ends the run "
+                          "instead of hanging it")
 
 def parse_args(argv) -> Config:
     parts = __doc__.split("\n\n")
@@ -148,7 +167,7 @@ def log0(*args):
         print(*args, flush=True)
 
 
-def build_model(cfg):
+def read_model(cfg):
     """-> (model fp32 on CPU with the scaled RoPE, tokenizer); fills in cfg.train_len and cfg.target_len."""
     if cfg.init is not None:
         from tokenizer import load_tokenizer
@@ -164,7 +183,7 @@ def build_model(cfg):
         if tokenizer.n_vocab > model_args.vocab_size:
             raise ValueError(f"--init: vocab_size {model_args.vocab_size} is smaller than the tokenizer's "
                              f"{tokenizer.n_vocab} tokens.")
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        torch.manual_seed(cfg.seed)
         model = Transformer(model_args)
     else:
         model, tokenizer = load(cfg.model, context_len=cfg.context_len)
@@ -194,6 +213,32 @@ def build_model(cfg):
             model = Transformer(args)
         model.load_weights(state)
     return model, tokenizer
+
+
+def build_model(cfg, world, rank):
+    """-> (model fp32 with the scaled RoPE, tokenizer): read_model's on rank 0, the only rank that
+    reads the weights; on the meta device elsewhere (checkpoint.broadcast_weights fills it), so
+    the host memory of a 70B model is spent once, not once per rank."""
+    if world == 1:
+        return read_model(cfg)
+    found = [None, None, None]  # rank 0's args, (train_len, target_len) or error, for every rank
+    if rank == 0:
+        try:
+            model, tokenizer = read_model(cfg)
+            found[:2] = [model.args, (cfg.train_len, cfg.target_len)]
+        except ValueError as e:
+            found[2] = str(e)
+    dist.broadcast_object_list(found, src=0)
+    if found[2] is not None:
+        raise ValueError(found[2])
+    args, (cfg.train_len, cfg.target_len) = found[:2]
+    if rank == 0:
+        return model, tokenizer
+    from tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve(cfg.tokenizer if cfg.init is not None else cfg.model))
+    with torch.device("meta"):
+        return Transformer(args), tokenizer
 
 
 def load_documents(cfg, tokenizer, rank):
@@ -277,70 +322,21 @@ def memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def full_state(model, optimizer):
-    """Full (unsharded) model and optimizer state dicts on CPU, gathered to rank 0 under FSDP (empty elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-
-
-def save_checkpoint(path, model, optimizer, step, cfg, previous=None):
-    """OUT/checkpoint.pt: written whole to a temporary file, then renamed over the previous good one (`previous`:
-    its step). A kill leaves the old file as it was; a failed write (a full disk) is one sentence, the old file kept."""
-    model_state, optimizer_state = full_state(model, optimizer)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    rng = {"cpu": torch.get_rng_state()}  # not used by the loop (data come from the per-step generator)
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": asdict(cfg), "rng": rng}
-    tmp = Path(str(path) + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: after a power cut the old or the new file, whole
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)  # give back the space the partial file took
-        kept = f"the previous checkpoint {path} (step {previous}) is intact" if previous else f"{path} is unchanged"
-        raise ValueError(f"could not write the checkpoint of step {step} to {tmp} ({e.strerror or e}); {kept}: "
-                         "free space, then rerun with --resume.") from None
-
-
 MUST_MATCH = ("model", "init", "data", "method", "train_len", "target_len", "scaling", "chunks", "content",
               "keep_boundary", "batch_size", "lr", "warmup", "lr_decay", "weight_decay", "grad_clip",
               "seed", "dtype", "warmup_type", "context_len")
 
 
-def load_checkpoint(path, model, optimizer, cfg):
-    """Restore model, optimizer and RNG from `path`; -> the number of steps already done."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    if not path.is_file():
-        raise ValueError(f"--resume: {path} does not exist; run without --resume to start, or point --out at the run.")
-    try:  # weights_only: a checkpoint is untrusted input, and a pickle that wants to run code is refused
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        saved = state["config"]
-    except Exception as e:  # also a cut file, or one train.py did not write
-        raise ValueError(f"--resume: {path} is not a checkpoint of plain tensors written by train.py "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from None
+def resume_from(path, model, optimizer, cfg):
+    """Restore model and optimizer from `path` (checkpoint.pt or checkpoints/step-N, from any world
+    size) after checking its settings; -> the number of steps already done."""
+    step, saved = read_info(path)
     changed = [k for k in MUST_MATCH + (("steps",) if cfg.lr_decay else ()) if saved.get(k) != getattr(cfg, k)]
     if changed:
         raise ValueError(f"--resume: {path} was trained with different settings: "
                          + ", ".join(f"--{k} {saved.get(k)} (now {getattr(cfg, k)})" for k in changed) + ".")
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-    for values in optimizer.state.values():  # copies: as views of the mmapped file, the AdamW states would keep the
-        for key, value in values.items():  # replaced checkpoint.pt on disk (deleted, not freed) for the whole run
-            if torch.is_tensor(value):
-                values[key] = value.clone()
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state["step"]
+    load_checkpoint(path, model, optimizer)
+    return step
 
 
 def logged_step(line):
@@ -349,26 +345,6 @@ def logged_step(line):
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-def save_final(directory, model, optimizer, args, tokenizer, dtype):
-    """A Hugging Face directory with the scaled RoPE in config.json: built in DIR.tmp, then moved into place."""
-    model_state, _ = full_state(model, optimizer)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    with torch.device("meta"):
-        final = Transformer(args)
-    final.load_weights({k: v.to(dtype) for k, v in model_state.items()})
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        final.save_pretrained(tmp, tokenizer=tokenizer)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"could not write {tmp} ({e.strerror or e}); {directory.parent / 'checkpoint.pt'} holds the "
-                         "last step: free space, then rerun with --resume to write the final model.") from None
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
 
 
 def train(cfg):
@@ -382,7 +358,8 @@ def train(cfg):
         raise ValueError("--fsdp needs torchrun's environment: "
                          "torchrun --standalone --nproc_per_node 1 train.py ...")
     if sharded:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=cfg.timeout))
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     checkpointing = cfg.checkpointing if cfg.checkpointing is not None else device.type == "cuda"
     per_rank = cfg.batch_size // world
@@ -396,7 +373,7 @@ def train(cfg):
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- model, tokenizer, data
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_model(cfg, world, rank)
     args = model.args
     pose.check(cfg.method, cfg.target_len, cfg.train_len, cfg.target_len, cfg.chunks, cfg.content)
     docs = load_documents(cfg, tokenizer, rank)
@@ -419,27 +396,38 @@ def train(cfg):
 
         mesh = init_device_mesh(device.type, (world,))
         policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+        if rank == 0:  # before sharding, while it holds them whole
+            broadcast_weights(model, device)
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)  # embeddings, final norm, output; moves shards to device
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # embeddings, final norm, output
+        if rank != 0:
+            model.to_empty(device=device)  # this rank's slices, uninitialized
+            broadcast_weights(model, device)  # filled from rank 0's weights
         autocast = contextlib.nullcontext()  # FSDP's policy casts the parameters for compute
     else:
         model.to(device)
         autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
-    step, ckpt, log_path = 0, out / "checkpoint.pt", out / "log.jsonl"
-    saved = None  # the step of the last complete checkpoint
-    if cfg.resume:
-        step = saved = load_checkpoint(ckpt, model, optimizer, cfg)
-        log0(f"resumed from {ckpt} after step {step}")
+    step, log_path, found = 0, out / "log.jsonl", find_checkpoint(out)
+    saved = None  # (path, step) of the last complete checkpoint
+    if found is not None and (cfg.resume or cfg.auto_resume):
+        step = resume_from(found, model, optimizer, cfg)
+        saved = (found, step)
+        log0(f"resumed from {found} after step {step}")
         if rank == 0 and log_path.exists():  # drop log lines of steps that will be trained again
             lines = [ln for ln in log_path.read_text().splitlines() if logged_step(ln) <= step]
             tmp = log_path.with_name(log_path.name + ".tmp")  # rewritten whole, then renamed: a kill keeps it
             tmp.write_text("".join(ln + "\n" for ln in lines))
             os.replace(tmp, log_path)
-    elif ckpt.exists() and not cfg.overwrite:  # forgetting --resume must not cost the run
-        raise ValueError(f"{ckpt} holds a run already: add --resume to continue it, or --overwrite to start afresh.")
+    elif cfg.resume:
+        raise ValueError(f"--resume: {out} holds no checkpoint (checkpoint.pt or "
+                         "checkpoints/step-N); run without --resume to start, or point --out at "
+                         "the run.")
+    elif found is not None and not cfg.overwrite:  # forgetting --resume must not cost the run
+        raise ValueError(f"{found} holds a run already: add --resume to continue it, or "
+                         "--overwrite to start afresh.")
     elif rank == 0:
         log_path.write_text("")
     flops_per_token = args.flops_per_token(example_len)
@@ -472,7 +460,8 @@ def train(cfg):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # DTensor-aware under FSDP2
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            kept = f"the last good checkpoint {ckpt} (step {saved}) is kept" if saved else "no checkpoint was written yet"
+            kept = f"the last good checkpoint {saved[0]} (step {saved[1]}) is kept" if saved else \
+                "no checkpoint was written yet"
             raise ValueError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step}; stopped before the "
                              f"update and {kept}: lower --lr or use --dtype float32.")
         optimizer.step()
@@ -491,12 +480,13 @@ def train(cfg):
                             mfu=f"{mfu:.1%}" if mfu is not None else "n/a", mem=f"{record['mem']:.1f}G")
         # after the log line: a kill between the two leaves the checkpoint behind the log, never ahead of it
         if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt, model, optimizer, step, cfg, previous=saved)
-            saved = step
+            path = save_checkpoint(out, model, optimizer, step, asdict(cfg), previous=saved)
+            saved = (path, step)
     bar.close()
-    save_final(out / "final", model, optimizer, args, tokenizer, dtype)
-    log0(f"saved {out / 'final'} (Hugging Face; RoPE {args.rope_scaling or 'unchanged'}, max_position_embeddings "
-         f"{args.max_seq_len}) and {ckpt}")
+    save_final(out / "final", model, args, tokenizer, getattr(torch, cfg.save_dtype), last=saved[0])
+    log0(f"saved {out / 'final'} (Hugging Face, {cfg.save_dtype}; RoPE "
+         f"{args.rope_scaling or 'unchanged'}, max_position_embeddings {args.max_seq_len}) "
+         f"and {saved[0]}")
 
 
 def demo_args():

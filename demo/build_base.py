@@ -122,9 +122,8 @@ def copy_document(pieces_, rng, tokens=2 * LO, copies=6):
 
 def pretrain(name, data, out, flags, start):
     """train.py from `start` (["--init", config, "--tokenizer", dir] or ["--model", dir]); resumes if interrupted."""
-    command = [sys.executable, str(ROOT / "train.py"), *start, "--data", str(data), "--out", str(out), *flags]
-    if (out / "checkpoint.pt").exists():
-        command.append("--resume")
+    command = [sys.executable, str(ROOT / "train.py"), *start, "--data", str(data), "--out", str(out), *flags,
+               "--save_dtype", "float32", "--auto_resume"]  # the shipped base is fp32
     print(f"{name}: " + " ".join(command), flush=True)
     subprocess.run(command, check=True)
 

@@ -154,7 +154,7 @@ def main(argv=None):
             "--target_len", LT, "--scaling", args.scaling, "--chunks", args.chunks, "--content", args.content,
             "--steps", args.steps, "--batch_size", 32, "--micro_batch_size", 8 if args.method == "full" else 32,
             "--lr", args.lr, "--warmup", 10,
-            "--save_every", 50, "--out", tuned_dir, *(["--resume"] if (tuned_dir / "checkpoint.pt").exists() else []))
+            "--save_every", 50, "--save_dtype", "float32", "--out", tuned_dir, "--auto_resume")
     evaluate("none", args.base, held_dir, args.out, args)
     evaluate(args.method, tuned_dir / "final", held_dir, args.out, args)
     report(summary(args.out, args.method), args.out)

@@ -6,6 +6,7 @@ busy 2-core machine, most of it starting processes to kill."""
 import errno
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import eval_passkey
 import eval_ppl
 import train
@@ -25,6 +27,10 @@ from tokenizer import GPT2_PATTERN, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# torchrun shares its rendezvous store with the workers' process group; after a restart gloo can
+# read the address a killed worker left there and fail to connect (pytorch/pytorch#135712): a store
+# per attempt instead
+RESTARTABLE = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back again".split()
 STEPS, SAVE_EVERY = 12, 3
 
@@ -69,7 +75,8 @@ def tiny(tmp_path_factory):
 def argv(tiny, out, *extra):
     return ["--model", str(tiny / "base"), "--data", str(tiny / "data"), "--train_len", "16", "--target_len", "128",
             "--steps", str(STEPS), "--batch_size", "2", "--lr", "1e-3", "--warmup", "2", "--save_every",
-            str(SAVE_EVERY), "--peak_tflops", "1", "--out", str(out), *extra]
+            str(SAVE_EVERY), "--peak_tflops", "1", "--save_dtype", "float32",
+            "--out", str(out), *extra]
 
 
 def losses(out):
@@ -85,8 +92,13 @@ def assert_equals_the_uninterrupted_run(tiny, out):
 
 
 def checkpoint_step(out):
-    """The step of OUT/checkpoint.pt, after checking it is whole: plain tensors only, all finite."""
-    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    """The step of OUT's newest checkpoint, after checking it is whole: checkpoint.pt (one process)
+    as plain tensors, all finite; checkpoints/step-N (two ranks, DCP) with metadata and 2 files."""
+    path = checkpoint.find_checkpoint(out)
+    if path.is_dir():
+        assert (path / ".metadata").is_file() and len(list(path.glob("*.distcp"))) == 2
+        return checkpoint.read_info(path)[0]
+    state = torch.load(path, map_location="cpu", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     return state["step"]
 
@@ -96,12 +108,13 @@ def logged_steps(out):
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def start(out, *args):
-    """A script in its own process (and process group), its output in OUT/stderr.txt."""
+def start(out, *args, env=ENV):
+    """A script in its own process (and process group), its output in OUT/stdout.txt and
+    OUT/stderr.txt."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "stderr.txt", "ab") as stderr:
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr,
-                                start_new_session=True)
+    with open(out / "stdout.txt", "ab") as stdout, open(out / "stderr.txt", "ab") as stderr:
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=stdout,
+                                stderr=stderr, start_new_session=True)
 
 
 def process_tree(pid):
@@ -184,23 +197,77 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny, tmp_pat
     assert_equals_the_uninterrupted_run(tiny, tmp_path)
 
 
-def test_sigkill_under_two_process_fsdp_then_resume_equals_one_process(tiny, tmp_path):
-    """torchrun, 2 CPU ranks (gloo, FSDP2): the whole process group killed mid-run, resumed under torchrun; the
-    final weights equal the single-process uninterrupted run's to 1e-5 (FSDP's reductions round differently)."""
-    def torchrun():  # --standalone: torchrun picks a free port itself
-        return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+def torchrun(*extra):  # --standalone: torchrun picks a free port itself
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra,
+            "train.py"]
 
-    run = start(tmp_path, *torchrun(), *argv(tiny, tmp_path))
-    kill_when(run, lambda: logged_steps(tmp_path) >= SAVE_EVERY + 1, tmp_path, tree=True)
-    assert checkpoint_step(tmp_path) % SAVE_EVERY == 0
-    resumed = subprocess.run([sys.executable, *torchrun(), *argv(tiny, tmp_path, "--resume")], cwd=ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "world 2" in resumed.stdout
-    torch.testing.assert_close(losses(tmp_path), losses(tiny / "whole"), rtol=0, atol=1e-5)
-    whole, two = load_file(tiny / "whole" / "final" / "model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
+
+def assert_within_1e5_of_the_uninterrupted_run(tiny, out):
+    """FSDP's reductions round differently from one process's: 1e-5, not bitwise."""
+    torch.testing.assert_close(losses(out), losses(tiny / "whole"), rtol=0, atol=1e-5)  # once each
+    whole = load_file(tiny / "whole" / "final" / "model.safetensors")
+    resumed = load_file(out / "final" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
     for name in whole:
-        torch.testing.assert_close(two[name], whole[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("killed,resumed", [(2, 2), (2, 1), (1, 2)])
+def test_sigkill_then_resume_on_any_world_size_equals_one_process(tiny, tmp_path, killed, resumed):
+    """1 process or torchrun with 2 CPU ranks (gloo, FSDP2), killed whole mid-run, resumed on 1 or
+    2: 2 ranks write a DCP checkpoint (each its own part), 1 a plain checkpoint.pt; either is read
+    on either world size, and the run ends within 1e-5 of the single-process uninterrupted run.
+    The data of a step do not depend on the world size."""
+    def command(world):
+        return torchrun() if world == 2 else ["train.py"]
+
+    kill_after = random.randint(SAVE_EVERY + 1, STEPS - 3)
+    print(f"killed after step {kill_after} was logged")  # shown if the test fails
+    run = start(tmp_path, *command(killed), *argv(tiny, tmp_path))
+    kill_when(run, lambda: logged_steps(tmp_path) >= kill_after, tmp_path, tree=True)
+    step = checkpoint_step(tmp_path)
+    assert step % SAVE_EVERY == 0 and (tmp_path / "checkpoints").exists() == (killed == 2)
+    again = subprocess.run([sys.executable, *command(resumed), *argv(tiny, tmp_path, "--resume")],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"after step {step}" in again.stdout and f"world {resumed}" in again.stdout
+    assert_within_1e5_of_the_uninterrupted_run(tiny, tmp_path)
+
+
+def test_a_worker_killed_under_torchrun_max_restarts_is_restarted_and_resumes(tiny, tmp_path):
+    """torchrun --max-restarts 1 with --auto_resume: one of the two workers SIGKILLed at a random
+    step; torchrun stops the other and starts both again with the same arguments, which continue
+    from the last complete checkpoint (a fresh start, had there been none) and end within 1e-5 of
+    the uninterrupted run, each step logged once."""
+    kill_after, victim = random.randint(SAVE_EVERY + 1, STEPS - 3), str(random.randint(0, 1))
+    print(f"rank {victim} killed after step {kill_after} was logged")  # shown if the test fails
+    run = start(tmp_path, *torchrun("--max-restarts", "1"), *argv(tiny, tmp_path, "--auto_resume"),
+                env=RESTARTABLE)
+    deadline = time.monotonic() + 120
+    while logged_steps(tmp_path) < kill_after and run.poll() is None:
+        assert time.monotonic() < deadline, "timed out waiting for the step to kill after"
+        time.sleep(0.001)
+    workers = {}
+    for pid in process_tree(run.pid)[1:]:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_text().split("\0")
+            command = Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:
+            continue
+        env = dict(v.split("=", 1) for v in environ if "=" in v)
+        if "RANK" in env and "train.py" in command:
+            workers[env["RANK"]] = pid
+    stderr = tmp_path / "stderr.txt"
+    assert run.poll() is None and set(workers) == {"0", "1"}, stderr.read_text()[-3000:]
+    os.kill(workers[victim], signal.SIGKILL)
+    before = checkpoint_step(tmp_path)
+    assert run.wait(timeout=300) == 0, stderr.read_text()[-3000:]
+    stdout = (tmp_path / "stdout.txt").read_text().splitlines()
+    started = [line for line in stdout if line.startswith("pose: ")]
+    resumed = [line for line in stdout if line.startswith("resumed from")]
+    assert len(started) == 2 and len(resumed) == 1, "not restarted, or not resumed"
+    assert resumed[0].endswith(f"checkpoints/step-{before:06d} after step {before}")
+    assert_within_1e5_of_the_uninterrupted_run(tiny, tmp_path)
 
 
 # ---- 2. evaluations keep every finished length --------------------------------------------------------------------
@@ -336,19 +403,34 @@ def test_a_malicious_pickle_in_the_weights_is_refused_and_never_runs(tiny, tmp_p
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("case", ["malicious pickle", "cut file"])
+@pytest.mark.parametrize("case", ["malicious pickle", "cut file", "malicious DCP metadata"])
 def test_a_bad_checkpoint_on_resume_is_refused_and_never_runs(case, tiny, tmp_path, capsys):
+    """checkpoint.pt is read with weights_only=True; a DCP directory's .metadata (a pickle) by an
+    unpickler that builds only DCP's metadata classes."""
     ckpt, marker = tmp_path / "checkpoint.pt", tmp_path / "PWNED"
     if case == "malicious pickle":
         torch.save({"model": Exploit(marker), "step": 3, "config": {}}, ckpt)
-    else:
+    elif case == "cut file":
         torch.save(torch.load(tiny / "whole" / "checkpoint.pt", weights_only=True), ckpt)
         ckpt.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 3])
-    before = ckpt.read_bytes()
+    else:  # the settings match, so the metadata is read
+        ckpt = tmp_path / "checkpoints" / "step-000003"
+        ckpt.mkdir(parents=True)
+        config = checkpoint.read_info(tiny / "whole" / "checkpoint.pt")[1]
+        (ckpt / "train_state.json").write_text(json.dumps({"step": 3, "config": config}))
+        (ckpt / ".metadata").write_bytes(pickle.dumps(Exploit(marker)))
+    def contents():
+        files = [ckpt] if ckpt.is_file() else ckpt.iterdir()
+        return sorted((p.name, p.read_bytes()) for p in files)
+
+    before = contents()
     error = error_of(train.main, argv(tiny, tmp_path, "--resume"), capsys)
     assert error.startswith(f"error: --resume: {ckpt} is not a checkpoint of plain tensors written by train.py ("), error
-    assert ("UnpicklingError" if case == "malicious pickle" else "Error") in error
-    assert not marker.exists() and ckpt.read_bytes() == before  # nothing ran, nothing changed
+    assert ("Error" if case == "cut file" else "UnpicklingError") in error
+    if case == "malicious DCP metadata":
+        assert "posix.system is not part of a checkpoint's metadata" in error
+    assert not marker.exists()  # nothing ran, nothing changed
+    assert contents() == before
 
 
 def test_empty_data_is_one_sentence(tiny, tmp_path, capsys):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import train
 from data import read_documents
 from model import ModelArgs, Transformer
@@ -53,7 +54,8 @@ def tiny(tmp_path_factory):
 
 def argv(tiny, out, *extra):
     return ["--model", str(tiny / "base"), "--data", str(tiny / "data"), "--target_len", "128", "--steps", "4",
-            "--batch_size", "4", "--lr", "1e-3", "--warmup", "2", "--peak_tflops", "1", "--out", str(out), *extra]
+            "--batch_size", "4", "--lr", "1e-3", "--warmup", "2", "--peak_tflops", "1",
+            "--save_dtype", "float32", "--out", str(out), *extra]
 
 
 def losses(out):
@@ -165,12 +167,21 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
-    # the checkpoint written under FSDP is a plain full state dict that one process loads
-    state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 4 and set(state["optimizer"]["state"]) == set(state["model"])
+    # under FSDP each rank wrote its own part of the checkpoint (DCP), published as step-000004;
+    # one process loads it
+    path = checkpoint.find_checkpoint(tmp_path / "two")
+    assert path == tmp_path / "two" / "checkpoints" / "step-000004"
+    assert len(list(path.glob("*.distcp"))) == 2
+    assert not (tmp_path / "two" / "checkpoint.pt").exists() and not list(path.parent.glob("*.tmp"))
     final = Transformer.from_pretrained(tmp_path / "two" / "final")
+    with torch.device("meta"):
+        model = Transformer(final.args)
+    model.to_empty(device="cpu")
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint.load_checkpoint(path, model, optimizer)
     for name, tensor in final.state_dict().items():
-        assert torch.equal(state["model"][name], tensor), name
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert set(optimizer.state_dict()["state"]) == set(range(len(list(model.parameters()))))
 
 
 def test_micro_batch_size_changes_memory_not_the_result(tiny, tmp_path):
@@ -261,6 +272,40 @@ def test_final_checkpoint_loads_as_the_extended_model(tiny, tmp_path, scaling):
     positions = torch.cat([torch.arange(20), torch.arange(100, 120)])[None]
     with torch.no_grad():
         torch.testing.assert_close(ours(x, positions), theirs(x, position_ids=positions).logits, rtol=0, atol=1e-4)
+
+
+def test_the_final_model_is_bf16_safetensors_shards_transformers_loads(tiny, tmp_path, monkeypatch):
+    """The export by default: bf16 (the fp32 weights rounded once), cut into safetensors files of
+    at most checkpoint.SHARD_BYTES (here 30 kB, so several) with model.safetensors.index.json, one
+    tensor gathered at a time; ours and transformers read the same weights and agree on the logits
+    at positions beyond Lo."""
+    from transformers import LlamaForCausalLM
+
+    train.main(argv(tiny, tmp_path / "fp32", "--steps", "2"))
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 30_000)
+    train.main(argv(tiny, tmp_path / "bf16", "--steps", "2", "--save_dtype", "bfloat16"))
+    final = tmp_path / "bf16" / "final"
+    index = json.loads((final / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (final / "model.safetensors").exists()
+    assert sorted(p.name for p in final.glob("*.safetensors")) == files
+    shards = [load_file(final / f) for f in files]
+    assert all(sum(t.numel() * 2 for t in shard.values()) <= 30_000 or len(shard) == 1
+               for shard in shards)
+    bf16, fp32 = {k: v for shard in shards for k, v in shard.items()}, weights(tmp_path / "fp32")
+    assert bf16.keys() == fp32.keys() == index["weight_map"].keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in bf16.values())
+    for name in fp32:
+        assert bf16[name].dtype == torch.bfloat16, name
+        assert torch.equal(bf16[name], fp32[name].to(torch.bfloat16)), name
+    assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ours = Transformer.from_pretrained(final)
+    theirs = LlamaForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    x = torch.randint(0, 258, (1, 40), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(20), torch.arange(100, 120)])[None]
+    with torch.no_grad():
+        theirs = theirs(x, position_ids=positions).logits
+        torch.testing.assert_close(ours(x, positions), theirs, rtol=0, atol=1e-4)
 
 
 def test_init_pretrains_from_scratch_without_touching_rope(tiny, tmp_path):
@@ -357,7 +402,7 @@ def bad(tiny, out, case):
 EXPECTED = {"target_len <= train_len": "must be larger than --train_len", "noskip with a target": "leave --target_len out",
             "no document long enough": "the longest has", "batch not divisible": "must be divisible by world size",
             "model not loadable": "neither a .gguf file", "nan loss": "the last good checkpoint",
-            "resume without checkpoint": "does not exist",
+            "resume without checkpoint": "holds no checkpoint",
             "fsdp without torchrun": "needs torchrun"}
 
 
@@ -431,3 +476,28 @@ def test_documents_shorter_than_an_example_are_skipped_and_counted(tiny, capsys)
     aligned = train.load_documents(train.Config(data=str(tiny / "data"), train_len=100, target_len=400,
                                                 content="aligned"), byte_tokenizer(), rank=0)
     assert all(len(d) >= 400 for d in aligned) and len(aligned) < len(docs)  # aligned reads text up to Lt
+
+
+def test_sharded_checkpoints_are_published_whole_and_the_newest_is_found(tmp_path):
+    """checkpoints/step-N.tmp (a save killed mid-way) is never resumed and the next save removes
+    it; step-N replaces the same step of a run --overwrite started again; the older checkpoints
+    of both kinds go once the new one is complete. A 1-rank gloo group exercises the DCP path."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, hidden_dim=32))
+        optimizer = torch.optim.AdamW(model.parameters())
+        torch.save({"step": 2, "config": {}}, tmp_path / "checkpoint.pt")
+        (tmp_path / "checkpoints" / "step-000009.tmp").mkdir(parents=True)  # killed mid-save
+        assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+        for config in ({"seed": 0}, {"seed": 1}):  # the second: the same step, --overwrite
+            path = checkpoint._save_sharded(tmp_path, model, optimizer, 4, config, None)
+            assert checkpoint.read_info(path) == (4, config)
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004"]
+        assert checkpoint.save_checkpoint(tmp_path, model, optimizer, 6, {}) == \
+            tmp_path / "checkpoint.pt"  # world size 1: a plain file, and the DCP one goes
+        assert not list((tmp_path / "checkpoints").iterdir())
+        assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+    finally:
+        dist.destroy_process_group()
