@@ -307,7 +307,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "real",
+                   help="every result, training run and log; the same --out resumes")
     p.add_argument("--model", default="smollm2", help="the checkpoint to extend (Lo = its context)")
     p.add_argument("--train_len", type=int, default=2048, help="Lc, tokens per training example")
     p.add_argument("--target_len", type=int, default=16384, help="Lt; the scaling factor is s = Lt/Lo")
