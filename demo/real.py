@@ -308,11 +308,14 @@ def report(args):
             lengths, accuracy = zip(*sorted(table["passkey"][m].items()))
             axes[2].plot(lengths, [100 * a for a in accuracy], style, label=m)
     titles = [f"perplexity, held-out {t}" for t in TEXTS] + ["passkey accuracy %"]
-    for ax, title in zip(axes, titles):
+    ticks = [args.ppl_lengths] * len(TEXTS) + [args.passkey_lengths]
+    for ax, title, lengths in zip(axes, titles, ticks):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{L:,}" for L in lengths])
+        ax.minorticks_off()
         ax.set_title(title)
-        ax.set_xlabel("window / prompt length (tokens)")
-        ax.axvline(args.train_len, color="grey", lw=0.5)
+        ax.set_xlabel("window / prompt length (tokens); grey: Lo")
+        ax.axvline(args.target_len / args.factor, color="grey", lw=0.5)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     for ax in axes[:2]:
