@@ -1,4 +1,5 @@
 # make demo: set up and run the embedded default on CPU.   make test: set up and run the test suite.
+# make real: SmolLM2-135M from 8k to 16k with PoSE (demo/real.py; many CPU hours, rerun to resume).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +17,10 @@ $(VENV)/.test: $(VENV)/.main requirements-test.txt
 demo: $(VENV)/.main
 	$(BIN)/python demo/run.py  # the embedded default: PoSE 256 -> 2048 on the shipped tiny base, evaluated; minutes on CPU
 
+real: $(VENV)/.main
+	$(BIN)/python demo/real.py --out runs/real  # the paper's experiment on a real model; resumable
+
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
 
-.PHONY: demo test
+.PHONY: demo real test

@@ -1,0 +1,83 @@
+"""demo/real.py (SmolLM2-135M 8k -> 16k, hours on a CPU) kept from rotting: its first stages on the
+tiny demo/base (Lo 256, Lc 64 -> Lt 512, 2 steps), the tables with the rest pending, a rerun that
+skips what is done, held-out texts never trained on, and the reader of R data that gives the second
+held-out text (fetched once from Debian into data/austen)."""
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from demo.real import HELD_OUT_PLAY, MODELS, fetch_austen, read_r_data  # noqa: E402
+
+
+def smoke(out):
+    command = [sys.executable, "demo/real.py", "--smoke", "--stages", "3", "--out", str(out)]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real")
+    return out, smoke(out)
+
+
+def test_first_stages_fill_their_cells_and_leave_the_rest_pending(done):
+    out, _ = done
+    table = json.loads((out / "results.json").read_text())
+    for text in ("play", "austen"):
+        for model in ("none", "pose-yarn"):
+            assert sorted(table["ppl"][text][model], key=int) == ["128", "256", "512"]
+        assert all(table["ppl"][text][m] == {} for m in MODELS if m not in ("none", "pose-yarn"))
+    assert table["training"]["pose-yarn"]["steps"] == 2 and table["training"]["pose-yarn"]["done"]
+    assert table["training"]["pose-yarn"]["tokens"] == 2 * 2 * 64
+    assert table["training"]["noskip"] is None and all(v == {} for v in table["passkey"].values())
+    assert "| noskip | pending | pending | pending |" in (out / "results.md").read_text()
+    assert (out / "results.png").stat().st_size > 0
+
+
+def test_a_rerun_skips_every_finished_stage(done):
+    out, _ = done
+    again = smoke(out)
+    assert "\n$ " not in again, again  # no command was run again
+
+
+def test_held_out_texts_are_never_trained_on(done):
+    out, _ = done
+    train = [json.loads(line)["text"] for line in (out / "train.jsonl").read_text().splitlines()]
+    for held in ("play", "austen"):
+        text = (out / "held_out" / f"{held}.txt").read_text()
+        assert all(text[1000:2000] not in doc for doc in train)
+    play = (ROOT / "data" / "shakespeare" / HELD_OUT_PLAY).read_text()
+    assert (out / "held_out" / "play.txt").read_text() == play
+    assert len(train) == len(list((ROOT / "data" / "shakespeare").glob("*_gut.txt"))) - 1
+
+
+def test_austen_is_pride_and_prejudice_whole():
+    """janeaustenr's prideprejudice: a character vector of 13,030 lines (its documentation)."""
+    lines = fetch_austen().read_text().split("\n")[:-1]
+    assert len(lines) == 13030
+    assert lines[0] == "PRIDE AND PREJUDICE"
+    assert lines[9].startswith("It is a truth universally acknowledged")
+
+
+def xdr(*parts):
+    return b"".join(p if isinstance(p, bytes) else struct.pack(">i", p) for p in parts)
+
+
+def test_r_reader_names_vectors_and_refuses_leftovers():
+    """list(a = 1:2, b = c("x", NA)) as R 4 serializes it: version 3, the names attribute a
+    pairlist tagged with the symbol `names`."""
+    names = xdr(0x402, 1, 0x40009, 5, b"names", 16, 2, 0x40009, 1, b"a", 0x40009, 1, b"b", 254)
+    header = xdr(3, 0x40201, 0x30500, 5, b"UTF-8")
+    raw = b"X\n" + header + xdr(0x213, 2, 13, 2, 1, 2, 16, 2, 0x40009, 1, b"x", 9, -1, names)
+    assert read_r_data(raw) == {"a": [1, 2], "b": ["x", None]}
+    with pytest.raises(ValueError, match="left over"):
+        read_r_data(raw + xdr(254))
