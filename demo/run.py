@@ -100,8 +100,8 @@ def summary(out, method="pose"):
 
 DATA = {"plays+episodes": "training plays + passkey episodes in the evaluation's own template (a trained task)",
         "plays": "training plays only",
-        "mix": "its own pretraining mixture (plays, retrieval episodes in other words, copy drills; no sentence of "
-               "the evaluation's prompt)"}
+        "mix": "the faithful recipe's pretraining mixture (plays, retrieval episodes in other words, copy "
+               "drills; no sentence of the evaluation's prompt)"}
 
 
 def report(table, out, data):
