@@ -18,7 +18,17 @@ docs/RESULTS.md tells what each stage changed and which recipes failed; demo/pro
      documents of several passkey episodes (eval_passkey's prompt with the answer appended); copy drills;
    stage 3 (STAGE3) on the plays and whole passkey episodes 1:1, one episode of about Lo tokens per document, so
      that every window holds key and question together (this stage is what made retrieval work: 99% at Lo).
-   The result goes to demo/base/.
+   The result goes to demo/base/. Stages 2 and 3 hold eval_passkey's own prompt: the shipped base (and the demo,
+   which fine-tunes on the same kind of episodes) is trained on the task its passkey table then evaluates.
+
+    python demo/build_base.py --recipe faithful --out DIR    # the faithful miniature (not the shipped base yet)
+
+--recipe faithful never shows a sentence of the evaluation's prompt to any stage (template_free is asserted on every
+document): stage 1 (FAITHFUL1) the copy drills at Lc = 128; stage 2 (FAITHFUL2) the plays, retrieval episodes in
+other words (varied_episode: NAMES, INTROS, KEY_LINES, QUESTIONS, three kinds of filler, keys of 4 to 7 digits) and
+copy drills, a third each, one episode per document. demo/run.py --data mix fine-tunes on that same mixture, as the
+paper fine-tunes LLaMA on the Pile. About 10 minutes of compute on 2 idle cores (estimated from the shipped recipe's
+step time); docs/RESULTS.md says what it reached.
 """
 import json
 import random
@@ -31,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data import DATA_DIR, fetch_shakespeare  # noqa: E402
-from eval_passkey import build_prompt, largest  # noqa: E402
+from eval_passkey import FILLER, INTRO, KEY_LINE, QUESTION, build_prompt, largest  # noqa: E402
 
 HELD_OUT = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt")
 VOCAB = 2048
@@ -44,6 +54,11 @@ COMMON = ["--method", "noskip", "--train_len", str(LO), "--batch_size", "32", "-
 STAGE1 = [*COMMON, "--steps", "2000", "--lr", "3e-3"]
 STAGE2 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]
 STAGE3 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]
+# --recipe faithful: stage 1 on copy drills at Lc = 128 (half the cost; the drills' periods are
+# <= 48), then the faithful mixture at Lo in batches of 16 (half the cost again)
+FAITHFUL1 = [*COMMON[:2], "--train_len", "128", *COMMON[4:], "--steps", "800", "--lr", "2e-3"]
+FAITHFUL2 = [*COMMON[:4], "--batch_size", "16", "--micro_batch_size", "16", *COMMON[8:],
+             "--steps", "1500", "--lr", "1e-3"]
 
 
 def split_plays(files):
@@ -107,6 +122,94 @@ def passkey_episode(tokenizer, rng, tokens=LO + 2):
     return build_prompt(key, round(depth * n), n - round(depth * n)) + f" {key}."
 
 
+# The faithful recipe (--recipe faithful): retrieval is learned from episodes that share no sentence
+# with eval_passkey's prompt, as LLaMA learned it from the Pile, never from Figure 2a's prompt: other
+# phrasings, other fillers, keys of 4 to 7 digits. What the evaluation shares with them is the skill
+# (find the number in the text, copy it after the question).
+NAMES = ("secret number", "magic number", "door code", "lucky number", "room number",
+         "safe combination", "ticket number", "access code", "account number", "order number",
+         "house number", "lock code")
+INTROS = ("", "Read what follows and keep the number in it in mind.",
+          "A number is hidden in the text below. Find it, for you will be asked for it.",
+          "Somewhere in this passage is a {name}. Look for it.",
+          "Listen well: I shall ask you about it later.")
+KEY_LINES = ("The {name} is {key}.", "The {name} is {key}. Keep it in mind. {key} is the {name}.",
+             "Remember this: the {name} is {key}.", "{key} is the {name}.",
+             "Here is the {name}: {key}. Do not forget it.",
+             "Write down the {name}, {key}, and keep it safe.")
+QUESTIONS = ("What is the {name}? The {name} is", "Tell me the {name}. The {name} is",
+             "What was the {name}? It was", "Do you recall the {name}? Yes, the {name} is",
+             "Now, the {name}? Answer:")
+NOUNS = ("road river wall door bread horse cloud tree house field stone ship hill wind lamp bell cat "
+         "dog rain snow").split()
+ADJECTIVES = "long wide old warm cold red white quiet dark tall small bright soft heavy wet round full"
+STOCK = ("On we walk.", "All is well.", "Day follows night.", "Round and round it turns.",
+         "So it goes.", "Up the hill and down.", "Step by step.")
+WORDS = ("apple window silver garden morning letter candle music paper forest winter summer coat "
+         "table chair mountain glass bridge village market").split()
+
+
+def template_sentences():
+    """The sentences of eval_passkey's prompt (Figure 2a's), key left out."""
+    split = lambda text: [t.strip() + "." for t in text.split(".") if t.strip()]  # noqa: E731
+    return [*split(INTRO.replace("?", ".")), *split(" ".join(FILLER)),
+            *split(KEY_LINE.format(key="")), QUESTION.split("?")[0] + "?"]
+
+
+def template_free(text):
+    """True when `text` holds no sentence of the evaluation's prompt and never says "pass key"."""
+    return "pass key" not in text.lower() and not any(t in text for t in template_sentences())
+
+
+def varied_filler(rng, play_lines):
+    """-> filler(n): the first n words of one of three kinds of filler, none the evaluation's: a few
+    short sentences repeated (as the evaluation's filler is, in other words), a run of play lines
+    without digits, random words."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        pool = [f"The {rng.choice(NOUNS)} is {rng.choice(ADJECTIVES.split())}."
+                for _ in range(rng.randint(2, 4))]
+        words = " ".join(pool + rng.sample(STOCK, rng.randint(1, 2))).split()
+    elif kind == 1:
+        start = rng.randrange(len(play_lines) - 200)
+        text = " ".join(play_lines[start:start + 200])
+        words = "".join(c for c in text if not c.isdigit()).split()
+    else:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 30))]
+    return lambda n: " ".join(words[i % len(words)] for i in range(n))
+
+
+def varied_episode(tokenizer, rng, play_lines, tokens=LO + 2):
+    """One retrieval episode in the shape of a passkey prompt (instruction, filler, key line, filler,
+    question, answer) in none of its sentences, filled to about `tokens` tokens (never more), one per
+    document as in the shipped recipe's stage 3; the key line's depth is uniform, 1/12 at each end."""
+    name, digits = rng.choice(NAMES), rng.randint(4, 7)
+    key = rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+    intro, key_line, question = (rng.choice(t).format(name=name, key=key)
+                                 for t in (INTROS, KEY_LINES, QUESTIONS))
+    fill, depth = varied_filler(rng, play_lines), min(1.0, max(0.0, rng.uniform(-0.1, 1.1)))
+
+    def episode(n):
+        before = round(depth * n)
+        lines = [intro, fill(before), key_line, fill(n - before), question]
+        return "\n".join(line for line in lines if line) + f" {key}."
+    n = largest(lambda n: len(tokenizer.encode(episode(n))) <= tokens, tokens + 1)
+    return episode(n)
+
+
+def faithful_mixture(tokenizer, rng, play_pieces, vocab, play_lines, tokens=LO + 2):
+    """The faithful base's pretraining mixture, which the demo also fine-tunes it on (as the paper
+    fine-tunes LLaMA on the Pile): the play pieces, as many varied retrieval episodes (of about
+    `tokens` tokens) and as many copy drills (of at least 2 * `tokens` - 4), shuffled."""
+    n = len(play_pieces)
+    docs = [*play_pieces, *(varied_episode(tokenizer, rng, play_lines, tokens) for _ in range(n)),
+            *(copy_document(vocab, rng, 2 * tokens - 4) for _ in range(n))]
+    rng.shuffle(docs)
+    bad = [d for d in docs if not template_free(d)]
+    assert not bad, f"a training document holds the evaluation's prompt: {bad[0][:200]!r}"
+    return docs
+
+
 def copy_document(pieces_, rng, tokens=2 * LO, copies=6):
     """Induction drills: runs of 16..48 random vocabulary entries (`pieces_`, the tokens' texts), each written `copies`
     times, until the document holds about `tokens` tokens. The first copy is noise; every later one is predictable
@@ -122,6 +225,8 @@ def copy_document(pieces_, rng, tokens=2 * LO, copies=6):
 
 def pretrain(name, data, out, flags, start):
     """train.py from `start` (["--init", config, "--tokenizer", dir] or ["--model", dir]); resumes if interrupted."""
+    if (out / "final" / "config.json").exists():
+        return print(f"{name}: done ({out / 'final'})")
     command = [sys.executable, str(ROOT / "train.py"), *start, "--data", str(data), "--out", str(out), *flags,
                "--save_dtype", "float32", "--auto_resume"]  # the shipped base is fp32
     print(f"{name}: " + " ".join(command), flush=True)
@@ -135,10 +240,20 @@ def write_jsonl(path, docs):
     tmp.replace(path)
 
 
-def main():
+def main(argv=None):
+    import argparse
     from tokenizer import load_tokenizer
 
-    base, work = ROOT / "demo" / "base", DATA_DIR / "demo"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default="shipped", choices=("shipped", "faithful"),
+                   help="shipped: demo/base's three stages (passkey episodes in eval_passkey's own template); "
+                        "faithful: copy drills, then plays + varied retrieval episodes + drills, no stage ever "
+                        "holding a sentence of the evaluation's prompt")
+    p.add_argument("--out", type=Path, help="where the base goes (default demo/base, or demo/base_faithful)")
+    args = p.parse_args(argv)
+    faithful = args.recipe == "faithful"
+    base = args.out or ROOT / "demo" / ("base_faithful" if faithful else "base")
+    work = DATA_DIR / ("demo-faithful" if faithful else "demo")
     train_plays, _ = split_plays(fetch_shakespeare())
     train_tokenizer(train_plays, work / "tokenizer")
     tokenizer = load_tokenizer(work / "tokenizer")
@@ -147,24 +262,36 @@ def main():
     vocab = [t for t in texts[1:] if "\ufffd" not in t and "\n" not in t]  # whole characters; 0 is <|endoftext|>
     write_jsonl(work / "copy.jsonl", [copy_document(vocab, rng) for _ in range(1000)])
     play_pieces = [p for f in train_plays for p in pieces(f.read_text(encoding="utf-8"))]
-    docs, n = list(play_pieces), len(play_pieces)
-    docs += [passkey_document(tokenizer, rng) for _ in range(n)]
-    docs += [copy_document(vocab, rng) for _ in range(n)]
-    rng.shuffle(docs)
-    write_jsonl(work / "pretrain.jsonl", docs)
     (work / "config.json").write_text(json.dumps(CONFIG))
-    print(f"stage 1: 1000 copy drills; stage 2: {len(docs)} documents, a third each plays, passkey, drills")
-    pretrain("stage 1 (learn to copy)", work / "copy.jsonl", work / "stage1", STAGE1,
-             ["--init", str(work / "config.json"), "--tokenizer", str(work / "tokenizer")])
-    pretrain("stage 2 (the mix)", work / "pretrain.jsonl", work / "stage2", STAGE2, ["--model", str(work / "stage1" / "final")])
-    rng = random.Random(0)
-    episodes = play_pieces + [passkey_episode(tokenizer, rng) for _ in range(n)]
-    rng.shuffle(episodes)
-    write_jsonl(work / "episodes.jsonl", episodes)
-    pretrain("stage 3 (whole episodes)", work / "episodes.jsonl", work / "stage3", STAGE3,
-             ["--model", str(work / "stage2" / "final")])
+    init = ["--init", str(work / "config.json"), "--tokenizer", str(work / "tokenizer")]
+    if faithful:
+        play_lines = [line for f in train_plays for line in f.read_text(encoding="utf-8").splitlines() if line]
+        write_jsonl(work / "pretrain.jsonl", faithful_mixture(tokenizer, rng, play_pieces, vocab, play_lines))
+        print(f"stage 1: 1000 copy drills; stage 2: {3 * len(play_pieces)} documents, a third each plays, varied "
+              "retrieval episodes (never the evaluation's template), drills")
+        pretrain("stage 1 (learn to copy)", work / "copy.jsonl", work / "stage1", FAITHFUL1, init)
+        pretrain("stage 2 (the mixture)", work / "pretrain.jsonl", work / "stage2", FAITHFUL2,
+                 ["--model", str(work / "stage1" / "final")])
+        last = work / "stage2" / "final"
+    else:
+        docs, n = list(play_pieces), len(play_pieces)
+        docs += [passkey_document(tokenizer, rng) for _ in range(n)]
+        docs += [copy_document(vocab, rng) for _ in range(n)]
+        rng.shuffle(docs)
+        write_jsonl(work / "pretrain.jsonl", docs)
+        print(f"stage 1: 1000 copy drills; stage 2: {len(docs)} documents, a third each plays, passkey, drills")
+        pretrain("stage 1 (learn to copy)", work / "copy.jsonl", work / "stage1", STAGE1, init)
+        pretrain("stage 2 (the mix)", work / "pretrain.jsonl", work / "stage2", STAGE2,
+                 ["--model", str(work / "stage1" / "final")])
+        rng = random.Random(0)
+        episodes = play_pieces + [passkey_episode(tokenizer, rng) for _ in range(n)]
+        rng.shuffle(episodes)
+        write_jsonl(work / "episodes.jsonl", episodes)
+        pretrain("stage 3 (whole episodes)", work / "episodes.jsonl", work / "stage3", STAGE3,
+                 ["--model", str(work / "stage2" / "final")])
+        last = work / "stage3" / "final"
     shutil.rmtree(base, ignore_errors=True)
-    shutil.copytree(work / "stage3" / "final", base)
+    shutil.copytree(last, base)
     print(f"base model in {base}")
 
 

