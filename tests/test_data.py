@@ -94,10 +94,12 @@ def test_batches_from_a_prepared_corpus_equal_todays_for_the_same_documents_and_
     root, docs = corpus
     tokenizer = byte_tokenizer()
     prepare.prepare([root / "mixed"], tokenizer, tmp_path / "c", workers=2, batch_bytes=700)
+    lengths = sorted(len(tokenizer.encode(t)) for t in docs)
+    train_len, target_len = lengths[10], lengths[25]  # documents of exactly these lengths are long enough
     for method, content in (("pose", "random"), ("pose", "aligned"), ("full", "random")):
-        cfg = train.Config(data=str(tmp_path / "c"), train_len=200, target_len=400, batch_size=16, seed=3,
-                           method=method, content=content)
-        need = 400 if method == "full" or content == "aligned" else 200
+        cfg = train.Config(data=str(tmp_path / "c"), train_len=train_len, target_len=target_len, batch_size=16,
+                           seed=3, method=method, content=content)
+        need = target_len if method == "full" or content == "aligned" else train_len
         kept = train.load_documents(cfg, tokenizer, rank=0)
         reference = today(docs, tokenizer, need)
         assert len(kept) == len(reference) and 0 < len(kept) < len(docs)
