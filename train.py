@@ -62,10 +62,11 @@ class Config:
     init: str | None = flag(None, "CONFIG.json or a JSON object of ModelArgs fields: pretrain a fresh model (normal(0.02) "
                             "init, seeded by --seed) instead of loading --model; vocab_size defaults to the tokenizer's")
     tokenizer: str | None = flag(None, "with --init: a tokenizer.json / tokenizer.model / .gguf, or 'smollm2'")
-    data: str | None = flag(None, "training text: a corpus directory from 'python data.py prepare' (memory-mapped), or "
-                            ".jsonl(.gz/.zst) files ('text' per line), .txt files (one document) or a directory of "
-                            "them, tokenized at start; documents shorter than an example are skipped (the paper keeps "
-                            "Pile documents of >= 2048 tokens)")
+    data: str | None = flag(None, "training text: a corpus from 'python data.py prepare' "
+                            "(memory-mapped), or .jsonl(.gz/.zst) files ('text' per line), .txt "
+                            "files (one document) or a directory of them, tokenized at start; "
+                            "documents shorter than an example are skipped (the paper keeps Pile "
+                            "documents of >= 2048 tokens)")
     method: str = flag("pose", "pose: Lc tokens in N chunks with skip biases (Eqs. 3-5); randpos: Lc positions drawn "
                        "from 0..Lt-1 (Ruoss et al.); full: Lt tokens at 0..Lt-1 (Full-length); noskip: Lc tokens at "
                        "0..Lc-1, RoPE unchanged (plain fine-tuning, or pretraining with --init)", choices=pose.METHODS)
@@ -175,16 +176,17 @@ def build_model(cfg):
 
 
 def load_documents(cfg, tokenizer, rank):
-    """The documents long enough for one example (a view of the token store); the rest counted and skipped."""
+    """The documents long enough for one example (a view of the token store); the rest counted."""
     if cfg.data is None:
-        raise ValueError("--data is required: a corpus prepared by data.py prepare, or .jsonl / .txt files.")
-    corpus = load_corpus(cfg.data, tokenizer, log=log0, progress=rank == 0)  # prepared: memory-mapped, not read
+        raise ValueError("--data is required: a corpus from data.py prepare, or .jsonl / .txt files.")
+    corpus = load_corpus(cfg.data, tokenizer, log=log0, progress=rank == 0)  # prepared: mmapped
     aligned = cfg.method == "pose" and cfg.content == "aligned"
     need = cfg.target_len if cfg.method == "full" or aligned else cfg.train_len  # Lx >= Lc (Lt: full / aligned)
     kept = corpus.at_least(need)
     if not len(kept):
-        raise ValueError(f"no document in {cfg.data} has the {need} tokens an example needs: {len(corpus)} "
-                         f"document(s), the longest has {corpus.lengths().max()} tokens.")
+        raise ValueError(f"no document in {cfg.data} has the {need} tokens an example needs: "
+                         f"{len(corpus)} document(s), the longest has {corpus.lengths().max()} "
+                         "tokens.")
     log0(f"data: {len(kept)} of {len(corpus)} documents, {kept.lengths().sum():,} tokens "
          f"({len(corpus) - len(kept)} shorter than {need} tokens skipped)")
     return kept
@@ -202,7 +204,7 @@ def draw_batch(docs, cfg, step):
         doc = docs[int(torch.randint(len(docs), (), generator=g))]
         token_index, position_ids = pose.make_example(cfg.method, len(doc), cfg.train_len, cfg.target_len,
                                                       chunks=cfg.chunks, content=cfg.content, generator=g)
-        tokens.append(torch.as_tensor(doc[token_index.numpy()]).long())  # doc: a view of the store
+        tokens.append(torch.as_tensor(doc[token_index.numpy()]).long())  # doc: a store's view
         token_indices.append(token_index)
         positions.append(position_ids)
     tokens, token_index = torch.stack(tokens), torch.stack(token_indices)

@@ -318,10 +318,10 @@ def test_read_documents_counts_bytes_that_are_not_utf8(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    ('{"text": "ok"}\n{"text": 3}\n', "data: 1 line(s) without a string \"text\" field in 1 file(s) (first: {}, line 2: "
-                                      "expected an object with a string \"text\" field) were skipped"),
-    ('{"text": "ok"}\n\n{oops\n', "data: 1 line(s) that are not valid JSON in 1 file(s) (first: {}, line 3: not valid "
-                                  "JSON (Expecting property name enclosed in double quotes)) were skipped"),
+    ('{"text": "ok"}\n{"text": 3}\n', 'data: 1 line(s) without a string "text" field in 1 file(s) '
+     '(first: {}, line 2: expected an object with a string "text" field) were skipped'),
+    ('{"text": "ok"}\n\n{oops\n', "data: 1 line(s) that are not valid JSON in 1 file(s) (first: "
+     "{}, line 3: not valid JSON (Expecting property name enclosed in double quotes)) were skipped"),
 ])
 def test_read_documents_skips_bad_lines_and_names_file_and_line(tmp_path, content, message):
     (tmp_path / "x.jsonl").write_text(content)
