@@ -5,6 +5,7 @@ words), written once into runs/bench_data/.
 
     nice -n 19 python bench/bench_data.py             # all; results in runs/bench_data/results.json
     nice -n 19 python bench/bench_data.py --redo "100M tokenize"     # measure those again
+    python bench/bench_data.py --profile runs/bench_data/text10M.jsonl   # CPU time of each part
 
 Each measurement runs in a fresh process (its peak RSS is that process's ru_maxrss, its CPU time
 user + system of it and its children) and is skipped when results.json already holds it, so a
@@ -87,6 +88,32 @@ def today_tokenize(path):
     print(sum(map(len, docs)), file=sys.stderr)
 
 
+def profile(path):
+    """CPU seconds of each part of one pass over `path`, in this process: what the reading process
+    does (read, split lines, pickle the batches) against what a tokenizing process does."""
+    import pickle
+    import time
+
+    import data
+    from tokenizer import load_tokenizer
+
+    data.start_worker(load_tokenizer(ROOT / "demo" / "base"))
+    parts, start = {}, time.process_time()
+    batches = list(data.read_batches([Path(path)]))
+    parts["read and split lines"] = time.process_time() - start
+    start = time.process_time()
+    sent = [pickle.dumps(batch) for batch in batches]
+    parts["pickle the batches"] = time.process_time() - start
+    start = time.process_time()
+    encoded = [data.encode_batch(batch) for batch in batches]
+    parts["parse, encode, pack (tokenizing process)"] = time.process_time() - start
+    start = time.process_time()
+    received = [pickle.loads(pickle.dumps(e)) for e in encoded]
+    parts["pickle the tokens there and back"] = time.process_time() - start
+    print(json.dumps({**{k: round(v, 3) for k, v in parts.items()}, "batches": len(sent),
+                      "tokens": sum(len(e.tokens) for e in received)}, indent=1))
+
+
 def commands(size, text, corpus):
     """name -> command, in order: the corpus that the prepared start needs is made first."""
     py, prepare = sys.executable, [sys.executable, "data.py", "prepare", "--data", str(text),
@@ -149,5 +176,8 @@ def main():
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--today"]:
         today_tokenize(sys.argv[2])
+    elif sys.argv[1:2] == ["--profile"]:
+        sys.path.insert(0, str(ROOT))
+        profile(sys.argv[2])
     else:
         main()
