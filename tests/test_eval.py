@@ -228,6 +228,20 @@ def test_truncation_is_explicit(tiny, tmp_path, capsys):
     assert [d["tokens"] for d in results["lengths"]["256"]["documents"]] == [700, 700]
 
 
+
+def test_a_prepared_corpus_gives_the_perplexity_of_the_raw_file(tiny, tmp_path):
+    import prepare
+
+    data, _ = documents(tmp_path / "docs.jsonl")
+    prepare.prepare([data], byte_tokenizer(), tmp_path / "corpus", workers=2)
+    common = ["--model", str(tiny), "--lengths", "256", "--stride", "128", "--min_tokens", "600",
+              "--docs", "3"]
+    raw = eval_ppl.main([*common, "--data", str(data), "--out", str(tmp_path / "raw.json")])
+    prepared = eval_ppl.main([*common, "--data", str(tmp_path / "corpus"), "--out",
+                              str(tmp_path / "p.json")])
+    documents_of = [r["lengths"]["256"]["documents"] for r in (raw, prepared)]
+    assert documents_of[0] == documents_of[1] and len(documents_of[0]) == 3
+
 # ---- passkey prompts -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

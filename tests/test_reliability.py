@@ -439,7 +439,7 @@ def test_empty_data_is_one_sentence(tiny, tmp_path, capsys):
     assert error == f"error: {tmp_path / 'empty.txt'} holds no text (1 file(s), 1 empty document(s))."
     (tmp_path / "dir").mkdir()
     error = error_of(train.main, argv(tiny, tmp_path / "out", "--data", str(tmp_path / "dir")), capsys)
-    assert error == f"error: {tmp_path / 'dir'} holds no .jsonl or .txt files."
+    assert error == f"error: {tmp_path / 'dir'} holds no .txt, .jsonl, .jsonl.gz or .jsonl.zst files."
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
 

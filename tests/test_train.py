@@ -453,13 +453,25 @@ def test_read_documents_counts_bytes_that_are_not_utf8(tmp_path):
     assert len(messages) == 1 and messages[0].startswith("data: 2 invalid UTF-8")
 
 
+@pytest.mark.parametrize("content,message", [
+    ('{"text": "ok"}\n{"text": 3}\n', 'data: 1 line(s) without a string "text" field in 1 file(s) '
+     '(first: {}, line 2: expected an object with a string "text" field) were skipped'),
+    ('{"text": "ok"}\n\n{oops\n', "data: 1 line(s) that are not valid JSON in 1 file(s) (first: "
+     "{}, line 3: not valid JSON (Expecting property name enclosed in double quotes)) were skipped"),
+])
+def test_read_documents_skips_bad_lines_and_names_file_and_line(tmp_path, content, message):
+    (tmp_path / "x.jsonl").write_text(content)
+    messages = []
+    assert read_documents(tmp_path / "x.jsonl", log=messages.append) == ["ok"]
+    assert messages == [message.format(tmp_path / "x.jsonl")]
+
+
 @pytest.mark.parametrize("name,content,message", [
-    ("x.jsonl", '{"text": "ok"}\n{"text": 3}\n', "x.jsonl, line 2: expected an object with a string \"text\""),
-    ("x.jsonl", '{"text": "ok"}\n\n{oops\n', "x.jsonl, line 3: not valid JSON"),
     ("x.csv", "text\nhello\n", "unsupported file type '.csv'"),
     ("x.txt", "", "holds no text"),
+    ("x.jsonl", "{oops\n", "holds no text (1 file(s), 0 empty document(s))"),
 ])
-def test_read_documents_errors_name_file_and_line(tmp_path, name, content, message):
+def test_read_documents_errors_name_the_file(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError) as e:
         read_documents(tmp_path / name)
