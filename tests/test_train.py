@@ -371,8 +371,8 @@ def test_a_yarn_run_with_a_graded_ramp_loads_as_the_extended_model(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text(" ".join(WORDS * 40))
     train.main(["--model", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--target_len", "256",
-                "--steps", "1", "--batch_size", "2", "--peak_tflops", "1", "--scaling", "yarn", "--out",
-                str(tmp_path / "out")])
+                "--steps", "1", "--batch_size", "2", "--peak_tflops", "1", "--scaling", "yarn",
+                "--save_dtype", "float32", "--out", str(tmp_path / "out")])
     config = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
     assert config["rope_scaling"] == {"rope_type": "yarn", **{k: v for k, v in scaling.items() if k != "rope_type"}}
     ours = Transformer.from_pretrained(tmp_path / "out" / "final")
