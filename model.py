@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import rope
+from loss import IGNORE, cross_entropy  # noqa: F401 (IGNORE: for train.py)
 
 try:  # optional, CUDA only: pip install flash-attn
     from flash_attn import flash_attn_func
@@ -136,55 +137,6 @@ def attend(q, k, v):
     return y.transpose(1, 2)
 
 
-IGNORE = -100  # targets the loss skips (PyTorch's ignore_index): PoSE's chunk-boundary labels
-LOSS_CHUNK = 256  # rows of (rows, vocab) fp32 logits alive at once in the loss: 50 MB for a 49k vocabulary
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits h @ weightᵀ (N, vocab) against targets (N,), −100 ignored, without ever
-    holding all N × vocab logits: chunk by chunk the forward pass forms the logits, the loss and at once their
-    gradient (softmax − one-hot) / n, multiplied into dh and dweight; backward only scales those by its input.
-    Same numbers as F.cross_entropy(F.linear(h, weight).float(), targets), same dtypes under autocast."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, grad_enabled):
-        device = h.device.type  # F.linear's compute dtype: autocast's if on, else the operands' own
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        with torch.autocast(device, enabled=False):
-            x, w = h.to(dtype), weight.to(dtype)
-            keep = targets != IGNORE
-            n = keep.sum().clamp(min=1)  # no targets at all: a loss of 0 (and no gradient), not 0 / 0
-            loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            # inside forward grad mode is always off and needs_input_grad ignores it: torch.no_grad() comes as a flag
-            dh = torch.empty_like(h) if grad_enabled and ctx.needs_input_grad[0] else None
-            dw = torch.zeros_like(weight, dtype=torch.float32) if grad_enabled and ctx.needs_input_grad[1] else None
-            for start in range(0, len(x), LOSS_CHUNK):
-                rows = slice(start, start + LOSS_CHUNK)
-                y, rows_kept = targets[rows].clamp(min=0), keep[rows]
-                log_probs = torch.log_softmax((x[rows] @ w.T).float(), dim=-1)  # (chunk, vocab)
-                loss -= (log_probs.gather(1, y[:, None])[:, 0] * rows_kept).sum()
-                if dh is None and dw is None:
-                    continue
-                grad = log_probs.exp_()  # softmax, in place
-                grad[torch.arange(len(y)), y] -= 1
-                grad = grad.mul_((rows_kept / n)[:, None]).to(dtype)  # ignored rows: 0
-                if dh is not None:
-                    dh[rows] = grad @ w
-                if dw is not None and dtype == dw.dtype:  # summed over the chunks in fp32
-                    dw.addmm_(grad.T, x[rows])
-                elif dw is not None:  # bf16 products, summed in fp32
-                    dw += grad.T @ x[rows]
-        ctx.save_for_backward(dh, dw)
-        ctx.weight_dtype = weight.dtype
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * grad_loss,
-                None if dw is None else (dw * grad_loss).to(ctx.weight_dtype), None, None)
-
-
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -252,7 +204,7 @@ class Transformer(nn.Module):
         """tokens (B, T) at position_ids (B, T) or (T,) -> logits (B, T, vocab).
 
         Positions default to 0..T−1 (after what the cache holds). With `targets` (B, T, −100 = ignore) the
-        mean next-token loss is returned instead, its (B·T, vocab) logits never whole (ChunkedCrossEntropy);
+        mean next-token loss is returned instead, its (B·T, vocab) logits never whole (loss.py);
         `hidden_only` returns the final normed states (B, T, dim) so callers can project only the positions they score.
         """
         B, T = tokens.shape
@@ -276,8 +228,7 @@ class Transformer(nn.Module):
             return h
         if targets is None:
             return self.logits(h)
-        return ChunkedCrossEntropy.apply(h.flatten(0, 1), self.output_weight, targets.flatten(),
-                                         torch.is_grad_enabled())
+        return cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten())
 
     @property
     def output_weight(self):

@@ -56,7 +56,8 @@ import eval_ppl  # noqa: E402
 import model as model_py  # noqa: E402
 import pose  # noqa: E402
 import train  # noqa: E402
-from model import IGNORE, ModelArgs, Transformer, with_scaling  # noqa: E402
+from loss import IGNORE, ChunkedCrossEntropy  # noqa: E402
+from model import ModelArgs, Transformer, with_scaling  # noqa: E402
 
 TOKENIZER = ROOT / "demo" / "base"  # 2,048 tokens: fits every model below
 TINYLLAMA_1B = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
@@ -392,7 +393,7 @@ def check_loss(run, autocast_bf16):
         h, w = (t.to(device).requires_grad_() for t in (h0, w0))
         with autocast:
             if chunked:
-                loss = model_py.ChunkedCrossEntropy.apply(h, w, targets, True)
+                loss = ChunkedCrossEntropy.apply(h, w, targets, True)
             else:
                 loss = F.cross_entropy(F.linear(h, w).float(), targets, ignore_index=IGNORE)
         loss.backward()
