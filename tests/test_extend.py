@@ -13,7 +13,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import rope
 import train
-from model import ModelArgs, Transformer, with_scaling
+from model import ModelArgs, Transformer
+from weights import with_scaling
 from test_train import argv, byte_tokenizer, tiny  # noqa: F401 (the fixture)
 
 LLAMA31 = rope.llama31_scaling()

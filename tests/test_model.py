@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rope
-from model import ModelArgs, Transformer, interleaved_to_half
+from model import ModelArgs, Transformer
+from weights import interleaved_to_half
 
 SCALINGS = {
     "none": None,
