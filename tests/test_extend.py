@@ -160,7 +160,7 @@ def test_exported_configs_load_in_transformers_without_a_warning(tmp_path, kind)
 
 
 def half_to_interleaved(w, n_heads):
-    """The inverse of model.interleaved_to_half: HF's half layout back to llama.cpp's interleaved rows."""
+    """The inverse of weights.interleaved_to_half: HF's half layout back to llama.cpp's interleaved rows."""
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
