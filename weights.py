@@ -68,6 +68,7 @@ def save_pretrained(model, directory, tokenizer=None):
     _atomic(directory / "config.json",
             lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
+
 def with_scaling(args, scaling):
     """ModelArgs with RoPE `scaling` (Hugging Face's keys) applied to a loaded checkpoint.
 
