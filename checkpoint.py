@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model import _to_hf_name, hf_config
+from weights import _to_hf_name, hf_config
 
 SHARDED = "checkpoints"  # OUT/checkpoints/step-N/: the DCP checkpoints of world size > 1
 SHARD_BYTES = 2**31  # the largest safetensors file of an export (transformers' default is 5 GB)

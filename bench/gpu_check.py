@@ -56,7 +56,10 @@ import eval_ppl  # noqa: E402
 import model as model_py  # noqa: E402
 import pose  # noqa: E402
 import train  # noqa: E402
-from model import IGNORE, ModelArgs, Transformer, with_scaling  # noqa: E402
+import weights  # noqa: E402
+from loss import IGNORE, ChunkedCrossEntropy  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from weights import with_scaling  # noqa: E402
 
 TOKENIZER = ROOT / "demo" / "base"  # 2,048 tokens: fits every model below
 TINYLLAMA_1B = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
@@ -392,7 +395,7 @@ def check_loss(run, autocast_bf16):
         h, w = (t.to(device).requires_grad_() for t in (h0, w0))
         with autocast:
             if chunked:
-                loss = model_py.ChunkedCrossEntropy.apply(h, w, targets, True)
+                loss = ChunkedCrossEntropy.apply(h, w, targets, True)
             else:
                 loss = F.cross_entropy(F.linear(h, w).float(), targets, ignore_index=IGNORE)
         loss.backward()
@@ -572,12 +575,12 @@ def make_step(impl, shape, state, device, checkpointing=False):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         args = ModelArgs(**{"max_seq_len": 2048, **shape})
-        config = LlamaConfig.from_dict(model_py.hf_config(args))
+        config = LlamaConfig.from_dict(weights.hf_config(args))
         config._attn_implementation = "sdpa"
         with torch.device(device):
             model = LlamaForCausalLM(config)
         missing, unexpected = model.load_state_dict(
-            {model_py._to_hf_name(k): v for k, v in state.items()}, strict=False)
+            {weights._to_hf_name(k): v for k, v in state.items()}, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
         if checkpointing:
             model.gradient_checkpointing_enable()

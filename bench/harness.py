@@ -201,7 +201,8 @@ def resident(model):
 
 def smollm2_for(target_len):
     """SmolLM2-135M with RoPE scaled for Lt as train.py scales it (linear PI, s = Lt / Lo when Lt > Lo)."""
-    from model import Transformer, load, with_scaling
+    from model import Transformer
+    from weights import load, with_scaling
 
     model, tokenizer = load("smollm2")
     lo = model.args.original_max_seq_len

@@ -17,7 +17,8 @@ import eval_passkey
 import eval_ppl
 from eval_passkey import INTRO, KEY_LINE, QUESTION, TOLERANCE, make_trial
 from eval_ppl import windows
-from model import SMOLLM2, ModelArgs, Transformer, resolve
+from model import ModelArgs, Transformer
+from weights import SMOLLM2, resolve
 from tokenizer import GPT2_PATTERN, Tokenizer, load_tokenizer
 
 YARN2 = {"rope_type": "yarn", "factor": 2.0}

@@ -13,7 +13,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import rope
 import train
-from model import ModelArgs, Transformer, with_scaling
+from model import ModelArgs, Transformer
+from weights import with_scaling
 from test_train import argv, byte_tokenizer, tiny  # noqa: F401 (the fixture)
 
 LLAMA31 = rope.llama31_scaling()
@@ -159,7 +160,7 @@ def test_exported_configs_load_in_transformers_without_a_warning(tmp_path, kind)
 
 
 def half_to_interleaved(w, n_heads):
-    """The inverse of model.interleaved_to_half: HF's half layout back to llama.cpp's interleaved rows."""
+    """The inverse of weights.interleaved_to_half: HF's half layout back to llama.cpp's interleaved rows."""
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 

@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rope
-from model import ModelArgs, Transformer, interleaved_to_half
+from model import ModelArgs, Transformer
+from weights import interleaved_to_half
 
 SCALINGS = {
     "none": None,
@@ -228,13 +229,13 @@ def test_loss_is_next_token_cross_entropy_with_ignored_labels(tmp_path):
 @pytest.mark.parametrize("tie", [False, True])
 def test_chunked_loss_equals_the_plain_cross_entropy_and_its_gradients(tmp_path, tie):
     """The targets path never builds the (B·T, vocab) logits; loss and every gradient are the plain computation's."""
-    import model as model_py
+    from loss import LOSS_CHUNK
 
     _, directory = hf_model(tmp_path, tie=tie)
     x = tokens(length=200)  # 400 rows: one full LOSS_CHUNK of 256 and a partial one
     targets = x.roll(-1, dims=1)
     targets[:, ::37] = -100  # ignored labels, as at PoSE chunk boundaries
-    assert x.numel() > model_py.LOSS_CHUNK
+    assert x.numel() > LOSS_CHUNK
     runs = []
     for chunked in (False, True):
         model = Transformer.from_pretrained(directory).train()

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from model import SMOLLM2, load, resolve
+from weights import SMOLLM2, load, resolve
 
 
 @pytest.fixture(scope="module")
