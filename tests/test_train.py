@@ -91,6 +91,18 @@ def test_pose_draws_are_fresh_every_step_and_reproducible():
     assert (p1.diff(dim=1) > 0).all() and p1.max() < cfg.target_len and t1.shape == (8, 16)
 
 
+
+def test_any_seed_and_step_draw_their_own_batch_and_recorded_runs_draw_as_before():
+    """torch's mt19937 keeps 32 bits of a seed: packing seed << 20 | step beyond 12 + 20 bits
+    would give seed 4096 the batches of seed 0; the recorded runs' packing stays as it was."""
+    docs = [torch.arange(100, dtype=torch.int32)]
+    assert train.step_seed(3, 5) == 3 << 20 | 5  # the draw of every run in docs/RESULTS.md
+    pairs = [(seed, step) for seed in (0, 1, 4095, 4096, 2**40) for step in (1, 2**20 - 1, 2**20)]
+    assert len({train.step_seed(*pair) for pair in pairs}) == len(pairs)
+    positions = [train.draw_batch(docs, cfg_for(seed=seed), step)[1] for seed, step in
+                 ((0, 1), (4096, 1), (0, 2**20 + 1), (2**40, 1))]
+    assert all(not torch.equal(positions[0], other) for other in positions[1:])
+
 def test_targets_are_next_tokens_with_chunk_boundaries_masked():
     docs = [torch.arange(1000, dtype=torch.int32)]  # token value = its index in the document
     tokens, _, targets = train.draw_batch(docs, cfg_for(), step=3)
