@@ -4,7 +4,7 @@
     python eval_passkey.py --model smollm2 --rope_scaling yarn:2 --lengths 16384 --trials 5 --out runs/passkey_yarn2.json
     torchrun --nproc_per_node 2 eval_passkey.py ...      # trials split across ranks, gathered on rank 0
 
-The prompt is SPEC §4's five lines joined by newlines; an empty filler line is left out. Lengths are counted in
+The prompt is Mohtashami & Jaggi's five lines (below) joined by newlines; an empty filler line is left out. Lengths are counted in
 the model's own tokens: the filler is cut at a word boundary so that the encoded prompt is the longest that fits
 in the requested length (a binary search on the number of filler words, each check encodes the whole prompt), so
 it is at most TOLERANCE tokens short (0–1 for SmolLM2), and that exact count is recorded. Depth d puts a fraction

@@ -8,7 +8,7 @@ at contiguous positions, as in pre-training (desideratum 2). An example is a pai
 
     python pose.py --train_len 2048 --target_len 32768 --chunks 2 --samples 2000 --plot pose.png
 
-Where we differ from the authors' public code (SPEC §2), on purpose:
+Where we differ from the authors' public code (github.com/hkust-nlp/PoSE), on purpose:
 - Every call draws afresh from the torch.Generator passed in; their cached preprocessing pass fixes
   each document's skips once, so every epoch repeats them. Any N; theirs has N=2 only (App. B: 2, 3, Lc).
 - Chunk lengths come from N-1 distinct uniform cut points in {1..Lc-1}, so every split into N

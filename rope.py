@@ -1,4 +1,4 @@
-"""RoPE frequencies and their context-extension scalings (SPEC §3), as pure functions.
+"""RoPE frequencies and their context-extension scalings (the paper's section 3.1), as pure functions.
 
     python rope.py --head_dim 128 --base 10000 --scaling '{"rope_type": "yarn", "factor": 16, "original_max_position_embeddings": 2048}'
 
@@ -22,7 +22,10 @@ import math
 
 import torch
 
-ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
+# The scalings by name: eval_*.py --rope_scaling TYPE:FACTOR, train.py --scaling (TRAINABLE).
+SCALINGS = ("linear", "ntk", "dynamic", "yarn", "llama3")
+TRAINABLE = tuple(s for s in SCALINGS if s != "dynamic")  # dynamic rescales per length: inference only
+ROPE_TYPES = ("default", *SCALINGS)
 _REQUIRED = {"linear": ("factor",), "ntk": ("factor",),
              "dynamic": ("factor", "original_max_position_embeddings"),
              "yarn": ("factor", "original_max_position_embeddings"),

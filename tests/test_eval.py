@@ -1,4 +1,4 @@
-"""eval_ppl.py and eval_passkey.py as specifications of SPEC §4: sliding windows that score every token once,
+"""eval_ppl.py and eval_passkey.py as specifications of the paper's protocols (Figure 2b, Table 1): sliding windows that score every token once,
 perplexity equal to transformers' own loop, prompts exactly as long as asked, the KV cache changing nothing,
 resumable result files, and one-sentence errors. Tiny random models with a byte-level tokenizer, CPU, seconds."""
 import json
