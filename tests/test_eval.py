@@ -23,13 +23,7 @@ from tokenizer import GPT2_PATTERN, Tokenizer, load_tokenizer
 YARN2 = {"rope_type": "yarn", "factor": 2.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second OpenMP thread only waits (100x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def byte_tokenizer():
@@ -377,6 +371,7 @@ def test_the_command_line_prints_no_traceback(tmp_path):
     assert run.returncode != 0 and "Traceback" not in run.stderr and run.stderr.startswith("error: ")
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_two_ranks_give_the_single_process_results(tiny, tmp_path):
     """torchrun: documents split across ranks (gloo), gathered on rank 0, the same numbers and file as one process."""
     data, _ = documents(tmp_path / "docs.jsonl")

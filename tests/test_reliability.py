@@ -35,13 +35,7 @@ WORDS = "the grass is green the sky is blue the sun is yellow here we go there a
 STEPS, SAVE_EVERY = 12, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: a second thread only waits (and spins)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def byte_tokenizer():
