@@ -11,7 +11,8 @@ distances they cover.
 
 Where we differ from the authors' public code (github.com/hkust-nlp/PoSE), on purpose:
 - Every call draws afresh from the torch.Generator passed in; their cached preprocessing pass fixes
-  each document's skips once, so every epoch repeats them. Any N; theirs has N=2 only (App. B: 2, 3, Lc).
+  each document's skips once, so every epoch repeats them. Any N; theirs has N=2 only (App. B:
+  2, 3, Lc).
 - Chunk lengths come from N-1 distinct uniform cut points in {1..Lc-1}, so every split into N
   positive lengths is equally likely. Theirs draws the first length from [1, ceil(Lc/2)].
 - The false label at a chunk boundary is masked by default (next_token_targets); theirs keeps it.
@@ -39,13 +40,15 @@ def check(method, doc_len, train_len, target_len, chunks=2, content="random"):
     if method == "pose" and not 1 <= chunks <= train_len:
         raise ValueError(f"chunks must be between 1 and train_len={train_len} (every chunk "
                          f"holds at least one token), got {chunks}")
-    to_target = method == "full" or (method, content) == ("pose", "aligned")  # text read up to position Lt-1
+    # the text is read up to position Lt-1
+    to_target = method == "full" or (method, content) == ("pose", "aligned")
     need, name = (target_len, "target_len") if to_target else (train_len, "train_len")
     what = f"method {method!r}" + (f" with content {content!r}" if method == "pose" else "")
     if doc_len < need:
-        raise ValueError(f"the document has {doc_len} tokens but {what} needs at least {name}={need}: "
-                         f"drop shorter documents or lower {name}"
-                         + (", or use content 'random'" if content == "aligned" and method == "pose" else ""))
+        aligned = content == "aligned" and method == "pose"
+        raise ValueError(f"the document has {doc_len} tokens but {what} needs at least "
+                         f"{name}={need}: drop shorter documents or lower {name}"
+                         + (", or use content 'random'" if aligned else ""))
 
 
 def chunk_lengths(train_len, chunks, rng):
@@ -55,7 +58,8 @@ def chunk_lengths(train_len, chunks, rng):
 
 
 def nondecreasing(chunks, high, rng):
-    """a_0 = 0, a_i ~ U{a_{i-1}, ..., high}: the law of skip biases (Eq. 4) and content offsets (Eq. 5).
+    """a_0 = 0, a_i ~ U{a_{i-1}, ..., high}: the law of skip biases (Eq. 4) and content offsets
+    (Eq. 5).
 
     Each draw lands on average halfway to high, so for large N the chain reaches high after about
     ln(high) distinct values: under Eq. 4, N = Lc skips a handful of times, unlike RandPos."""
@@ -68,7 +72,8 @@ def nondecreasing(chunks, high, rng):
 def sample(doc_len, train_len, target_len, *, chunks=2, content="random", generator=None):
     """One PoSE example: (token_index, position_ids), LongTensors of length train_len.
 
-    content: "random" (Eq. 5), "contiguous" (v_i = 0) or "aligned" (v_i = u_i, needs doc_len >= target_len).
+    content: "random" (Eq. 5), "contiguous" (v_i = 0) or "aligned" (v_i = u_i, needs
+    doc_len >= target_len).
     Drawn afresh on every call from generator (None: PyTorch's default generator).
     """
     check("pose", doc_len, train_len, target_len, chunks, content)
@@ -76,8 +81,9 @@ def sample(doc_len, train_len, target_len, *, chunks=2, content="random", genera
     # and costs a microsecond per chunk, where a torch call costs several.
     rng = random.Random(int(torch.randint(2**63 - 1, (), generator=generator)))
     lengths = chunk_lengths(train_len, chunks, rng)
-    skip_bias = nondecreasing(chunks, target_len - train_len, rng)  # Eq. 4: u_i ~ U{u_{i-1}, …, Lt−Lc}
-    if content == "random":  # Eq. 5: v_i ~ U{v_{i-1}, …, Lx−Lc}, the text skips through the document too
+    # Eq. 4: u_i ~ U{u_{i-1}, …, Lt−Lc}
+    skip_bias = nondecreasing(chunks, target_len - train_len, rng)
+    if content == "random":  # Eq. 5: v_i ~ U{v_{i-1}, …, Lx−Lc}, the text skips through it too
         content_offset = nondecreasing(chunks, doc_len - train_len, rng)
     elif content == "contiguous":  # Appendix A: v_i = 0, one unbroken run of text across the skips
         content_offset = [0] * chunks
@@ -85,14 +91,17 @@ def sample(doc_len, train_len, target_len, *, chunks=2, content="random", genera
         content_offset = skip_bias
     starts = list(itertools.accumulate(lengths[:-1], initial=0))  # st_i, where chunk i starts
     # Eq. 3: chunk i is the text x[v_i + st_i : v_i + st_i + l_i] at positions u_i + st_i, …, so
-    # token k of the example, in chunk i, is x[k + v_i] at k + u_i: v and u step up where chunks start.
+    # token k of the example, in chunk i, is x[k + v_i] at k + u_i: v and u step up where chunk i
+    # starts, by v_i - v_{i-1} and u_i - u_{i-1}.
     step = torch.zeros(2, train_len, dtype=torch.long)
-    step[:, starts] = torch.tensor([content_offset, skip_bias]).diff(prepend=torch.zeros(2, 1).long())
+    offsets = torch.tensor([content_offset, skip_bias])
+    step[:, starts] = offsets.diff(prepend=torch.zeros(2, 1, dtype=torch.long))
     token_index, position_ids = torch.arange(train_len) + step.cumsum(1)
     return token_index, position_ids
 
 
-def make_example(method, doc_len, train_len, target_len, *, chunks=2, content="random", generator=None):
+def make_example(method, doc_len, train_len, target_len, *, chunks=2, content="random",
+                 generator=None):
     """(token_index, position_ids) for one training example of any method in METHODS.
 
     "pose": sample(). The baselines read one contiguous run of text at a random offset:
@@ -102,7 +111,8 @@ def make_example(method, doc_len, train_len, target_len, *, chunks=2, content="r
     """
     check(method, doc_len, train_len, target_len, chunks, content)
     if method == "pose":
-        return sample(doc_len, train_len, target_len, chunks=chunks, content=content, generator=generator)
+        return sample(doc_len, train_len, target_len, chunks=chunks, content=content,
+                      generator=generator)
     if method == "randpos":  # O(Lt) per example: a permutation of every candidate position
         positions = torch.randperm(target_len, generator=generator)[:train_len].sort().values
     else:
@@ -112,7 +122,8 @@ def make_example(method, doc_len, train_len, target_len, *, chunks=2, content="r
 
 
 def boundary_mask(token_index):
-    """True at t (length L-1) where token t+1 is not the document's next token: v jumped there (Eq. 5)."""
+    """True at t (length L-1) where token t+1 is not the document's next token: v jumped there
+    (Eq. 5)."""
     return token_index[..., 1:] != token_index[..., :-1] + 1
 
 
