@@ -89,14 +89,11 @@ def sample(doc_len, train_len, target_len, *, chunks=2, content="random", genera
         content_offset = [0] * chunks
     else:  # Appendix A: v_i = u_i, each token sits at its own position in the document
         content_offset = skip_bias
-    starts = list(itertools.accumulate(lengths[:-1], initial=0))  # st_i, where chunk i starts
-    # Eq. 3: chunk i is the text x[v_i + st_i : v_i + st_i + l_i] at positions u_i + st_i, …, so
-    # token k of the example, in chunk i, is x[k + v_i] at k + u_i: v and u step up where chunk i
-    # starts, by v_i - v_{i-1} and u_i - u_{i-1}.
-    step = torch.zeros(2, train_len, dtype=torch.long)
-    offsets = torch.tensor([content_offset, skip_bias])
-    step[:, starts] = offsets.diff(prepend=torch.zeros(2, 1, dtype=torch.long))
-    token_index, position_ids = torch.arange(train_len) + step.cumsum(1)
+    starts = itertools.accumulate(lengths[:-1], initial=0)  # st_i: where chunk i starts
+    # Eq. 3: chunk i is the text x[v_i + st_i : v_i + st_i + l_i] at positions u_i + st_i, …
+    pieces = [(torch.arange(v + st, v + st + n), torch.arange(u + st, u + st + n))
+              for v, u, st, n in zip(content_offset, skip_bias, starts, lengths)]
+    token_index, position_ids = (torch.cat(parts) for parts in zip(*pieces))
     return token_index, position_ids
 
 
