@@ -206,6 +206,7 @@ def assert_within_1e5_of_the_uninterrupted_run(tiny, out):
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # torchrun, two processes, killed and resumed
 @pytest.mark.parametrize("killed,resumed", [(2, 2), (2, 1), (1, 2)])
 def test_sigkill_then_resume_on_any_world_size_equals_one_process(tiny, tmp_path, killed, resumed):
     """1 process or torchrun with 2 CPU ranks (gloo, FSDP2), killed whole mid-run, resumed on 1 or
@@ -228,6 +229,7 @@ def test_sigkill_then_resume_on_any_world_size_equals_one_process(tiny, tmp_path
     assert_within_1e5_of_the_uninterrupted_run(tiny, tmp_path)
 
 
+@pytest.mark.slow  # torchrun, two processes, one restarted
 def test_a_worker_killed_under_torchrun_max_restarts_is_restarted_and_resumes(tiny, tmp_path):
     """torchrun --max-restarts 1 with --auto_resume: one of the two workers SIGKILLed at a random
     step; torchrun stops the other and starts both again with the same arguments, which continue
