@@ -1,6 +1,7 @@
 """eval_ppl.py and eval_passkey.py as specifications of the paper's protocols (Figure 2b, Table 1): sliding windows that score every token once,
 perplexity equal to transformers' own loop, prompts exactly as long as asked, the KV cache changing nothing,
 resumable result files, and one-sentence errors. Tiny random models with a byte-level tokenizer, CPU, seconds."""
+import argparse
 import json
 import math
 import os
@@ -15,8 +16,10 @@ from transformers import LlamaForCausalLM
 
 import eval_passkey
 import eval_ppl
+import rope
 from eval_passkey import INTRO, KEY_LINE, QUESTION, TOLERANCE, make_trial
 from eval_ppl import windows
+from evaluation import parse_scaling
 from model import SMOLLM2, ModelArgs, Transformer, resolve
 from tokenizer import GPT2_PATTERN, Tokenizer, load_tokenizer
 
@@ -386,3 +389,12 @@ def test_two_ranks_give_the_single_process_results(tiny, tmp_path):
     assert two["world_size"] == 2 and two["scored_tokens"] == alone["lengths"]["256"]["scored_tokens"]
     assert two["ppl"] == pytest.approx(alone["lengths"]["256"]["ppl"], rel=1e-6)
     assert [d["index"] for d in two["documents"]] == [0, 1, 2]
+
+
+def test_the_rope_scaling_flag_takes_every_name_in_rope_scalings_and_names_them_when_wrong():
+    for name in rope.SCALINGS:
+        assert parse_scaling(f"{name}:2") == {"rope_type": name, "factor": 2.0}
+    assert parse_scaling("none") is None
+    for wrong in ("turbo:2", "yarn:x", "yarn"):
+        with pytest.raises(argparse.ArgumentTypeError, match=", ".join(rope.SCALINGS)):
+            parse_scaling(wrong)
