@@ -1,10 +1,13 @@
-"""RoPE frequencies and their context-extension scalings (SPEC §3), as pure functions.
+"""RoPE frequencies and their context-extension scalings (the paper's section 3.1), as pure
+functions.
 
-    python rope.py --head_dim 128 --base 10000 --scaling '{"rope_type": "yarn", "factor": 16, "original_max_position_embeddings": 2048}'
+    python rope.py --head_dim 128 --base 10000 \
+        --scaling '{"rope_type": "yarn", "factor": 16, "original_max_position_embeddings": 2048}'
 
-RoPE rotates each pair of channels j of a query at position m by the angle m·θ_j, θ_j = base^(−2j/d), so a
-query at m and a key at n interact through (m − n)·θ_j only. PoSE (section 3.2) feeds positions up to
-Lt − 1 while the model was trained on < Lo; a scaling makes those positions look familiar:
+RoPE rotates each pair of channels j of a query at position m by the angle m·θ_j,
+θ_j = base^(−2j/d), so a query at m and a key at n interact through (m − n)·θ_j only. PoSE
+(section 3.2) feeds positions up to Lt − 1 while the model was trained on < Lo; a scaling makes
+those positions look familiar:
 
     linear (PI)    θ_j / s                                   every position squeezed by s = Lt / Lo
     ntk            base · s^(d/(d−2))                         the paper's static "NTK"
@@ -12,8 +15,9 @@ Lt − 1 while the model was trained on < Lo; a scaling makes those positions lo
     yarn           per-channel blend of θ_j/s and θ_j, cos/sin × (0.1·ln s + 1)
     llama3         Llama 3.1's blend by wavelength (use_scaled_rope)
 
-`scaling` is None or a dict with Hugging Face's keys, so a config.json written by model.py gives the same
-numbers in transformers. Everything is computed in float64; the caller casts the final cos/sin.
+`scaling` is None or a dict with Hugging Face's keys, so a config.json written by model.py gives
+the same numbers in transformers. Everything is computed in float64; the caller casts the final
+cos/sin.
 
 A checkpoint may already carry a scaling (Llama 3.1: llama3 ×8 from Lo = 8192, window 131072).
 Its window is what it was trained for; `extend` stretches that window on top of the scaling it has.
@@ -22,11 +26,15 @@ import math
 
 import torch
 
-ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
+# The scalings by name: eval_*.py --rope_scaling TYPE:FACTOR, train.py --scaling (TRAINABLE).
+SCALINGS = ("linear", "ntk", "dynamic", "yarn", "llama3")
+TRAINABLE = tuple(s for s in SCALINGS if s != "dynamic")  # dynamic rescales per length: inference
+ROPE_TYPES = ("default", *SCALINGS)
 _REQUIRED = {"linear": ("factor",), "ntk": ("factor",),
              "dynamic": ("factor", "original_max_position_embeddings"),
              "yarn": ("factor", "original_max_position_embeddings"),
-             "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
+             "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+                        "high_freq_factor")}
 
 
 def kind(scaling):
@@ -79,19 +87,21 @@ def extend(scaling, current, target_len, rope_type=None):
 def inv_freq(head_dim, base, scaling=None, *, seq_len=None):
     """-> (θ of shape (head_dim/2,) in float64, attention_factor that multiplies cos and sin).
 
-    `seq_len` is only read by "dynamic": the current length L. Under PoSE the token count and the largest
-    position disagree; we use the largest position id + 1 (what the rotation actually sees, and what
-    transformers does), so callers pass max(position_ids) + 1.
+    `seq_len` is only read by "dynamic": the current length L. Under PoSE the token count and the
+    largest position disagree; we use the largest position id + 1 (what the rotation actually
+    sees, and what transformers does), so callers pass max(position_ids) + 1.
     """
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dimension, got {head_dim}.")
     scaling = dict(scaling or {})
     rope_type = kind(scaling)
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"Unknown rope_type {rope_type!r}; expected one of {', '.join(ROPE_TYPES)}.")
+        raise ValueError(f"Unknown rope_type {rope_type!r}; expected one of "
+                         f"{', '.join(ROPE_TYPES)}.")
     missing = [key for key in _REQUIRED.get(rope_type, ()) if scaling.get(key) is None]
     if missing:
-        raise ValueError(f"rope_type {rope_type!r} needs {', '.join(missing)} in its scaling dict, got {scaling}.")
+        raise ValueError(f"rope_type {rope_type!r} needs {', '.join(missing)} in its scaling dict, "
+                         f"got {scaling}.")
     d = head_dim
     exponent = torch.arange(0, d, 2, dtype=torch.float64) / d  # 2j/d
     theta = base ** -exponent
@@ -105,7 +115,8 @@ def inv_freq(head_dim, base, scaling=None, *, seq_len=None):
     original = scaling["original_max_position_embeddings"]
     if rope_type == "dynamic":  # NTK recomputed for the current length; no change up to Lo
         length = max(seq_len or original, original)
-        return (base * ((factor * length / original) - (factor - 1)) ** (d / (d - 2))) ** -exponent, 1.0
+        dynamic_base = base * ((factor * length / original) - (factor - 1)) ** (d / (d - 2))
+        return dynamic_base ** -exponent, 1.0
     if rope_type == "yarn":
         return _yarn(theta, d, base, factor, original, scaling)
     return _llama3(theta, factor, original, scaling)
@@ -133,7 +144,8 @@ def _yarn(theta, d, base, factor, original, scaling):
     attention = scaling.get("attention_factor")
     if attention is None:
         if scaling.get("mscale") and scaling.get("mscale_all_dim"):
-            attention = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+            attention = (mscale(factor, scaling["mscale"])
+                         / mscale(factor, scaling["mscale_all_dim"]))
         else:
             attention = mscale(factor)  # sqrt(1/t) = 0.1·ln(s) + 1
     return blended, float(attention)
@@ -152,10 +164,12 @@ def _llama3(theta, factor, original, scaling):
 
 
 def cos_sin(position_ids, theta, attention_factor=1.0, dtype=torch.float32):
-    """Position ids (B, T), any integers (PoSE jumps included) -> cos, sin of shape (B, T, head_dim/2).
+    """Position ids (B, T), any integers (PoSE jumps included) -> cos, sin of shape
+    (B, T, head_dim/2).
 
-    Angles m·θ_j are formed in float64 (float32 on MPS, which has no float64) and only then cast, so a
-    position of 100k keeps its last digits; the table has the size of the batch, not of the largest position.
+    Angles m·θ_j are formed in float64 (float32 on MPS, which has no float64) and only then cast,
+    so a position of 100k keeps its last digits; the table has the size of the batch, not of the
+    largest position.
     """
     wide = torch.float32 if position_ids.device.type == "mps" else torch.float64
     angles = position_ids.to(wide)[..., None] * theta.to(position_ids.device, wide)
@@ -163,9 +177,10 @@ def cos_sin(position_ids, theta, attention_factor=1.0, dtype=torch.float32):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, n_heads, head_dim) in Hugging Face's half layout: channel j pairs with j + d/2."""
+    """Rotate x (B, T, n_heads, head_dim) in Hugging Face's half layout: channel j pairs with
+    j + d/2."""
     x1, x2 = x.chunk(2, dim=-1)
-    # broadcast over heads; in x's dtype, so autocast's bf16 q/k stay bf16 (and flash-attn stays eligible)
+    # broadcast over heads; in x's dtype, so autocast's bf16 q/k stay bf16 (flash-attn eligible)
     cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -180,10 +195,12 @@ if __name__ == "__main__":
     import argparse
     import json
 
-    p = argparse.ArgumentParser(description="Print RoPE wavelengths per channel pair for a scaling.")
+    p = argparse.ArgumentParser(
+        description="Print RoPE wavelengths per channel pair for a scaling.")
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--base", type=float, default=10000.0)
-    p.add_argument("--scaling", type=json.loads, default=None, help="JSON dict with Hugging Face's keys")
+    p.add_argument("--scaling", type=json.loads, default=None,
+                   help="JSON dict with Hugging Face's keys")
     args = p.parse_args()
     try:
         plain, _ = inv_freq(args.head_dim, args.base)

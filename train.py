@@ -81,7 +81,7 @@ class Config:
     scaling: str | None = flag(None, "RoPE scaling applied before training and saved in "
                                "config.json: linear = position interpolation (the paper's), ntk, "
                                "yarn, llama3 (default: linear, or the checkpoint's own type)",
-                               choices=("linear", "ntk", "yarn", "llama3"))
+                               choices=rope.TRAINABLE)
     chunks: int = flag(2, "N, chunks per example (paper: 2; Appendix B: 3 is slightly better)")
     content: str = flag("random", "content offsets v_i: random (Eq. 5), contiguous (0) or aligned "
                         "(u_i, needs documents of >= Lt tokens)", choices=pose.CONTENTS)

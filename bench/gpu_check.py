@@ -53,6 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import eval_passkey  # noqa: E402
 import eval_ppl  # noqa: E402
+import evaluation  # noqa: E402
 import model as model_py  # noqa: E402
 import pose  # noqa: E402
 import train  # noqa: E402
@@ -189,7 +190,7 @@ def eval_dtype(device):
     """The dtype eval_passkey and eval_ppl run in by default on `device`: their --dtype default
     (bf16 on CUDA, fp32 on CPU when that default is left to the device)."""
     p = argparse.ArgumentParser()
-    eval_passkey.add_common_args(p)
+    evaluation.add_common_args(p)
     default = p.get_default("dtype")
     if isinstance(default, torch.dtype):
         return default

@@ -19,6 +19,8 @@ sys.path.insert(1, str(ROOT))
 
 from run import LO, LT, summary  # noqa: E402
 
+pytestmark = pytest.mark.slow  # left out by pytest -m "not slow"; make test runs it
+
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):

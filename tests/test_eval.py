@@ -1,6 +1,7 @@
-"""eval_ppl.py and eval_passkey.py as specifications of SPEC §4: sliding windows that score every token once,
+"""eval_ppl.py and eval_passkey.py as specifications of the paper's protocols (Figure 2b, Table 1): sliding windows that score every token once,
 perplexity equal to transformers' own loop, prompts exactly as long as asked, the KV cache changing nothing,
 resumable result files, and one-sentence errors. Tiny random models with a byte-level tokenizer, CPU, seconds."""
+import argparse
 import json
 import math
 import os
@@ -15,8 +16,10 @@ from transformers import LlamaForCausalLM
 
 import eval_passkey
 import eval_ppl
+import rope
 from eval_passkey import INTRO, KEY_LINE, QUESTION, TOLERANCE, make_trial
 from eval_ppl import windows
+from evaluation import parse_scaling
 from model import ModelArgs, Transformer
 from weights import SMOLLM2, resolve
 from tokenizer import GPT2_PATTERN, Tokenizer, load_tokenizer
@@ -24,13 +27,7 @@ from tokenizer import GPT2_PATTERN, Tokenizer, load_tokenizer
 YARN2 = {"rope_type": "yarn", "factor": 2.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second OpenMP thread only waits (100x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def byte_tokenizer():
@@ -84,7 +81,7 @@ def test_every_token_after_the_first_is_scored_exactly_once(n, length, stride):
 
 
 def test_a_stride_not_below_the_window_is_refused():
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="first token would go unscored"):
         windows(1000, 256, 256)
 
 
@@ -202,7 +199,7 @@ def test_bos_before_every_window_is_the_authors_protocol(tiny, tmp_path):
 
 
 def test_gpu_evaluation_defaults_to_bf16_and_fp32_gqa_copies_the_kv_heads(monkeypatch):
-    from eval_passkey import default_device_and_dtype
+    from evaluation import default_device_and_dtype
     from model import attend, gqa_by_copies
 
     assert default_device_and_dtype("cuda:1", None) == ("cuda:1", "bf16")
@@ -342,6 +339,20 @@ def test_a_rerun_skips_finished_lengths_and_refuses_other_settings(tiny, tmp_pat
     assert eval_passkey.main([*base[:-3], "4", "--out", str(out), "--lengths", "400", "--overwrite"])["config"]["trials"] == 4
 
 
+def test_a_results_file_without_a_newer_default_setting_is_resumed(tiny, tmp_path):
+    """A file written before a flag existed (the flag now at its default, None) holds the same
+    settings: it is resumed, not refused with an empty list of differences."""
+    out = tmp_path / "passkey.json"
+    base = ["--model", str(tiny), "--trials", "2", "--out", str(out)]
+    first = eval_passkey.main([*base, "--lengths", "400"])
+    older = json.loads(out.read_text())
+    del older["config"]["context_len"]
+    out.write_text(json.dumps(older))
+    second = eval_passkey.main([*base, "--lengths", "400"])
+    assert second["lengths"]["400"] == first["lengths"]["400"]
+    assert second["config"]["context_len"] is None
+
+
 def bad_runs(tiny, tmp_path):
     data, _ = documents(tmp_path / "docs.jsonl")
     broken = tmp_path / "broken"
@@ -378,6 +389,7 @@ def test_the_command_line_prints_no_traceback(tmp_path):
     assert run.returncode != 0 and "Traceback" not in run.stderr and run.stderr.startswith("error: ")
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_two_ranks_give_the_single_process_results(tiny, tmp_path):
     """torchrun: documents split across ranks (gloo), gathered on rank 0, the same numbers and file as one process."""
     data, _ = documents(tmp_path / "docs.jsonl")
@@ -392,3 +404,12 @@ def test_two_ranks_give_the_single_process_results(tiny, tmp_path):
     assert two["world_size"] == 2 and two["scored_tokens"] == alone["lengths"]["256"]["scored_tokens"]
     assert two["ppl"] == pytest.approx(alone["lengths"]["256"]["ppl"], rel=1e-6)
     assert [d["index"] for d in two["documents"]] == [0, 1, 2]
+
+
+def test_the_rope_scaling_flag_takes_every_name_in_rope_scalings_and_names_them_when_wrong():
+    for name in rope.SCALINGS:
+        assert parse_scaling(f"{name}:2") == {"rope_type": name, "factor": 2.0}
+    assert parse_scaling("none") is None
+    for wrong in ("turbo:2", "yarn:x", "yarn"):
+        with pytest.raises(argparse.ArgumentTypeError, match=", ".join(rope.SCALINGS)):
+            parse_scaling(wrong)

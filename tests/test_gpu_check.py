@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # left out by pytest -m "not slow"; make test runs it
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -1,25 +1,25 @@
-"""The PoSE sampler (pose.py) against section 3.2 of the paper, one property per test.
+"""The PoSE sampler (pose.py) against section 3.2 of the paper, one property per test; the
+coverage counter and the Figure-1 command line of demo/figure1.py.
 
     python -m pytest -q tests/test_pose.py
 """
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import pose
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demo"))
+import figure1  # noqa: E402
+
 LC, LT, LX = 64, 1024, 4096  # train_len, target_len, doc_len: tiny but with room to skip
 SETTINGS = [(n, c) for n in (1, 2, 3, 16, LC) for c in pose.CONTENTS]  # (chunks, content)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The sampler's tensors are tiny; on a shared 2-core machine a second thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def draws(n, *, chunks=2, content="random", seed=0, doc_len=LX, train_len=LC, target_len=LT, method="pose"):
@@ -103,9 +103,9 @@ def test_every_relative_distance_is_covered():
     """Desideratum 1. Lt = 256 so that K = 3000 examples suffice: the largest distance Lt - 1 needs
     u_1 = Lt - Lc exactly, probability 1/193 per example."""
     examples = draws(3000, target_len=256)
-    counts = pose.distance_counts(torch.stack([pos for _, pos in examples]), 256)
+    counts = figure1.distance_counts(torch.stack([pos for _, pos in examples]), 256)
     assert bool((counts[1:] > 0).all())
-    few = pose.distance_counts(torch.stack([pos for _, pos in examples[:50]]), 256)
+    few = figure1.distance_counts(torch.stack([pos for _, pos in examples[:50]]), 256)
     assert bool((few[200:] == 0).any())  # and it takes many examples: 50 leave gaps
 
 
@@ -113,9 +113,9 @@ def test_randpos_covers_distances_too_but_pose_keeps_the_chunks_contiguous():
     """Both satisfy desideratum 1; only PoSE keeps pre-training's local structure (desideratum 2):
     it has at least Lc - N adjacent positions per example, RandPos about Lc(Lc-1)/Lt."""
     k, target_len = 400, 256  # distance Lt-1 needs positions 0 and Lt-1: 1 in 16 RandPos examples
-    pose_counts = pose.distance_counts(torch.stack([p for _, p in draws(k, target_len=target_len)]), target_len)
+    pose_counts = figure1.distance_counts(torch.stack([p for _, p in draws(k, target_len=target_len)]), target_len)
     randpos = draws(k, target_len=target_len, method="randpos")
-    rand_counts = pose.distance_counts(torch.stack([p for _, p in randpos]), target_len)
+    rand_counts = figure1.distance_counts(torch.stack([p for _, p in randpos]), target_len)
     assert bool((rand_counts[1:] > 0).all())  # PoSE's coverage: test_every_relative_distance_is_covered
     assert pose_counts[1] >= k * (LC - 2)
     expected = k * LC * (LC - 1) / target_len  # pairs of consecutive positions both drawn
@@ -129,7 +129,7 @@ def test_distance_counts_equal_brute_force(method, chunks):
     examples = draws(5, method=method, chunks=chunks, train_len=train_len, target_len=target_len)
     batch = torch.stack([pos for _, pos in examples])
     d = batch[:, None, :] - batch[:, :, None]  # (K, L, L): key to query distances
-    assert torch.equal(pose.distance_counts(batch, target_len), torch.bincount(d[d > 0], minlength=target_len))
+    assert torch.equal(figure1.distance_counts(batch, target_len), torch.bincount(d[d > 0], minlength=target_len))
 
 
 @pytest.mark.parametrize("chunks", [2, 16])  # both ways sample() builds Eq. 3: per chunk, vectorized
@@ -207,12 +207,12 @@ def test_bad_input_raises_a_value_error_that_says_what_to_do(args, kwargs, messa
 
 
 def test_cli_prints_examples_and_coverage(capsys):
-    pose.main(["--train_len", "64", "--target_len", "256", "--samples", "300", "--chunks", "3"])
+    figure1.main(["--train_len", "64", "--target_len", "256", "--samples", "300", "--chunks", "3"])
     out = capsys.readouterr().out
     assert "chunk 0: positions 0.." in out and "coverage after K=300 examples" in out
 
 
 def test_cli_explains_bad_input_without_traceback(capsys):
     with pytest.raises(SystemExit) as exit:
-        pose.main(["--train_len", "64", "--target_len", "32"])
+        figure1.main(["--train_len", "64", "--target_len", "32"])
     assert exit.value.code != 0 and "raise target_len" in str(exit.value.code)

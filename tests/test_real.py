@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT))
 
 from demo.real import HELD_OUT_PLAY, MODELS, fetch_austen, read_r_data  # noqa: E402
 
+pytestmark = pytest.mark.slow  # left out by pytest -m "not slow"; make test runs it
+
 
 def smoke(out):
     command = [sys.executable, "demo/real.py", "--smoke", "--stages", "3", "--out", str(out)]

@@ -35,13 +35,7 @@ WORDS = "the grass is green the sky is blue the sun is yellow here we go there a
 STEPS, SAVE_EVERY = 12, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: a second thread only waits (and spins)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def byte_tokenizer():
@@ -212,6 +206,7 @@ def assert_within_1e5_of_the_uninterrupted_run(tiny, out):
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # torchrun, two processes, killed and resumed
 @pytest.mark.parametrize("killed,resumed", [(2, 2), (2, 1), (1, 2)])
 def test_sigkill_then_resume_on_any_world_size_equals_one_process(tiny, tmp_path, killed, resumed):
     """1 process or torchrun with 2 CPU ranks (gloo, FSDP2), killed whole mid-run, resumed on 1 or
@@ -234,6 +229,7 @@ def test_sigkill_then_resume_on_any_world_size_equals_one_process(tiny, tmp_path
     assert_within_1e5_of_the_uninterrupted_run(tiny, tmp_path)
 
 
+@pytest.mark.slow  # torchrun, two processes, one restarted
 def test_a_worker_killed_under_torchrun_max_restarts_is_restarted_and_resumes(tiny, tmp_path):
     """torchrun --max-restarts 1 with --auto_resume: one of the two workers SIGKILLed at a random
     step; torchrun stops the other and starts both again with the same arguments, which continue

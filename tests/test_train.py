@@ -163,6 +163,7 @@ def test_lr_warms_up_linearly_then_decays_to_zero_or_stays():
 
 # ---- training runs -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
     """torchrun, 2 CPU ranks, gloo, FSDP2 with activation checkpointing vs a plain single process: same losses,
     same gradient norms (clip_grad_norm_ over DTensor gradients), same final weights."""
