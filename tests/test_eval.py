@@ -87,14 +87,17 @@ def test_a_stride_not_below_the_window_is_refused():
 
 # ---- perplexity ------------------------------------------------------------------------------------------
 
-def transformers_ppl(model, docs, length, stride):
-    """The Hugging Face perplexity guide's loop (labels = -100 before the new tokens), summed over documents."""
+def transformers_ppl(model, docs, length, stride, bos=None):
+    """The Hugging Face perplexity guide's loop (labels = -100 before the new tokens), summed over
+    documents; with `bos`, the authors' loop (YaRN's compute_perplexity): BOS + L − 1 tokens a window,
+    token 0 scored from BOS."""
+    lead = [] if bos is None else [bos]
     nll, count = 0.0, 0
     for ids in docs:
         ids, previous_end = torch.tensor(ids), 0
         for begin in range(0, len(ids), stride):
-            end = min(begin + length, len(ids))
-            inputs = ids[begin:end][None]
+            end = min(begin + length - len(lead), len(ids))
+            inputs = torch.cat([torch.tensor(lead, dtype=ids.dtype), ids[begin:end]])[None]
             labels = inputs.clone()
             labels[:, :-(end - previous_end)] = -100
             with torch.no_grad():
@@ -163,26 +166,6 @@ def test_rope_scaling_type_factor_reaches_the_model(tiny, tmp_path, flag):
         assert results["lengths"]["512"]["ppl"] != pytest.approx(plain, rel=1e-3)
 
 
-def transformers_ppl_with_bos(model, docs, length, stride, bos):
-    """The authors' loop (YaRN's compute_perplexity): BOS + L − 1 tokens a window, token 0 scored from BOS."""
-    nll, count = 0.0, 0
-    for ids in docs:
-        ids, previous_end = torch.tensor(ids), 0
-        for begin in range(0, len(ids), stride):
-            end = min(begin + length - 1, len(ids))
-            inputs = torch.cat([torch.tensor([bos]), ids[begin:end]])[None]
-            labels = inputs.clone()
-            labels[:, :-(end - previous_end)] = -100
-            with torch.no_grad():
-                loss = model(inputs, labels=labels).loss
-            valid = (labels[:, 1:] != -100).sum().item()
-            nll, count = nll + loss.item() * valid, count + valid
-            previous_end = end
-            if end == len(ids):
-                break
-    return math.exp(nll / count)
-
-
 def test_bos_before_every_window_is_the_authors_protocol(tiny, tmp_path):
     data, texts = documents(tmp_path / "docs.jsonl")
     argv = ["--model", str(tiny), "--data", str(data), "--lengths", "256", "--stride", "128", "--min_tokens", "600",
@@ -192,7 +175,7 @@ def test_bos_before_every_window_is_the_authors_protocol(tiny, tmp_path):
     tokenizer = byte_tokenizer()
     docs = [tokenizer.encode(t, bos=False) for t in texts if len(tokenizer.encode(t)) >= 600][:2]
     theirs = LlamaForCausalLM.from_pretrained(tiny).eval()
-    assert with_bos["ppl"] == pytest.approx(transformers_ppl_with_bos(theirs, docs, 256, 128, 256), rel=1e-4)
+    assert with_bos["ppl"] == pytest.approx(transformers_ppl(theirs, docs, 256, 128, bos=256), rel=1e-4)
     assert with_bos["scored_tokens"] == sum(map(len, docs))  # every token, the first one from BOS
     assert plain["scored_tokens"] == sum(map(len, docs))  # the tokenizer's own BOS + every token after it
     assert with_bos["ppl"] != pytest.approx(plain["ppl"], rel=1e-3)
