@@ -59,6 +59,7 @@ STAGE3 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]
 FAITHFUL1 = [*COMMON[:2], "--train_len", "128", *COMMON[4:], "--steps", "800", "--lr", "2e-3"]
 FAITHFUL2 = [*COMMON[:4], "--batch_size", "16", "--micro_batch_size", "16", *COMMON[8:],
              "--steps", "1500", "--lr", "1e-3"]
+FAITHFUL3 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]  # as STAGE3, on varied episodes
 
 
 def split_plays(files):
@@ -272,7 +273,15 @@ def main(argv=None):
         pretrain("stage 1 (learn to copy)", work / "copy.jsonl", work / "stage1", FAITHFUL1, init)
         pretrain("stage 2 (the mixture)", work / "pretrain.jsonl", work / "stage2", FAITHFUL2,
                  ["--model", str(work / "stage1" / "final")])
-        last = work / "stage2" / "final"
+        # stage 3 as the shipped recipe's: plays and whole episodes 1:1 (the stage that made the
+        # shipped base retrieve), the episodes in other words; stage 2 alone left it at chance
+        episodes = play_pieces + [varied_episode(tokenizer, rng, play_lines) for _ in play_pieces]
+        rng.shuffle(episodes)
+        assert all(map(template_free, episodes)), "an episode holds the evaluation's prompt"
+        write_jsonl(work / "episodes.jsonl", episodes)
+        pretrain("stage 3 (whole episodes)", work / "episodes.jsonl", work / "stage3", FAITHFUL3,
+                 ["--model", str(work / "stage2" / "final")])
+        last = work / "stage3" / "final"
     else:
         docs, n = list(play_pieces), len(play_pieces)
         docs += [passkey_document(tokenizer, rng) for _ in range(n)]
