@@ -4,6 +4,7 @@ loads, whatever the checkpoint's dtype and however its files are split; Meta che
 builds whole and broadcasts, too."""
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from config import Config
-from distributed import read_model
+from distributed import load_slices, read_model
 from model import ModelArgs, Transformer
 from tokenizer import GPT2_PATTERN, Tokenizer
+from weights import hf_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,3 +125,43 @@ def test_two_ranks_hold_exactly_what_one_process_loads(tmp_path):
         assert sharded["state"].keys() == one.state_dict().keys(), name
         for key, tensor in one.state_dict().items():
             assert tensor.dtype == torch.float32 and torch.equal(sharded["state"][key], tensor), (name, key)
+
+
+@pytest.fixture
+def group_of_one():
+    """A gloo process group of one rank in this process: FSDP2's DTensors without starting processes."""
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+def sharded_on_meta(args):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    return model.to_empty(device="cpu")
+
+
+def test_slices_of_a_checkpoint_that_does_not_match_are_refused_by_name(tmp_path, group_of_one):
+    """load_slices is as strict as Transformer.load_weights: a tensor missing from the files, one the model
+    has no place for, or one of another shape is named in one sentence, before anything is half-filled."""
+    hf_checkpoint(tmp_path / "ok", torch.bfloat16, sharded=False, tied=False)
+    args = hf_args(tmp_path / "ok")
+    model = sharded_on_meta(args)
+    load_slices(model, tmp_path / "ok")  # a world of one: the whole tensor is this rank's slice
+    one, _ = read_model(Config(model=str(tmp_path / "ok"), method="noskip"))
+    for key, tensor in one.state_dict().items():
+        assert torch.equal(model.state_dict()[key].full_tensor(), tensor), key
+    state = load_file(tmp_path / "ok" / "model.safetensors")
+    broken = {"missing": {k: v for k, v in state.items() if k != "model.norm.weight"},
+              "unexpected": {**state, "model.layers.9.mlp.up_proj.weight": state["model.norm.weight"].clone()},
+              "shape": {**state, "model.norm.weight": state["model.norm.weight"][:-1].clone()}}
+    said = {"missing": "missing ['norm.weight']", "unexpected": "unexpected ['layers.9.feed_forward.w3.weight']",
+            "shape": "norm.weight has shape (23,), the config implies (24,)"}
+    for name, tensors in broken.items():
+        save_file(tensors, tmp_path / "ok" / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=re.escape(said[name])):
+            load_slices(sharded_on_meta(args), tmp_path / "ok")
