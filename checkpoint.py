@@ -1,11 +1,8 @@
-"""Weights into and out of a run on many ranks, no rank holding the whole model (after torchtitan).
+"""Checkpoints of a run on many ranks, no rank holding the whole model (after torchtitan).
 
     torchrun --nproc_per_node 8 train.py --model path/to/llama --data pile.jsonl --target_len 32768
 
-Loading: rank 0 alone reads the checkpoint; every other rank builds the model on the meta device and
-shards it with FSDP2, and broadcast_weights sends rank 0's weights one tensor at a time, each rank
-keeping its slice; then rank 0 shards its own model in place. Host memory summed over ranks is one
-model plus the other ranks' shards, not one model per rank.
+(Loading the model into FSDP2 shards: distributed.py.)
 
 Checkpoints: one process writes OUT/checkpoint.pt, a plain torch.save of the full state. With world
 size > 1 each rank writes its own slice of the weights and AdamW moments with
@@ -40,26 +37,6 @@ def is_rank0():
 
 def first_line(e):
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-
-
-def broadcast_weights(model, device):
-    """Rank 0 sends its whole, unsharded weights, one tensor at a time; every other rank, its model
-    already sharded by FSDP2 (and materialized from meta), keeps its slice of each. torchtitan's
-    set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True), but rank 0 shards its
-    model in place afterwards, so it never holds its full weights and its shards at once."""
-    from torch.distributed.tensor import distribute_tensor
-
-    with torch.no_grad():
-        for tensor in model.state_dict().values():  # the same names in the same order everywhere
-            if dist.get_rank() == 0:
-                dist.broadcast(tensor.to(device), src=0)
-                continue
-            full = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-            dist.broadcast(full, src=0)
-            # src_data_rank=None: each rank cuts its slice from the tensor it holds, no more traffic
-            tensor.copy_(distribute_tensor(full, tensor.device_mesh, tensor.placements,
-                                           src_data_rank=None))
-            del full
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------

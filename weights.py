@@ -28,24 +28,37 @@ def from_pretrained(cls, path, *, rope_scaling=None, dtype=torch.float32, device
     trained context of a Meta checkpoint, whose params.json does not state it (else guessed).
     """
     path = resolve(path)
-    if (path / "params.json").is_file():
-        args, state = _read_meta(path, context_len)
-    elif context_len is not None:
-        raise ValueError(f"{path} states its own context; the context length is given only for "
-                         "Meta checkpoints, whose params.json has none.")
-    elif path.is_file() and path.suffix == ".gguf":
-        args, state = _read_gguf(path)
-    elif (path / "config.json").is_file():
-        args, state = _read_hf(path)
-    else:
-        raise ValueError(f"{path} is neither a .gguf file nor a directory with params.json (Meta) "
-                         "or config.json (Hugging Face).")
+    args, state = read_checkpoint(path, context_len)
     if rope_scaling is not None:
         args = with_scaling(args, rope_scaling)
     with torch.device("meta"):  # no memory, no random init: load_weights assigns the tensors
         model = cls(args)
     model.load_weights(state, source=path)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def checkpoint_format(path, context_len=None):
+    """"meta", "gguf" or "hf": the format of a checkpoint path as `resolve` gives it. A
+    `context_len` is refused but for Meta's, whose params.json states none."""
+    if (path / "params.json").is_file():
+        return "meta"
+    if context_len is not None:
+        raise ValueError(f"{path} states its own context; the context length is given only for "
+                         "Meta checkpoints, whose params.json has none.")
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise ValueError(f"{path} is neither a .gguf file nor a directory with params.json (Meta) "
+                     "or config.json (Hugging Face).")
+
+
+def read_checkpoint(path, context_len=None):
+    """-> (ModelArgs as the checkpoint states them, state dict in our names) of any format."""
+    kind = checkpoint_format(path, context_len)
+    if kind == "meta":
+        return _read_meta(path, context_len)
+    return _read_gguf(path) if kind == "gguf" else _read_hf(path)
 
 
 def save_pretrained(model, directory, tokenizer=None):
@@ -183,10 +196,8 @@ def hf_config(args, dtype="float32"):
     }
 
 
-def _read_hf(path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def hf_args(path):
+    """A Hugging Face directory's ModelArgs, from config.json alone (no weights read)."""
     config = _read_json(path / "config.json")
     if config.get("model_type") != "llama":
         raise ValueError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, "
@@ -216,6 +227,11 @@ def _read_hf(path):
     if config.get("head_dim", args.head_dim) != args.head_dim:
         raise ValueError(f"{path / 'config.json'}: head_dim {config['head_dim']} != "
                          "hidden_size / heads.")
+    return args
+
+
+def hf_files(path):
+    """The safetensors files of a Hugging Face directory: those its index names, or all."""
     index = path / "model.safetensors.index.json"
     if index.exists():  # sharded: the index names the files
         files = sorted(set(_read_json(index)["weight_map"].values()))
@@ -223,12 +239,19 @@ def _read_hf(path):
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path} has config.json but no *.safetensors weights.")
-    state = {}
-    for name in files:
+    return [path / name for name in files]
+
+
+def _read_hf(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    args, state = hf_args(path), {}
+    for file in hf_files(path):
         try:
-            state.update({_from_hf_name(k): v for k, v in load_file(path / name).items()})
+            state.update({_from_hf_name(k): v for k, v in load_file(file).items()})
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path / name} is not a readable safetensors file ({e}).") from None
+            raise ValueError(f"{file} is not a readable safetensors file ({e}).") from None
     if args.tie_word_embeddings:
         state.pop("output.weight", None)  # some tied checkpoints store the copy too
     return args, state
@@ -386,15 +409,20 @@ def resolve(path):
 
 def load(path, *, rope_scaling=None, dtype=torch.float32, device="cpu", context_len=None):
     """The model and its tokenizer from one path: what every script calls."""
-    from tokenizer import load_tokenizer
-
     path = resolve(path)
     model = from_pretrained(Transformer, path, rope_scaling=rope_scaling, dtype=dtype,
                             device=device, context_len=context_len)
+    return model, checkpoint_tokenizer(path, model.args)
+
+
+def checkpoint_tokenizer(path, args):
+    """The tokenizer stored with the checkpoint at `path`, checked against its embedding."""
+    from tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(path)
-    if tokenizer.n_vocab > model.args.vocab_size:
+    if tokenizer.n_vocab > args.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the embedding "
-                         f"only {model.args.vocab_size} rows; they do not belong together.")
-    return model, tokenizer
+                         f"only {args.vocab_size} rows; they do not belong together.")
+    return tokenizer
 
 

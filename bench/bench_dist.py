@@ -1,18 +1,22 @@
 """Host memory and checkpoint I/O of train.py on two ranks (torchrun, gloo, FSDP2).
 
     nice -n 19 python bench/bench_dist.py --work runs/bench_dist/after --json after.json
+    nice -n 19 python bench/bench_dist.py --dtype bfloat16 --work runs/bench_dist/after-bf16 \
+        --json after-bf16.json                      # a bf16 checkpoint, as LLaMAs are published
     nice -n 19 python bench/bench_dist.py --repo /tmp/old --work runs/bench_dist/before \
         --json before.json                                  # another checkout, e.g. before a change
 
 A random-init LLaMA (--dim 1280, 16 layers, vocab 32000: 0.40B parameters, 1.6 GB in fp32) is
-written once as a Hugging Face directory (fp32 safetensors, a byte tokenizer) with a few documents.
+written once as a Hugging Face directory (safetensors in --dtype, a byte tokenizer) with a few
+documents.
 Then `torchrun --nproc_per_node 2` runs this file as its worker: it imports train.py from --repo,
 wraps train.draw_batch, train.save_checkpoint, train.save_final and train.load_checkpoint (names
 both versions share) and runs train.main twice: one step with a checkpoint and the export, then
 --resume (reads the checkpoint, trains nothing, exports again). Each rank reports its peak resident
 memory (VmHWM, reset through /proc/self/clear_refs before each phase) for: load (process start to
 the first step's batch), save (the checkpoint), export (final/); and the wall time of the save and
-of the read. The checkpoint's files and their sizes are listed.
+of the read. The checkpoint's files and their sizes are listed; load_sum_over_fp32 is the load
+peaks summed over the ranks, each less its runtime, over the model's fp32 bytes.
 """
 import argparse
 import json
@@ -35,7 +39,7 @@ def reset_hwm():
     Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak restarts from the current size
 
 
-def make_model(directory, dim, layers):
+def make_model(directory, dim, layers, dtype):
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -49,7 +53,7 @@ def make_model(directory, dim, layers):
                      vocab_size=32000, hidden_dim=int(dim * 2.7) // 128 * 128, max_seq_len=64)
     tokenizer = Tokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257},
                           GPT2_PATTERN, bos_id=256, eos_id=257, add_bos=False)
-    Transformer(args).save_pretrained(directory, tokenizer=tokenizer)
+    Transformer(args).to(getattr(torch, dtype)).save_pretrained(directory, tokenizer=tokenizer)
     (directory.parent / "data").mkdir(exist_ok=True)
     for i in range(4):
         text = " ".join(f"word{j % 97}" for j in range(300 + i))
@@ -80,7 +84,7 @@ def worker(args):
 
     train.draw_batch, train.save_checkpoint = first_draw, measured("save", save)
     train.save_final, train.load_checkpoint = measured("export", final), measured("read", load)
-    common = ["--model", str(args.work / "model"), "--data", str(args.work / "data"),
+    common = ["--model", str(args.work / f"model-{args.dtype}"), "--data", str(args.work / "data"),
               "--train_len", "32", "--target_len", "128", "--batch_size", "2", "--steps", "1",
               "--peak_tflops", "1", "--out", str(args.work / "out")]
     train.main(common + (["--resume"] if args.resume else ["--overwrite"]))
@@ -94,6 +98,8 @@ def main():
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_dist")
     p.add_argument("--dim", type=int, default=1280)
     p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the dtype of the checkpoint's safetensors")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
@@ -102,19 +108,19 @@ def main():
         return worker(args)
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    make_model(args.work / "model", args.dim, args.layers)
+    make_model(args.work / f"model-{args.dtype}", args.dim, args.layers, args.dtype)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for resume in (False, True):
         run = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", __file__, "--worker", "--repo", str(args.repo),
-               "--work", str(args.work), *(["--resume"] if resume else [])]
+               "--work", str(args.work), "--dtype", args.dtype, *(["--resume"] if resume else [])]
         subprocess.run(run, cwd=args.repo, env=env, check=True, stdout=subprocess.DEVNULL)
     out = args.work / "out"
     files = sorted(p for p in out.rglob("*")
                    if p.is_file() and "final" not in p.parts and p.suffix != ".jsonl")
     result = {"repo": str(args.repo), "params": None, "ranks": [], "checkpoint_files": {
         str(p.relative_to(out)): p.stat().st_size for p in files}}
-    config = json.loads((args.work / "model" / "config.json").read_text())
+    config = json.loads((args.work / f"model-{args.dtype}" / "config.json").read_text())
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     n = config["num_hidden_layers"]
     result["params"] = 2 * v * d + n * (4 * d * d + 3 * d * f + 2 * d) + d
@@ -124,6 +130,9 @@ def main():
                 .items() if k.startswith("read")}}
         r["load_over_runtime_gib"] = r["load_gib"] - r["runtime_gib"]
         result["ranks"].append(r)
+    result["dtype"], result["fp32_gib"] = args.dtype, result["params"] * 4 / 2**30
+    result["load_sum_over_fp32"] = sum(r["load_over_runtime_gib"] for r in result["ranks"]) / \
+        result["fp32_gib"]
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

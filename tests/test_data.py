@@ -16,6 +16,7 @@ import pytest
 import torch
 import zstandard
 
+import config
 import data
 import prepare
 import train
@@ -114,7 +115,7 @@ def test_batches_from_a_prepared_corpus_equal_todays_for_the_same_documents_and_
     lengths = sorted(len(tokenizer.encode(t)) for t in docs)
     train_len, target_len = lengths[10], lengths[25]  # documents of exactly these lengths qualify
     for method, content in (("pose", "random"), ("pose", "aligned"), ("full", "random")):
-        cfg = train.Config(data=str(tmp_path / "c"), train_len=train_len, target_len=target_len,
+        cfg = config.Config(data=str(tmp_path / "c"), train_len=train_len, target_len=target_len,
                            batch_size=16, seed=3, method=method, content=content)
         need = target_len if method == "full" or content == "aligned" else train_len
         kept = train.load_documents(cfg, tokenizer, rank=0)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import config
 import train
 from data import read_documents
 from model import ModelArgs, Transformer
@@ -75,7 +76,7 @@ def run_script(*args, **kwargs):
 # ---- the data of a step ------------------------------------------------------------------------------------------
 
 def cfg_for(**kw):
-    return train.Config(**{"train_len": 16, "target_len": 256, "batch_size": 8, **kw})
+    return config.Config(**{"train_len": 16, "target_len": 256, "batch_size": 8, **kw})
 
 
 def test_pose_draws_are_fresh_every_step_and_reproducible():
@@ -137,28 +138,28 @@ def test_the_process_sees_no_gpu():
 
 
 def test_flags_keep_their_types():
-    cfg = train.parse_args(["--micro_batch_size", "2", "--save_every", "0", "--weight_decay", "0.1", "--train_len",
+    cfg = config.parse_args(["--micro_batch_size", "2", "--save_every", "0", "--weight_decay", "0.1", "--train_len",
                             "64", "--peak_tflops", "1.5", "--no-lr_decay", "--checkpointing"])
     assert (cfg.micro_batch_size, cfg.save_every, cfg.weight_decay, cfg.train_len) == (2, 0, 0.1, 64)
     assert cfg.peak_tflops == 1.5 and cfg.lr_decay is False and cfg.checkpointing is True and cfg.dtype is None
-    assert train.parse_args([]) == train.Config()  # the paper's defaults: 1,000 steps, batch 64, lr 2e-5, warm-up 10
-    assert (train.Config.steps, train.Config.batch_size, train.Config.lr, train.Config.warmup) == (1000, 64, 2e-5, 10)
+    assert config.parse_args([]) == config.Config()  # the paper's defaults: 1,000 steps, batch 64, lr 2e-5, warm-up 10
+    assert (config.Config.steps, config.Config.batch_size, config.Config.lr, config.Config.warmup) == (1000, 64, 2e-5, 10)
 
 
 def test_log_warmup_is_deepspeeds_warmup_lr():
     """DeepSpeed WarmupLR, warmup_type log (their default): gamma = ln(i + 1) / ln(warmup) at iteration i = step - 1."""
-    cfg = train.Config(steps=20, warmup=10, lr=1.0, warmup_type="log")
+    cfg = config.Config(steps=20, warmup=10, lr=1.0, warmup_type="log")
     assert [train.lr_at(s, cfg) for s in (1, 10)] == [0.0, 1.0]
     assert train.lr_at(4, cfg) == pytest.approx(math.log(4) / math.log(10))
-    assert train.lr_at(11, cfg) == train.lr_at(11, train.Config(steps=20, warmup=10, lr=1.0))
+    assert train.lr_at(11, cfg) == train.lr_at(11, config.Config(steps=20, warmup=10, lr=1.0))
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero_or_stays():
-    cfg = train.Config(steps=20, warmup=10, lr=1.0)
+    cfg = config.Config(steps=20, warmup=10, lr=1.0)
     assert [train.lr_at(s, cfg) for s in (1, 5, 10)] == [0.1, 0.5, 1.0]
     lrs = [train.lr_at(s, cfg) for s in range(11, 21)]
     assert all(a > b > 0 for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1 / 11)
-    assert train.lr_at(15, train.Config(steps=20, warmup=10, lr=1.0, lr_decay=False)) == 1.0
+    assert train.lr_at(15, config.Config(steps=20, warmup=10, lr=1.0, lr_decay=False)) == 1.0
 
 
 # ---- training runs -----------------------------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def test_the_optimizer_steps_with_the_logged_learning_rate(tiny, tmp_path, monke
                         or step(self, *a, **k))
     train.main(argv(tiny, tmp_path, "--steps", "4", "--warmup", "2"))
     logged = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert used == logged == [train.lr_at(s, train.parse_args(argv(tiny, tmp_path, "--steps", "4", "--warmup", "2")))
+    assert used == logged == [train.lr_at(s, config.parse_args(argv(tiny, tmp_path, "--steps", "4", "--warmup", "2")))
                               for s in range(1, 5)] and len(set(used)) == 4
 
 
@@ -494,11 +495,11 @@ def test_read_documents_errors_name_the_file(tmp_path, name, content, message):
 
 
 def test_documents_shorter_than_an_example_are_skipped_and_counted(tiny, capsys):
-    cfg = train.Config(data=str(tiny / "data"), train_len=100, target_len=400)
+    cfg = config.Config(data=str(tiny / "data"), train_len=100, target_len=400)
     docs = train.load_documents(cfg, byte_tokenizer(), rank=0)
     assert all(len(d) >= 100 for d in docs) and 0 < len(docs) < 6
     assert f"{len(docs)} of 6 documents" in capsys.readouterr().out
-    aligned = train.load_documents(train.Config(data=str(tiny / "data"), train_len=100, target_len=400,
+    aligned = train.load_documents(config.Config(data=str(tiny / "data"), train_len=100, target_len=400,
                                                 content="aligned"), byte_tokenizer(), rank=0)
     assert all(len(d) >= 400 for d in aligned) and len(aligned) < len(docs)  # aligned reads text up to Lt
 

