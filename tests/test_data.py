@@ -80,6 +80,25 @@ def test_every_format_reads_the_same_documents(corpus):
     assert data.read_documents(root / "mixed") == docs  # a.jsonl, b.jsonl.gz, c.jsonl.zst: sorted
 
 
+def test_batches_hold_every_line_once_and_resume_at_any_line(tmp_path):
+    """read_batches cuts raw bytes at line ends: the lines, their numbers and every resume point
+    must be those of bytes.split(b"\\n") (a final line end starts no line), whatever the batch."""
+    for n, content in enumerate([b"a\nbb\n\nccc\ndddd\n", b"a\nbb\n\nccc\ndddd", b"\n", b"x",
+                                 b"", b"\n\n\nlong line here\n\n"]):
+        path = tmp_path / f"{n}.jsonl"
+        path.write_bytes(content)
+        lines = content.split(b"\n")[:-1] if content.endswith(b"\n") else content.split(b"\n")
+        lines = [] if content == b"" else lines
+        for batch_bytes in (1, 3, 1 << 20):
+            for skip in range(len(lines) + 1):
+                got, at = [], skip
+                for batch in data.read_batches([path], (0, skip), batch_bytes):
+                    assert batch.first == at and batch.end == (0, at + len(batch.lines()))
+                    got += batch.lines()
+                    at = batch.end[1]
+                assert got == lines[skip:], (content, batch_bytes, skip)
+
+
 def test_prepared_tokens_equal_the_raw_path_with_one_and_two_processes(corpus, tmp_path):
     root, docs = corpus
     tokenizer = byte_tokenizer(add_bos=True)
@@ -256,3 +275,12 @@ def test_unusable_paths_are_one_sentence(tmp_path):
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
         assert error.startswith("error: ") and message in error, run.stderr
         assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+
+
+def test_prepare_never_imports_torch(corpus, tmp_path):
+    """Importing torch costs ~2 CPU seconds of one process before any work: a prepare needs none."""
+    code = (f"import sys, prepare; prepare.main(['--data', {str(corpus[0] / 'txt')!r}, "
+            f"'--tokenizer', 'demo/base', '--out', {str(tmp_path / 'c')!r}, '--workers', '1']); "
+            "print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.splitlines()[-1] == "False", run.stderr[-2000:]
