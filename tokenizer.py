@@ -19,6 +19,8 @@ from pathlib import Path
 import regex
 import tiktoken
 
+from errors import UserError
+
 # Pre-tokenizers: the regex that cuts text into pieces; BPE merges bytes only inside a piece.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
@@ -183,12 +185,12 @@ def load_tokenizer(path) -> Tokenizer:
         found = [path / name for name in ("tokenizer.model", "tokenizer.json")
                  if (path / name).is_file()]
         if not found:
-            raise ValueError(f"{path} holds no tokenizer.model or tokenizer.json; expected a "
-                             "directory with one.")
+            raise UserError(f"{path} holds no tokenizer.model or tokenizer.json; expected a "
+                            "directory with one.")
         path = found[0]
     if not path.is_file():
-        raise ValueError(f"{path} does not exist; expected a .gguf, tokenizer.json or "
-                         "tokenizer.model file or a directory with one.")
+        raise UserError(f"{path} does not exist; expected a .gguf, tokenizer.json or "
+                        "tokenizer.model file or a directory with one.")
     if path.suffix == ".gguf":
         return _from_gguf(path)
     if path.suffix == ".json":
@@ -202,8 +204,8 @@ def _from_byte_level(path, tokens: dict[str, int], merges, special: set[str], pa
     try:
         ranks = {unspell(token): i for token, i in tokens.items() if token not in special}
     except KeyError:
-        raise ValueError(f"{path}: the vocabulary is not a byte-level BPE (a token uses a "
-                         "character outside GPT-2's byte alphabet).") from None
+        raise UserError(f"{path}: the vocabulary is not a byte-level BPE (a token uses a "
+                        "character outside GPT-2's byte alphabet).") from None
     # tiktoken merges the pair whose result has the lowest rank, Hugging Face the pair listed
     # first: the same choice when the ids the merges make never decrease down the list. (tiktoken
     # also keeps a piece that is a whole token whole; the tests check SmolLM2's merges rebuild each
@@ -212,8 +214,8 @@ def _from_byte_level(path, tokens: dict[str, int], merges, special: set[str], pa
     for left, right in merges:
         merged = tokens.get(left + right, -1)
         if merged < previous or left not in tokens or right not in tokens:
-            raise ValueError(f"{path}: the merge {left} + {right} does not make a token in id "
-                             "order, so the ids cannot serve as tiktoken ranks.")
+            raise UserError(f"{path}: the merge {left} + {right} does not make a token in id "
+                            "order, so the ids cannot serve as tiktoken ranks.")
         previous = merged
     return Tokenizer(ranks, {s: tokens[s] for s in special}, pattern, name=path.stem,
                      merges=[(unspell(left), unspell(right)) for left, right in merges], **kwargs)
@@ -223,21 +225,21 @@ def _from_gguf(path: Path) -> Tokenizer:
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise ValueError(f"reading {path} needs the gguf package: pip install gguf") from None
+        raise UserError(f"reading {path} needs the gguf package: pip install gguf") from None
     try:
         fields = {name.removeprefix("tokenizer.ggml."): field.contents()
                   for name, field in GGUFReader(path).fields.items()
                   if name.startswith("tokenizer.ggml.")}
     except Exception as error:  # the gguf package raises assorted errors on a damaged file
-        raise ValueError(f"{path} is not a readable GGUF file ({error}).") from error
+        raise UserError(f"{path} is not a readable GGUF file ({error}).") from error
     if fields.get("model") != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model is {fields.get('model')!r}; expected "
-                         "'gpt2' (a byte-level BPE); for a SentencePiece vocabulary load the "
-                         "model's tokenizer.model instead.")
+        raise UserError(f"{path}: tokenizer.ggml.model is {fields.get('model')!r}; expected "
+                        "'gpt2' (a byte-level BPE); for a SentencePiece vocabulary load the "
+                        "model's tokenizer.model instead.")
     pre = fields.get("pre", "gpt2")
     if pre not in GGUF_PATTERNS:
-        raise ValueError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre={pre!r}; known: "
-                         f"{sorted(GGUF_PATTERNS)}.")
+        raise UserError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre={pre!r}; known: "
+                        f"{sorted(GGUF_PATTERNS)}.")
     special = {token for token, kind in zip(fields["tokens"], fields["token_type"])
                if kind == 3}  # 3: CONTROL
     return _from_byte_level(path, {token: i for i, token in enumerate(fields["tokens"])},
@@ -253,10 +255,10 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
         config_file = path.with_name("tokenizer_config.json")
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not a readable tokenizer.json ({error}).") from error
+        raise UserError(f"{path} is not a readable tokenizer.json ({error}).") from error
     if not isinstance(spec, dict) or (spec.get("model") or {}).get("type") != "BPE":
-        raise ValueError(f"{path}: expected a Hugging Face tokenizer.json whose model is a "
-                         "byte-level BPE.")
+        raise UserError(f"{path}: expected a Hugging Face tokenizer.json whose model is a "
+                        "byte-level BPE.")
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
     kinds = [step.get("type") for step in steps]
@@ -270,8 +272,8 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
           and not byte_level_regex):
         pattern = steps[0]["pattern"]["Regex"]
     else:
-        raise ValueError(f"{path}: unknown pre-tokenizer {kinds}; expected ByteLevel, "
-                         "Digits + ByteLevel or Split + ByteLevel.")
+        raise UserError(f"{path}: unknown pre-tokenizer {kinds}; expected ByteLevel, "
+                        "Digits + ByteLevel or Split + ByteLevel.")
     special = {token["content"]: token["id"] for token in spec.get("added_tokens", [])}
     merges = [merge.split(" ") if isinstance(merge, str) else merge
               for merge in spec["model"]["merges"]]
@@ -296,7 +298,7 @@ def _from_tokenizer_model(path: Path) -> Tokenizer:
     if not ranks:
         return _from_sentencepiece(path)
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: the tiktoken ranks are not 0..{len(ranks) - 1}, one per token.")
+        raise UserError(f"{path}: the tiktoken ranks are not 0..{len(ranks) - 1}, one per token.")
     special = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
     return Tokenizer(ranks, special, LLAMA3_PATTERN, bos_id=special["<|begin_of_text|>"],
                      eos_id=special["<|end_of_text|>"], add_bos=True, name=path.stem)
@@ -306,21 +308,26 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
     try:
         import sentencepiece
     except ImportError:
-        raise ValueError(f"{path} is not a tiktoken BPE file; if it is a SentencePiece model "
-                         "(Llama-1/2), pip install sentencepiece to read it.") from None
+        raise UserError(f"{path} is not a tiktoken BPE file; if it is a SentencePiece model "
+                        "(Llama-1/2), pip install sentencepiece to read it.") from None
     processor = sentencepiece.SentencePieceProcessor()
     try:
         processor.Load(str(path))
     except (OSError, RuntimeError) as error:
-        raise ValueError(f"{path} is neither a tiktoken BPE file (base64 token and rank per line) "
-                         "nor a SentencePiece model.") from error
+        raise UserError(f"{path} is neither a tiktoken BPE file (base64 token and rank per line) "
+                        "nor a SentencePiece model.") from error
     return SentencePieceTokenizer(processor)
 
 
 if __name__ == "__main__":
     import sys
 
-    tokenizer = load_tokenizer(sys.argv[1])
+    if len(sys.argv) < 2:
+        sys.exit(__doc__.split("\n\n")[1])  # the usage line
+    try:
+        tokenizer = load_tokenizer(sys.argv[1])
+    except UserError as e:
+        sys.exit(f"error: {e}")
     ids = tokenizer.encode(" ".join(sys.argv[2:]))
     bos = "added" if tokenizer.add_bos else "not added"
     print(f"{len(ids)} tokens (BOS {bos}, vocabulary {tokenizer.n_vocab}):", ids)

