@@ -23,8 +23,7 @@ import eval_passkey
 import eval_ppl
 import train
 from errors import UserError
-from model import ModelArgs, Transformer
-from tokenizer import GPT2_PATTERN, Tokenizer
+from conftest import WORDS, byte_tokenizer, save_tiny_model, write_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -32,25 +31,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # read the address a killed worker left there and fail to connect (pytorch/pytorch#135712): a store
 # per attempt instead
 RESTARTABLE = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back again".split()
 STEPS, SAVE_EVERY = 12, 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def byte_tokenizer():
-    """256 byte tokens and BOS/EOS: a real byte-level BPE with no merges, small enough for tiny models."""
-    return Tokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257}, GPT2_PATTERN,
-                     bos_id=256, eos_id=257, add_bos=True, merges=[])
-
-
-def save_model(directory, seed=0, **overrides):
-    torch.manual_seed(seed)
-    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, hidden_dim=64, max_seq_len=32)
-    model = Transformer(ModelArgs(**{**args, **overrides}))
-    model.save_pretrained(directory, tokenizer=byte_tokenizer())
-    return model
+def save_model(directory, seed=0, **overrides):  # the tiny model, its tokenizer adding BOS
+    return save_tiny_model(directory, seed, add_bos=True, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +47,7 @@ def tiny(tmp_path_factory):
     data: six text documents of 60-800 bytes; whole: the uninterrupted run every resumed run must end equal to."""
     root = tmp_path_factory.mktemp("tiny")
     save_model(root / "base", vocab_size=32768, tie_word_embeddings=True)
-    rng = random.Random(0)
-    (root / "data").mkdir()
-    for i in range(6):
-        (root / "data" / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(12 + 30 * i)))
+    write_documents(root / "data")
     train.main(argv(root, root / "whole"))
     return root
 
@@ -442,7 +427,7 @@ def test_empty_data_is_one_sentence(tiny, tmp_path, capsys):
 
 def test_no_document_as_long_as_train_len_is_one_sentence(tiny, tmp_path, capsys):
     """Eq. 5 needs Lx >= Lc (test_train covers Lx >= Lt for full-length and aligned content)."""
-    longest = max(len(byte_tokenizer().encode(doc.read_text())) for doc in (tiny / "data").iterdir())
+    longest = max(len(byte_tokenizer(add_bos=True).encode(doc.read_text())) for doc in (tiny / "data").iterdir())
     error = error_of(train.main, argv(tiny, tmp_path, "--train_len", "1000", "--target_len", "4000"), capsys)
     assert error == (f"error: no document in {tiny / 'data'} has the 1000 tokens an example needs: 6 document(s), "
                      f"the longest has {longest} tokens.")
@@ -476,7 +461,7 @@ def test_nan_weights_stop_at_step_one_without_writing_anything(tiny, tmp_path, c
     model = save_model(tmp_path / "model")
     with torch.no_grad():
         model.norm.weight[0] = float("nan")
-    model.save_pretrained(tmp_path / "model", tokenizer=byte_tokenizer())
+    model.save_pretrained(tmp_path / "model", tokenizer=byte_tokenizer(add_bos=True))
     error = error_of(train.main, argv(tiny, tmp_path / "out", "--model", str(tmp_path / "model")), capsys)
     assert error == ("error: the loss is nan (gradient norm nan) at step 1; stopped before the update and no checkpoint "
                      "was written yet: lower --lr or use --dtype float32.")
