@@ -21,6 +21,7 @@ real: $(VENV)/.main
 	$(BIN)/python demo/real.py --out runs/real  # the paper's experiment on a real model; resumable
 
 test: $(VENV)/.test
+	$(BIN)/ruff check .  # ruff.toml: pyflakes and pycodestyle at 100 columns (a second)
 	$(BIN)/python -m pytest
 
 .PHONY: demo real test

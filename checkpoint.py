@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from errors import UserError
 from weights import _to_hf_name, hf_config
 
 SHARDED = "checkpoints"  # OUT/checkpoints/step-N/: the DCP checkpoints of world size > 1
@@ -55,8 +56,8 @@ def read_plain(path):
         state["config"], state["step"]
         return state
     except Exception as e:  # also a cut file, or one train.py did not write
-        raise ValueError(f"--resume: {path} is not a checkpoint of plain tensors written by "
-                         f"train.py ({first_line(e)}).") from None
+        raise UserError(f"--resume: {path} is not a checkpoint of plain tensors written by "
+                        f"train.py ({first_line(e)}).") from None
 
 
 def read_info(path):
@@ -66,8 +67,8 @@ def read_info(path):
             info = json.loads((path / "train_state.json").read_text())
             return info["step"], info["config"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"--resume: {path} is not a checkpoint written by train.py "
-                             f"({first_line(e)}).") from None
+            raise UserError(f"--resume: {path} is not a checkpoint written by train.py "
+                            f"({first_line(e)}).") from None
     state = read_plain(path)
     return state["step"], state["config"]
 
@@ -101,7 +102,7 @@ def save_checkpoint(out, model, optimizer, step, config, previous=None):
 def _failed(step, tmp, error, previous):
     kept = f"the previous checkpoint {previous[0]} (step {previous[1]}) is intact" if previous \
         else f"{tmp.with_suffix('')} is unchanged"
-    return ValueError(f"could not write the checkpoint of step {step} to {tmp} ({error}); {kept}: "
+    return UserError(f"could not write the checkpoint of step {step} to {tmp} ({error}); {kept}: "
                       "free space, then rerun with --resume.")
 
 
@@ -180,8 +181,8 @@ def load_checkpoint(path, model, optimizer):
             SafeReader(path).read_metadata()  # here first, for its own error, not DCP's summary
             dcp.load(state, storage_reader=SafeReader(path), no_dist=not dist.is_initialized())
         except Exception as e:
-            raise ValueError(f"--resume: {path} is not a checkpoint of plain tensors written by "
-                             f"train.py ({first_line(e)}).") from None
+            raise UserError(f"--resume: {path} is not a checkpoint of plain tensors written by "
+                            f"train.py ({first_line(e)}).") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         return
@@ -292,5 +293,5 @@ def save_final(directory, model, args, tokenizer, dtype, last=None):
     if verdict[0] is not None:
         if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"could not write {tmp} ({verdict[0]}); {last} holds the last step: free "
-                         "space, then rerun with --resume to write the final model.")
+        raise UserError(f"could not write {tmp} ({verdict[0]}); {last} holds the last step: free "
+                        "space, then rerun with --resume to write the final model.")

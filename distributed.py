@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from config import final_args
+from errors import UserError
 from model import ModelArgs, Transformer
 from weights import (_from_hf_name, _to_hf_name, checkpoint_format, checkpoint_tokenizer, hf_args,
                      hf_files, read_checkpoint, resolve)
@@ -43,17 +44,17 @@ def read_model(cfg):
     from tokenizer import load_tokenizer
 
     if cfg.tokenizer is None:
-        raise ValueError("--init builds a fresh model, which needs --tokenizer too.")
+        raise UserError("--init builds a fresh model, which needs --tokenizer too.")
     tokenizer = load_tokenizer(resolve(cfg.tokenizer))
     try:
         text = cfg.init if cfg.init.lstrip().startswith("{") else Path(cfg.init).read_text()
         args = ModelArgs(**{"vocab_size": tokenizer.n_vocab, **json.loads(text)})
     except (OSError, json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"--init {cfg.init}: expected a JSON object of ModelArgs fields ({e}).") \
+        raise UserError(f"--init {cfg.init}: expected a JSON object of ModelArgs fields ({e}).") \
             from None
     if tokenizer.n_vocab > args.vocab_size:
-        raise ValueError(f"--init: vocab_size {args.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer.n_vocab} tokens.")
+        raise UserError(f"--init: vocab_size {args.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.n_vocab} tokens.")
     torch.manual_seed(cfg.seed)
     return Transformer(final_args(cfg, args, log0)), tokenizer
 
@@ -80,11 +81,11 @@ def build_model(cfg, world, rank):
         try:
             model, tokenizer = read_model(cfg)
             found[:2] = [model.args, (cfg.train_len, cfg.target_len)]
-        except ValueError as e:
+        except UserError as e:  # a bug keeps its traceback (torchrun then stops every rank)
             found[2] = str(e)
     dist.broadcast_object_list(found, src=0)
     if found[2] is not None:
-        raise ValueError(found[2])
+        raise UserError(found[2])
     args, (cfg.train_len, cfg.target_len) = found[:2]
     if rank == 0:
         return model, tokenizer
@@ -163,15 +164,15 @@ def load_slices(model, path):
             with safe_open(file, "pt") as f:
                 files.update(dict.fromkeys(f.keys(), file))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file} is not a readable safetensors file ({e}).") from None
+            raise UserError(f"{file} is not a readable safetensors file ({e}).") from None
     if model.args.tie_word_embeddings:
         files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
     state = model.state_dict()  # DTensors: this rank's shards
     missing = [k for k in state if _to_hf_name(k) not in files]
     unexpected = [_from_hf_name(k) for k in files.keys() - {_to_hf_name(k) for k in state}]
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}.")
+        raise UserError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]}.")
     with torch.no_grad():
         for name, tensor in state.items():
             assert tensor.placements == (Shard(0),), (name, tensor.placements)
@@ -181,7 +182,7 @@ def load_slices(model, path):
             with safe_open(files[_to_hf_name(name)], "pt") as f:
                 part = f.get_slice(_to_hf_name(name))
                 if tuple(part.get_shape()) != tuple(tensor.shape):
-                    raise ValueError(f"{path}: {name} has shape {tuple(part.get_shape())}, the "
-                                     f"config implies {tuple(tensor.shape)}.")
+                    raise UserError(f"{path}: {name} has shape {tuple(part.get_shape())}, the "
+                                    f"config implies {tuple(tensor.shape)}.")
                 if local.numel():
                     local.copy_(part[start:start + local.shape[0]])

@@ -28,7 +28,8 @@ import re
 
 import torch
 
-from evaluation import Session, add_common_args, fail, parse_floats, pyplot, save
+from errors import UserError, exit_on_user_error
+from evaluation import Session, add_common_args, parse_floats, pyplot, save
 
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -85,14 +86,14 @@ def make_trial(tokenizer, length, trial, seed=0, depths=None, max_key_distance=N
         return round(depth * n), n - round(depth * n)
 
     if count(*split(0)) > length:
-        raise ValueError(f"length {length} is shorter than the prompt without filler "
-                         f"({count(*split(0))} tokens); ask for a longer length.")
+        raise UserError(f"length {length} is shorter than the prompt without filler "
+                        f"({count(*split(0))} tokens); ask for a longer length.")
     before, after = split(largest(lambda n: count(*split(n)) <= length, length + 1))
     prompt = build_prompt(key, before, after)
     tokens = tokenizer.encode(prompt)
     if length - len(tokens) > TOLERANCE:
-        raise ValueError(f"the tokenizer needs more than {TOLERANCE} tokens per filler word; "
-                         f"cannot fit length {length}.")
+        raise UserError(f"the tokenizer needs more than {TOLERANCE} tokens per filler word; "
+                        f"cannot fit length {length}.")
     key_line_start = prompt.index(KEY_LINE.format(key=key))
     return {"length": length, "trial": trial, "key": key,
             "depth": before / max(before + after, 1) if depth is None else depth,
@@ -144,6 +145,7 @@ def plot(lengths, path, sweep=False):
     save(fig, path)
 
 
+@exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Passkey retrieval accuracy per prompt length (PoSE Figure 2b).")
@@ -161,20 +163,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     depths_ok = not args.depths or all(0 <= d <= 1 for d in args.depths)
     if args.trials < 1 or not depths_ok or (args.max_key_distance or 0) < 0:
-        fail("--trials must be ≥ 1, every --depths value between 0 and 1, and "
-             "--max_key_distance ≥ 0.")
+        raise UserError("--trials must be ≥ 1, every --depths value between 0 and 1, and "
+                        "--max_key_distance ≥ 0.")
     if args.depths and args.max_key_distance is not None:
-        fail("--depths and --max_key_distance both place the key; give one of them.")
+        raise UserError("--depths and --max_key_distance both place the key; give one of them.")
     config = {"script": "eval_passkey", **{k: getattr(args, k) for k in (
         "model", "rope_scaling", "context_len", "dtype", "trials", "seed", "depths",
         "max_key_distance")}}
     session = Session(args, config)
     trial = functools.partial(make_trial, session.tokenizer, seed=args.seed, depths=args.depths,
                               max_key_distance=args.max_key_distance)
-    try:  # a length that cannot hold the template fails before any work
-        [trial(length, 0) for length in args.lengths]
-    except ValueError as e:
-        fail(str(e))
+    for length in args.lengths:  # a length that cannot hold the template fails before any work
+        trial(length, 0)
     for length in session.todo():
         mine = range(session.rank, args.trials, session.world)
         records = [run_trial(session.model, session.tokenizer, trial(length, i), session.device)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from evaluation import Session, add_common_args, fail, pyplot, save
+from errors import UserError, exit_on_user_error
+from evaluation import Session, add_common_args, pyplot, save
 
 LOGIT_CHUNK = 1024  # scored positions per (chunk, vocab) fp32 logits: 200 MB for a 49k vocabulary
 
@@ -39,8 +40,8 @@ def windows(n_tokens, length, stride, first=1):
     """[(begin, end, first)]: the window ids[begin:end] scores the targets ids[first:end] (Press
     et al. 2021). `first`: the document's first target, 1 (token 0 has no context) or 0 (a BOS)."""
     if not 1 <= stride < length:
-        raise ValueError(f"stride {stride} must be ≥ 1 and < the window length {length}, or "
-                         "each window's first token would go unscored")
+        raise UserError(f"stride {stride} must be ≥ 1 and < the window length {length}, or "
+                        "each window's first token would go unscored")
     spans, scored_to = [], first
     for begin in range(0, n_tokens, stride):
         end = min(begin + length, n_tokens)
@@ -79,9 +80,9 @@ def select_documents(corpus, min_tokens, count, max_tokens=None, strip_bos=False
     lengths = corpus.lengths()
     chosen = np.flatnonzero(lengths >= min_tokens)[:count]
     if not len(chosen):
-        raise ValueError(f"none of the {len(corpus)} documents has ≥ {min_tokens} tokens (the "
-                         f"longest has {lengths.max()}); lower --min_tokens or give longer "
-                         "documents.")
+        raise UserError(f"none of the {len(corpus)} documents has ≥ {min_tokens} tokens (the "
+                        f"longest has {lengths.max()}); lower --min_tokens or give longer "
+                        "documents.")
     return [corpus[i][int(strip_bos):][:max_tokens].tolist() for i in chosen]
 
 
@@ -98,6 +99,7 @@ def plot(lengths, path):
     save(fig, path)
 
 
+@exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Sliding-window perplexity per window length (PoSE Table 1).")
@@ -122,25 +124,27 @@ def main(argv=None):
     largest = max(args.lengths)
     args.min_tokens = args.min_tokens or largest
     if not 1 <= args.stride < min(args.lengths) - args.bos_each_window:
-        fail(f"--stride must be ≥ 1 and smaller than every length ({min(args.lengths)}, less one "
-             "for the BOS), or the first token of each window would go unscored.")
+        raise UserError(f"--stride must be ≥ 1 and smaller than every length "
+                        f"({min(args.lengths)}, less one for the BOS), or the first token of each "
+                        "window would go unscored.")
     too_short = args.max_tokens is not None and args.max_tokens < max(largest, args.min_tokens)
     if args.docs < 1 or too_short:
-        fail("--docs must be ≥ 1, and --max_tokens at least the largest length and --min_tokens.")
+        raise UserError("--docs must be ≥ 1, and --max_tokens at least the largest length and "
+                        "--min_tokens.")
     config = {"script": "eval_ppl", **{k: getattr(args, k) for k in (
         "model", "rope_scaling", "context_len", "dtype", "data", "stride", "min_tokens", "docs",
         "max_tokens", "bos_each_window")}}
     session = Session(args, config)
     bos = session.tokenizer.bos_id if args.bos_each_window else None
     if args.bos_each_window and bos is None:
-        fail(f"--bos_each_window: the tokenizer of {args.model} has no BOS token.")
+        raise UserError(f"--bos_each_window: the tokenizer of {args.model} has no BOS token.")
     try:
         corpus = data.load_corpus(args.data, session.tokenizer, progress=session.rank == 0)
         strip = args.bos_each_window and session.tokenizer.add_bos  # BOS comes before every window
         docs = select_documents(corpus, args.min_tokens, args.docs, args.max_tokens,
                                 strip_bos=strip)
-    except (OSError, ValueError) as e:
-        fail(f"{args.data}: {e}")
+    except (OSError, UserError) as e:
+        raise UserError(f"{args.data}: {e}") from None
     if session.rank == 0:
         cut = (f"truncated to their first {args.max_tokens} tokens" if args.max_tokens
                else "each evaluated whole")

@@ -9,18 +9,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import rope
-
-
-def fail(message):
-    """The user's mistake, in one sentence, and exit status 1 (never a traceback)."""
-    sys.exit(f"error: {message}")
+from errors import UserError
 
 
 def parse_floats(text):
@@ -149,15 +144,16 @@ class Session:
         if self.out.exists() and not args.overwrite:
             stored = read_results(self.out)
             if stored is None:
-                fail(f"{self.out} exists but is not a results file; pass --overwrite to replace it "
-                     "or choose another --out.")
+                raise UserError(f"{self.out} exists but is not a results file; pass --overwrite to "
+                                "replace it or choose another --out.")
             theirs = stored.get("config") or {}
             # a setting the file does not name is at its default (None): it was added later
             differ = sorted(k for k in self.config.keys() | theirs.keys()
                             if self.config.get(k) != theirs.get(k))
             if differ:
-                fail(f"{self.out} holds results for other settings ({', '.join(differ)} differ); "
-                     "pass --overwrite to replace them or choose another --out.")
+                raise UserError(f"{self.out} holds results for other settings "
+                                f"({', '.join(differ)} differ); pass --overwrite to replace them "
+                                "or choose another --out.")
             self.results = {**stored, "config": self.config}
         try:
             from model import load
@@ -165,10 +161,10 @@ class Session:
             self.model, self.tokenizer = load(args.model, rope_scaling=args.rope_scaling,
                                               dtype=dtype, device=self.device,
                                               context_len=args.context_len)
-        except Exception as e:  # noqa: BLE001 — a failure to load is the user's path or file
-            reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        except (UserError, OSError) as e:  # the user's path or file; anything else is a bug
+            reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             first_line = reason.strip().split("\n")[0]
-            fail(f"could not load the model {args.model}: {first_line}")
+            raise UserError(f"could not load the model {args.model}: {first_line}") from None
         self.started = time.time()
 
     def todo(self):

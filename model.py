@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import rope
+from errors import UserError
 from loss import IGNORE, cross_entropy  # noqa: F401 (IGNORE: for train.py)
 
 try:  # optional, CUDA only: pip install flash-attn
@@ -55,9 +56,9 @@ class ModelArgs:
         if self.use_scaled_rope and self.rope_scaling is None:
             self.rope_scaling = rope.llama31_scaling()
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads "
-                             f"{self.n_kv_heads} must divide evenly (dim by n_heads, n_heads by "
-                             "n_kv_heads).")
+            raise UserError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads "
+                            f"{self.n_kv_heads} must divide evenly (dim by n_heads, n_heads by "
+                            "n_kv_heads).")
 
     @property
     def head_dim(self):
@@ -301,12 +302,12 @@ class Transformer(nn.Module):
         expected = {k: v.shape for k, v in self.state_dict().items()}
         missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
         if missing or unexpected:
-            raise ValueError(f"{source}: weights do not match the config: missing "
-                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}.")
+            raise UserError(f"{source}: weights do not match the config: missing "
+                            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}.")
         for name, shape in expected.items():
             if state[name].shape != shape:
-                raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, the "
-                                 f"config implies {tuple(shape)}.")
+                raise UserError(f"{source}: {name} has shape {tuple(state[name].shape)}, the "
+                                f"config implies {tuple(shape)}.")
         self.load_state_dict(state, strict=True, assign=True)
 
     def save_pretrained(self, directory, tokenizer=None):
@@ -341,7 +342,7 @@ if __name__ == "__main__":
     args = p.parse_args()
     try:
         model, tokenizer = load(args.model, rope_scaling=args.rope_scaling)
-    except ValueError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     prompt = torch.tensor([tokenizer.encode(args.prompt)])
     new = model.generate(prompt, args.max_new_tokens, eos_id=tokenizer.eos_id)[0]

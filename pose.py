@@ -24,31 +24,33 @@ import random
 
 import torch
 
+from errors import UserError
+
 METHODS = ("pose", "randpos", "full", "noskip")  # train.py --method; the paper's baselines
 CONTENTS = ("random", "contiguous", "aligned")  # Eq. 5 and the two variants of Appendix A
 
 
 def check(method, doc_len, train_len, target_len, chunks=2, content="random"):
-    """Raise ValueError, in a sentence a user can act on, for arguments no example can satisfy."""
+    """Raise UserError, in a sentence a user can act on, for arguments no example can satisfy."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if content not in CONTENTS:
-        raise ValueError(f"unknown content {content!r}: choose one of {', '.join(CONTENTS)}")
+        raise UserError(f"unknown content {content!r}: choose one of {', '.join(CONTENTS)}")
     if not 1 <= train_len <= target_len:
-        raise ValueError(f"need 1 <= train_len <= target_len, got train_len={train_len}, "
-                         f"target_len={target_len}: PoSE extends the window, so raise target_len")
+        raise UserError(f"need 1 <= train_len <= target_len, got train_len={train_len}, "
+                        f"target_len={target_len}: PoSE extends the window, so raise target_len")
     if method == "pose" and not 1 <= chunks <= train_len:
-        raise ValueError(f"chunks must be between 1 and train_len={train_len} (every chunk "
-                         f"holds at least one token), got {chunks}")
+        raise UserError(f"chunks must be between 1 and train_len={train_len} (every chunk "
+                        f"holds at least one token), got {chunks}")
     # the text is read up to position Lt-1
     to_target = method == "full" or (method, content) == ("pose", "aligned")
     need, name = (target_len, "target_len") if to_target else (train_len, "train_len")
     what = f"method {method!r}" + (f" with content {content!r}" if method == "pose" else "")
     if doc_len < need:
         aligned = content == "aligned" and method == "pose"
-        raise ValueError(f"the document has {doc_len} tokens but {what} needs at least "
-                         f"{name}={need}: drop shorter documents or lower {name}"
-                         + (", or use content 'random'" if aligned else ""))
+        raise UserError(f"the document has {doc_len} tokens but {what} needs at least "
+                        f"{name}={need}: drop shorter documents or lower {name}"
+                        + (", or use content 'random'" if aligned else ""))
 
 
 def chunk_lengths(train_len, chunks, rng):

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import data
 from data import CORPUS_JSON, OFFSETS, TOKENS
+from errors import UserError, exit_on_user_error
 
 PROGRESS, ENDS = "progress.json", "ends.bin"  # in OUT.partial only: the last commit; document ends
 
@@ -44,10 +45,10 @@ def prepare(sources, tokenizer, out, *, workers=1, tokenizer_name=None,
         if meta.get("job") == job:
             log(f"{out} is already prepared from these files with this tokenizer: nothing to do.")
             return meta
-        raise ValueError(f"{out} holds a corpus prepared from other files or with another "
-                         "tokenizer: remove it or choose another --out.")
+        raise UserError(f"{out} holds a corpus prepared from other files or with another "
+                        "tokenizer: remove it or choose another --out.")
     if out.exists():
-        raise ValueError(f"{out} exists and is not a prepared corpus: choose another --out.")
+        raise UserError(f"{out} exists and is not a prepared corpus: choose another --out.")
     state = read_progress(partial)
     if state and state["job"] == job:
         log(f"resuming {partial} at file {state['end'][0] + 1} of {len(files)}, line "
@@ -91,8 +92,8 @@ def prepare(sources, tokenizer, out, *, workers=1, tokenizer_name=None,
         log(line)
     if not state["characters"]:
         shutil.rmtree(partial)
-        raise ValueError(f"{', '.join(map(str, sources))} hold(s) no text ({len(files)} file(s), "
-                         f"{state['documents']} empty document(s)); nothing was written.")
+        raise UserError(f"{', '.join(map(str, sources))} hold(s) no text ({len(files)} file(s), "
+                        f"{state['documents']} empty document(s)); nothing was written.")
     return finish(partial, out, state, identity, report, time.monotonic() - started, workers)
 
 
@@ -142,6 +143,7 @@ def finish(partial, out, state, identity, report, seconds, workers):
     return meta
 
 
+@exit_on_user_error
 def main(argv=None):
     first, *rest = __doc__.split("\n\n")
     p = argparse.ArgumentParser(prog="python data.py prepare", description=first,
@@ -165,8 +167,6 @@ def main(argv=None):
         tokenizer = load_tokenizer(resolve(args.tokenizer))
         meta = prepare(args.data, tokenizer, args.out, workers=args.workers,
                        tokenizer_name=args.tokenizer, commit_seconds=args.commit_seconds)
-    except ValueError as e:  # a user's mistake: one sentence, no traceback
-        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"interrupted: rerun the same command to resume from {args.out}.partial.")
     print(f"{args.out}: {meta['documents']:,} documents, {meta['tokens']:,} tokens "

@@ -42,6 +42,7 @@ import pose
 from checkpoint import find_checkpoint, load_checkpoint, read_info, save_checkpoint, save_final
 from config import Config, demo_args, parse_args
 from data import load_corpus
+from errors import UserError
 from distributed import build_model, log0, parallelize
 from model import IGNORE
 
@@ -51,16 +52,16 @@ PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312} 
 def load_documents(cfg, tokenizer, rank):
     """The documents long enough for one example (a view of the token store); the rest counted."""
     if cfg.data is None:
-        raise ValueError("--data is required: a corpus from data.py prepare, or .jsonl / .txt "
-                         "files.")
+        raise UserError("--data is required: a corpus from data.py prepare, or .jsonl / .txt "
+                        "files.")
     corpus = load_corpus(cfg.data, tokenizer, log=log0, progress=rank == 0)  # prepared: mmapped
     aligned = cfg.method == "pose" and cfg.content == "aligned"
     need = cfg.target_len if cfg.method == "full" or aligned else cfg.train_len  # Lx >= Lc or Lt
     kept = corpus.at_least(need)
     if not len(kept):
-        raise ValueError(f"no document in {cfg.data} has the {need} tokens an example needs: "
-                         f"{len(corpus)} document(s), the longest has {corpus.lengths().max()} "
-                         "tokens.")
+        raise UserError(f"no document in {cfg.data} has the {need} tokens an example needs: "
+                        f"{len(corpus)} document(s), the longest has {corpus.lengths().max()} "
+                        "tokens.")
     log0(f"data: {len(kept)} of {len(corpus)} documents, {kept.lengths().sum():,} tokens "
          f"({len(corpus) - len(kept)} shorter than {need} tokens skipped)")
     return kept
@@ -156,13 +157,13 @@ def set_up_processes(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if cfg.fsdp and "RANK" not in os.environ:
-        raise ValueError("--fsdp needs torchrun's environment: "
-                         "torchrun --standalone --nproc_per_node 1 train.py ...")
+        raise UserError("--fsdp needs torchrun's environment: "
+                        "torchrun --standalone --nproc_per_node 1 train.py ...")
     if cfg.seed < 0 or cfg.steps < 1:
-        raise ValueError(f"--seed must be >= 0 and --steps >= 1, not {cfg.seed} and {cfg.steps}.")
+        raise UserError(f"--seed must be >= 0 and --steps >= 1, not {cfg.seed} and {cfg.steps}.")
     if cfg.batch_size % (world * cfg.micro_batch_size):
-        raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by world size {world} "
-                         f"x --micro_batch_size {cfg.micro_batch_size}.")
+        raise UserError(f"--batch_size {cfg.batch_size} must be divisible by world size {world} "
+                        f"x --micro_batch_size {cfg.micro_batch_size}.")
     if world > 1 or cfg.fsdp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=cfg.timeout))
@@ -175,11 +176,11 @@ def resume(cfg, out, model, optimizer, rank):
     found, log_path = find_checkpoint(out), out / "log.jsonl"
     if found is None or not (cfg.resume or cfg.auto_resume):
         if cfg.resume:
-            raise ValueError(f"--resume: {out} holds no checkpoint (checkpoint.pt or checkpoints/"
-                             "step-N); run without --resume to start, or point --out at the run.")
+            raise UserError(f"--resume: {out} holds no checkpoint (checkpoint.pt or checkpoints/"
+                            "step-N); run without --resume to start, or point --out at the run.")
         if found is not None and not cfg.overwrite:  # forgetting --resume must not cost the run
-            raise ValueError(f"{found} holds a run already: add --resume to continue it, or "
-                             "--overwrite to start afresh.")
+            raise UserError(f"{found} holds a run already: add --resume to continue it, or "
+                            "--overwrite to start afresh.")
         if rank == 0:
             log_path.write_text("")
         return 0, None
@@ -187,7 +188,7 @@ def resume(cfg, out, model, optimizer, rank):
     must_match = MUST_MATCH + (("steps",) if cfg.lr_decay else ())
     changed = [k for k in must_match if saved.get(k) != getattr(cfg, k)]
     if changed:
-        raise ValueError(f"--resume: {found} was trained with different settings: " + ", ".join(
+        raise UserError(f"--resume: {found} was trained with different settings: " + ", ".join(
             f"--{k} {saved.get(k)} (now {getattr(cfg, k)})" for k in changed) + ".")
     load_checkpoint(found, model, optimizer)
     log0(f"resumed from {found} after step {step}")
@@ -269,9 +270,9 @@ def train(cfg):
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             kept = f"the last good checkpoint {saved[0]} (step {saved[1]}) is kept" if saved else \
                 "no checkpoint was written yet"
-            raise ValueError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step}; "
-                             f"stopped before the update and {kept}: lower --lr or use --dtype "
-                             "float32.")
+            raise UserError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step}; "
+                            f"stopped before the update and {kept}: lower --lr or use --dtype "
+                            "float32.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -309,7 +310,7 @@ def main(argv=None):
     try:
         cfg = parse_args(argv or demo_args(), __doc__)
         train(cfg)
-    except ValueError as e:  # a user's mistake, or a run that cannot go on: one sentence
+    except UserError as e:  # a user's mistake, or a run that cannot go on: one sentence
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

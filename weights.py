@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import rope
+from errors import UserError
 from model import ModelArgs, Transformer
 from tokenizer import SMOLLM2, load_tokenizer, resolve  # noqa: F401 (resolve: public here too)
 
@@ -44,14 +45,14 @@ def checkpoint_format(path, context_len=None):
     if (path / "params.json").is_file():
         return "meta"
     if context_len is not None:
-        raise ValueError(f"{path} states its own context; the context length is given only for "
-                         "Meta checkpoints, whose params.json has none.")
+        raise UserError(f"{path} states its own context; the context length is given only for "
+                        "Meta checkpoints, whose params.json has none.")
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
     if (path / "config.json").is_file():
         return "hf"
-    raise ValueError(f"{path} is neither a .gguf file nor a directory with params.json (Meta) "
-                     "or config.json (Hugging Face).")
+    raise UserError(f"{path} is neither a .gguf file nor a directory with params.json (Meta) "
+                    "or config.json (Hugging Face).")
 
 
 def read_checkpoint(path, context_len=None):
@@ -98,7 +99,7 @@ def with_scaling(args, scaling):
     original = scaling.get("original_max_position_embeddings")
     if original is None:
         if scaling.get("factor") is None:
-            raise ValueError(f"rope_type {kind!r} needs a factor, got {scaling}.")
+            raise UserError(f"rope_type {kind!r} needs a factor, got {scaling}.")
         context = round(scaling["factor"] * args.window)
         scaling = {**scaling, **rope.extend(args.rope_scaling, args.window, context, kind)}
     else:
@@ -114,9 +115,9 @@ def _read_json(file):
     try:
         value = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is not readable JSON ({e}).") from None
+        raise UserError(f"{file} is not readable JSON ({e}).") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object of settings.")
+        raise UserError(f"{file} holds a JSON {type(value).__name__}, not an object of settings.")
     return value
 
 
@@ -201,8 +202,8 @@ def hf_args(path):
     """A Hugging Face directory's ModelArgs, from config.json alone (no weights read)."""
     config = _read_json(path / "config.json")
     if config.get("model_type") != "llama":
-        raise ValueError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, "
-                         "expected 'llama'.")
+        raise UserError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, "
+                        "expected 'llama'.")
     params = config.get("rope_parameters") or {}  # transformers 5: rope_theta and the scaling
     stated = config.get("rope_scaling") or params
     scaling = {k: v for k, v in stated.items() if k not in ("rope_theta", "type")}
@@ -223,11 +224,11 @@ def hf_args(path):
             max_seq_len=config["max_position_embeddings"],
             tie_word_embeddings=config.get("tie_word_embeddings", False))
     except KeyError as e:
-        raise ValueError(f"{path / 'config.json'} has no {e.args[0]!r}, which a Llama config "
-                         "needs.") from None
+        raise UserError(f"{path / 'config.json'} has no {e.args[0]!r}, which a Llama config "
+                        "needs.") from None
     if config.get("head_dim", args.head_dim) != args.head_dim:
-        raise ValueError(f"{path / 'config.json'}: head_dim {config['head_dim']} != "
-                         "hidden_size / heads.")
+        raise UserError(f"{path / 'config.json'}: head_dim {config['head_dim']} != "
+                        "hidden_size / heads.")
     return args
 
 
@@ -239,7 +240,7 @@ def hf_files(path):
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path} has config.json but no *.safetensors weights.")
+        raise UserError(f"{path} has config.json but no *.safetensors weights.")
     return [path / name for name in files]
 
 
@@ -252,7 +253,7 @@ def _read_hf(path):
         try:
             state.update({_from_hf_name(k): v for k, v in load_file(file).items()})
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file} is not a readable safetensors file ({e}).") from None
+            raise UserError(f"{file} is not a readable safetensors file ({e}).") from None
     if args.tie_word_embeddings:
         state.pop("output.weight", None)  # some tied checkpoints store the copy too
     return args, state
@@ -272,21 +273,21 @@ def _read_meta(path, context_len=None):
     known = {f.name for f in fields(ModelArgs)}
     unknown = params.keys() - known
     if unknown:
-        raise ValueError(f"{path / 'params.json'} has keys ModelArgs does not know: "
-                         f"{sorted(unknown)}.")
+        raise UserError(f"{path / 'params.json'} has keys ModelArgs does not know: "
+                        f"{sorted(unknown)}.")
     # every Meta params.json states these; the defaults are Llama-7B's
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
-            raise ValueError(f"{path / 'params.json'} has no {key!r}, which a Llama params.json "
-                             "needs.")
+            raise UserError(f"{path / 'params.json'} has no {key!r}, which a Llama params.json "
+                            "needs.")
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
-        raise ValueError(f"{path} has params.json but no consolidated.*.pth weights.")
+        raise UserError(f"{path} has params.json but no consolidated.*.pth weights.")
     try:
         parts = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in shards]
     except Exception as e:  # a pickle that wants to run code lands here: weights_only refuses it
-        raise ValueError(f"{shards[0].parent}: could not load {len(shards)} consolidated.*.pth as "
-                         f"plain tensors ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
+        raise UserError(f"{shards[0].parent}: could not load {len(shards)} consolidated.*.pth as "
+                        f"plain tensors ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
     dim = params.get("dim", ModelArgs.dim)
     state = {}
     for name in parts[0]:
@@ -340,23 +341,23 @@ def _read_gguf(path):
         from gguf import GGUFReader
         from gguf.quants import dequantize
     except ImportError:
-        raise ValueError(f"reading {path} needs the gguf package: pip install gguf") from None
+        raise UserError(f"reading {path} needs the gguf package: pip install gguf") from None
     try:
         reader = GGUFReader(path)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}).") from None
+        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}).") from None
 
     def field(key, default=None):
         return reader.fields[key].contents() if key in reader.fields else default
 
     arch = field("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: general.architecture is {arch!r}, expected 'llama'.")
+        raise UserError(f"{path}: general.architecture is {arch!r}, expected 'llama'.")
     state = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
-            raise ValueError(f"{path} carries rope_freqs (Llama 3.1 scaling); pass "
-                             "rope_scaling=rope.llama31_scaling() or another scaling explicitly.")
+            raise UserError(f"{path} carries rope_freqs (Llama 3.1 scaling); pass "
+                            "rope_scaling=rope.llama31_scaling() or another scaling explicitly.")
         name = GGUF_GLOBAL.get(t.name)
         if name is None and t.name.startswith("blk."):
             _, i, module, param = t.name.split(".")
@@ -370,8 +371,8 @@ def _read_gguf(path):
         scaling = {"rope_type": kind, "factor": float(field("llama.rope.scaling.factor")),
                    "original_max_position_embeddings": original}
     elif kind != "none":
-        raise ValueError(f"{path}: llama.rope.scaling.type {kind!r} is not supported "
-                         "(none, linear, yarn).")
+        raise UserError(f"{path}: llama.rope.scaling.type {kind!r} is not supported "
+                        "(none, linear, yarn).")
     args = ModelArgs(
         dim=field("llama.embedding_length"), n_layers=field("llama.block_count"), n_heads=n_heads,
         n_kv_heads=field("llama.attention.head_count_kv", n_heads),
@@ -400,8 +401,8 @@ def checkpoint_tokenizer(path, args):
     """The tokenizer stored with the checkpoint at `path`, checked against its embedding."""
     tokenizer = load_tokenizer(path)
     if tokenizer.n_vocab > args.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the embedding "
-                         f"only {args.vocab_size} rows; they do not belong together.")
+        raise UserError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the embedding "
+                        f"only {args.vocab_size} rows; they do not belong together.")
     return tokenizer
 
 

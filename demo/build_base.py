@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data import DATA_DIR, fetch_shakespeare  # noqa: E402
+from errors import exit_on_user_error  # noqa: E402
 from eval_passkey import FILLER, INTRO, KEY_LINE, QUESTION, build_prompt, largest  # noqa: E402
 
 HELD_OUT = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt")
@@ -241,6 +242,7 @@ def write_jsonl(path, docs):
     tmp.replace(path)
 
 
+@exit_on_user_error
 def main(argv=None):
     import argparse
     from tokenizer import load_tokenizer

@@ -11,6 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+from errors import exit_on_user_error  # noqa: E402
 from pose import CONTENTS, METHODS, boundary_mask, check, make_example  # noqa: E402
 
 
@@ -52,6 +53,7 @@ def runs(token_index, position_ids):
     return list(zip([0] + [e + 1 for e in ends], ends + [len(position_ids) - 1]))
 
 
+@exit_on_user_error
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Print examples in Figure 1's notation and the "
                                  "coverage of relative distances over K examples (desideratum 1).")
@@ -74,8 +76,6 @@ def main(argv=None):
         check(a.method, lx, lc, lt, a.chunks, a.content)
         if a.plot:
             import matplotlib.pyplot as plt
-    except ValueError as e:
-        sys.exit(f"error: {e}")
     except ImportError:
         sys.exit("error: --plot needs matplotlib, which is not installed: pip install matplotlib")
     g = torch.Generator().manual_seed(a.seed)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from errors import exit_on_user_error  # noqa: E402
 from eval_passkey import build_prompt  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -28,6 +29,7 @@ def nll(model, ids):
     return [-log_probs[t - 1, ids[t]].item() for t in range(1, len(ids))]  # nll[t-1]: of token t
 
 
+@exit_on_user_error
 def main(path, config=None, tokenizer="data/demo/tokenizer"):
     if path.endswith(".pt"):
         model = Transformer(ModelArgs(**json.loads(Path(config).read_text())))

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data import DATA_DIR  # noqa: E402
+from errors import UserError, exit_on_user_error  # noqa: E402
 
 HELD_OUT_PLAY = "alls_well_that_ends_well_gut.txt"
 TEXTS = ("play", "austen")  # the held-out texts, as the results name them
@@ -333,6 +334,7 @@ def parse_lengths(text):
     return [int(n) for n in text.split(",")]
 
 
+@exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -373,7 +375,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         train_data, held = prepare_data(args.out)
-    except (OSError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, UserError) as e:
         sys.exit(f"error: preparing the data failed: {e}")
     for number, (kind, name) in enumerate(STAGES[:args.stages], 1):
         started = time.time()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from errors import exit_on_user_error  # noqa: E402
 
 LO, LT = 256, 2048
 LENGTHS = [LO, 2 * LO, 4 * LO, 8 * LO]
@@ -149,6 +150,7 @@ def report(table, out, data):
     print(f"plots: {out / 'demo.png'}, " + ", ".join(str(out / f"{name}_passkey.png") for name in table))
 
 
+@exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])

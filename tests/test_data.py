@@ -20,17 +20,11 @@ import config
 import data
 import prepare
 import train
-from model import ModelArgs, Transformer
-from tokenizer import GPT2_PATTERN, Tokenizer
+from conftest import byte_tokenizer, save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back".split()
 QUIET = {"log": lambda message: None}
-
-
-def byte_tokenizer(add_bos=False):
-    return Tokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257}, GPT2_PATTERN,
-                     bos_id=256, eos_id=257, add_bos=add_bos)
 
 
 def texts(n=40, seed=0):
@@ -44,10 +38,7 @@ def jsonl(records):
 
 
 def tiny_model(directory):
-    torch.manual_seed(0)
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=258, hidden_dim=64,
-                     max_seq_len=32)
-    Transformer(args).save_pretrained(directory, tokenizer=byte_tokenizer())
+    save_tiny_model(directory, n_layers=1)
     return directory
 
 

@@ -22,18 +22,13 @@ from eval_ppl import windows
 from evaluation import parse_scaling
 from model import ModelArgs, Transformer
 from weights import SMOLLM2, resolve
-from tokenizer import GPT2_PATTERN, Tokenizer, load_tokenizer
+from conftest import byte_tokenizer
+from tokenizer import load_tokenizer
 
 YARN2 = {"rope_type": "yarn", "factor": 2.0}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def byte_tokenizer():
-    """256 byte tokens, no merges, BOS and EOS: every character of ASCII text is one token."""
-    return Tokenizer({bytes([b]): b for b in range(256)}, {"<s>": 256, "</s>": 257}, GPT2_PATTERN,
-                     bos_id=256, eos_id=257, add_bos=True, merges=[])
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +45,7 @@ def tiny(tmp_path_factory):
                                   (layer.attention.wv.weight, 3), (layer.attention.wo.weight, 3)):
                 weight.mul_(scale)
     directory = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(directory, tokenizer=byte_tokenizer())
+    model.save_pretrained(directory, tokenizer=byte_tokenizer(add_bos=True))
     return directory
 
 
@@ -116,7 +111,7 @@ def test_perplexity_equals_transformers_and_is_token_weighted(tiny, tmp_path, sc
     flags = ["--rope_scaling", json.dumps(scaling)] if scaling else []
     results = eval_ppl.main(["--model", str(tiny), "--data", str(data), "--lengths", "256,512", "--stride", "128",
                              "--min_tokens", "600", "--docs", "3", "--out", str(tmp_path / "ppl.json"), *flags])
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_tokenizer(add_bos=True)
     docs = [tokenizer.encode(t) for t in texts if len(tokenizer.encode(t)) >= 600][:3]  # the 300-byte one is skipped
     exported = tmp_path / "exported"  # the scaling as transformers reads it from config.json
     Transformer.from_pretrained(tiny, rope_scaling=scaling).save_pretrained(exported)
@@ -156,7 +151,7 @@ def test_rope_scaling_type_factor_reaches_the_model(tiny, tmp_path, flag):
                              "--min_tokens", "600", "--docs", "1", "--rope_scaling", flag, "--out",
                              str(tmp_path / "ppl.json"), "--max_tokens", "1024"])
     theirs = reference(tiny, {"rope_theta": 10000.0, **expected[0]}, expected[1])
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_tokenizer(add_bos=True)
     # 1024 tokens: every window is 512 long (transformers' dynamic NTK keeps the frequencies of the longest input
     # seen so far, ours those of the window at hand; they agree when the windows are alike)
     docs = [tokenizer.encode(t)[:1024] for t in texts if len(tokenizer.encode(t)) >= 600][:1]
@@ -172,7 +167,7 @@ def test_bos_before_every_window_is_the_authors_protocol(tiny, tmp_path):
             "--docs", "2"]
     with_bos = eval_ppl.main([*argv, "--bos_each_window", "--out", str(tmp_path / "bos.json")])["lengths"]["256"]
     plain = eval_ppl.main([*argv, "--out", str(tmp_path / "plain.json")])["lengths"]["256"]
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_tokenizer(add_bos=True)
     docs = [tokenizer.encode(t, bos=False) for t in texts if len(tokenizer.encode(t)) >= 600][:2]
     theirs = LlamaForCausalLM.from_pretrained(tiny).eval()
     assert with_bos["ppl"] == pytest.approx(transformers_ppl(theirs, docs, 256, 128, bos=256), rel=1e-4)
@@ -214,7 +209,7 @@ def test_a_prepared_corpus_gives_the_perplexity_of_the_raw_file(tiny, tmp_path):
     import prepare
 
     data, _ = documents(tmp_path / "docs.jsonl")
-    prepare.prepare([data], byte_tokenizer(), tmp_path / "corpus", workers=2)
+    prepare.prepare([data], byte_tokenizer(add_bos=True), tmp_path / "corpus", workers=2)
     common = ["--model", str(tiny), "--lengths", "256", "--stride", "128", "--min_tokens", "600",
               "--docs", "3"]
     raw = eval_ppl.main([*common, "--data", str(data), "--out", str(tmp_path / "raw.json")])
@@ -233,7 +228,7 @@ def smollm2_tokenizer():
 @pytest.mark.parametrize("length", [100, 333, 1000, 4096, 32768])
 @pytest.mark.parametrize("which", ["bytes", "smollm2"])
 def test_prompt_length_is_exact_in_the_models_tokens(which, length, smollm2_tokenizer):
-    tokenizer = byte_tokenizer() if which == "bytes" else smollm2_tokenizer
+    tokenizer = byte_tokenizer(add_bos=True) if which == "bytes" else smollm2_tokenizer
     if which == "bytes" and length == 100:
         length = 400  # the template alone is ~300 bytes
     for trial in range(3):
@@ -295,7 +290,7 @@ def test_trials_are_reproducible_from_the_seed(smollm2_tokenizer):
 def test_kv_cache_answers_equal_full_recomputation(tiny):
     model = Transformer.from_pretrained(tiny)
     for trial in range(3):
-        tokens = torch.tensor([make_trial(byte_tokenizer(), 500, trial)["tokens"]])
+        tokens = torch.tensor([make_trial(byte_tokenizer(add_bos=True), 500, trial)["tokens"]])
         cached = model.generate(tokens, eval_passkey.MAX_NEW_TOKENS)
         sequence = tokens
         for _ in range(eval_passkey.MAX_NEW_TOKENS):  # greedy, no cache: the whole sequence again for each token

@@ -15,7 +15,8 @@ import rope
 import train
 from model import ModelArgs, Transformer
 from weights import with_scaling
-from test_train import argv, byte_tokenizer, tiny  # noqa: F401 (the fixture)
+from conftest import byte_tokenizer
+from test_train import argv, tiny  # noqa: F401 (the fixture)
 
 LLAMA31 = rope.llama31_scaling()
 

@@ -22,8 +22,8 @@ import checkpoint
 import eval_passkey
 import eval_ppl
 import train
-from model import ModelArgs, Transformer
-from tokenizer import GPT2_PATTERN, Tokenizer
+from errors import UserError
+from conftest import WORDS, byte_tokenizer, save_tiny_model, write_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -31,25 +31,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # read the address a killed worker left there and fail to connect (pytorch/pytorch#135712): a store
 # per attempt instead
 RESTARTABLE = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back again".split()
 STEPS, SAVE_EVERY = 12, 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def byte_tokenizer():
-    """256 byte tokens and BOS/EOS: a real byte-level BPE with no merges, small enough for tiny models."""
-    return Tokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257}, GPT2_PATTERN,
-                     bos_id=256, eos_id=257, add_bos=True, merges=[])
-
-
-def save_model(directory, seed=0, **overrides):
-    torch.manual_seed(seed)
-    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, hidden_dim=64, max_seq_len=32)
-    model = Transformer(ModelArgs(**{**args, **overrides}))
-    model.save_pretrained(directory, tokenizer=byte_tokenizer())
-    return model
+def save_model(directory, seed=0, **overrides):  # the tiny model, its tokenizer adding BOS
+    return save_tiny_model(directory, seed, add_bos=True, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +47,7 @@ def tiny(tmp_path_factory):
     data: six text documents of 60-800 bytes; whole: the uninterrupted run every resumed run must end equal to."""
     root = tmp_path_factory.mktemp("tiny")
     save_model(root / "base", vocab_size=32768, tie_word_embeddings=True)
-    rng = random.Random(0)
-    (root / "data").mkdir()
-    for i in range(6):
-        (root / "data" / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(12 + 30 * i)))
+    write_documents(root / "data")
     train.main(argv(root, root / "whole"))
     return root
 
@@ -441,7 +427,7 @@ def test_empty_data_is_one_sentence(tiny, tmp_path, capsys):
 
 def test_no_document_as_long_as_train_len_is_one_sentence(tiny, tmp_path, capsys):
     """Eq. 5 needs Lx >= Lc (test_train covers Lx >= Lt for full-length and aligned content)."""
-    longest = max(len(byte_tokenizer().encode(doc.read_text())) for doc in (tiny / "data").iterdir())
+    longest = max(len(byte_tokenizer(add_bos=True).encode(doc.read_text())) for doc in (tiny / "data").iterdir())
     error = error_of(train.main, argv(tiny, tmp_path, "--train_len", "1000", "--target_len", "4000"), capsys)
     assert error == (f"error: no document in {tiny / 'data'} has the 1000 tokens an example needs: 6 document(s), "
                      f"the longest has {longest} tokens.")
@@ -475,7 +461,7 @@ def test_nan_weights_stop_at_step_one_without_writing_anything(tiny, tmp_path, c
     model = save_model(tmp_path / "model")
     with torch.no_grad():
         model.norm.weight[0] = float("nan")
-    model.save_pretrained(tmp_path / "model", tokenizer=byte_tokenizer())
+    model.save_pretrained(tmp_path / "model", tokenizer=byte_tokenizer(add_bos=True))
     error = error_of(train.main, argv(tiny, tmp_path / "out", "--model", str(tmp_path / "model")), capsys)
     assert error == ("error: the loss is nan (gradient norm nan) at step 1; stopped before the update and no checkpoint "
                      "was written yet: lower --lr or use --dtype float32.")
@@ -536,3 +522,48 @@ def test_no_space_left_for_the_final_model_keeps_the_last_checkpoint(tiny, tmp_p
     monkeypatch.undo()
     train.main(argv(tiny, tmp_path, "--resume"))  # no step left to train: writes final/
     assert_equals_the_uninterrupted_run(tiny, tmp_path)
+
+
+# ---- 4. a user's mistake is one sentence; a bug keeps its traceback ----------------------------------------------
+
+def a_bug(*args, **kwargs):
+    raise ValueError("a bug, not the user's mistake")
+
+
+def a_mistake(*args, **kwargs):
+    raise UserError("the user's mistake.")
+
+
+def mains():
+    """name -> (main, arguments it accepts, a function it calls with them, to break)."""
+    sys.path.insert(0, str(ROOT / "demo"))
+    import figure1
+    import prepare
+    import wavelengths
+    evals = ["--model", "m", "--lengths", "2048", "--out", "r.json"]
+    return {"eval_passkey": (eval_passkey.main, evals, "model.load"),  # inside Session's catch
+            "eval_ppl": (eval_ppl.main, [*evals, "--data", "d"], "model.load"),
+            "prepare": (prepare.main, ["--data", "d", "--tokenizer", "t", "--out", "o"], "model.resolve"),
+            "figure1": (figure1.main, ["--samples", "1"], "figure1.make_example"),
+            "wavelengths": (wavelengths.main, ["--scaling", "yarn:4"], "rope.inv_freq")}
+
+
+@pytest.mark.parametrize("name", ["eval_passkey", "eval_ppl", "prepare", "figure1", "wavelengths"])
+def test_a_main_says_a_users_mistake_in_one_sentence_and_lets_a_bugs_value_error_through(name, tmp_path,
+                                                                                           monkeypatch, capsys):
+    main, args, target = mains()[name]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(target, a_mistake)
+    assert error_of(main, args, capsys).endswith("the user's mistake.")
+    monkeypatch.setattr(target, a_bug)
+    with pytest.raises(ValueError, match="a bug, not the user's mistake"):  # not a SystemExit
+        main(args)
+
+
+def test_the_wavelength_table_divides_what_a_scaling_divides_and_refuses_an_odd_head_in_one_sentence(capsys):
+    sys.path.insert(0, str(ROOT / "demo"))
+    import wavelengths
+    assert all(w1 / w0 == pytest.approx(4) for _, w0, w1 in wavelengths.main(["--scaling", "linear:4"]))
+    rows = wavelengths.main(["--scaling", "yarn:16", "--head_dim", "64"])  # fast pairs kept, slow ones / s
+    assert rows[0][2] == rows[0][1] and rows[-1][2] / rows[-1][1] == pytest.approx(16)
+    assert error_of(wavelengths.main, ["--head_dim", "7"], capsys) == "error: RoPE needs an even head dimension, got 7."

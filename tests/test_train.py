@@ -4,7 +4,6 @@ checkpoint loads as the extended model, and user mistakes end in one sentence, n
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,38 +17,19 @@ import config
 import train
 from data import read_documents
 from model import ModelArgs, Transformer
-from tokenizer import GPT2_PATTERN, Tokenizer
+from conftest import WORDS, byte_tokenizer, save_tiny_model, write_documents
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back again".split()
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only waits (and on a busy 2-core machine, spins)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def byte_tokenizer():
-    """256 byte tokens and two specials: a real byte-level BPE with no merges, small enough for tiny models."""
-    return Tokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257}, GPT2_PATTERN,
-                     bos_id=256, eos_id=257, add_bos=False)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny matrices, one thread
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-layer model with Lo = 32 saved as a Hugging Face directory, and six text documents of 60-800 bytes."""
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, hidden_dim=64, max_seq_len=32)
-    Transformer(args).save_pretrained(root / "base", tokenizer=byte_tokenizer())
-    rng = random.Random(0)
-    (root / "data").mkdir()
-    for i in range(6):
-        (root / "data" / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(12 + 30 * i)))
+    save_tiny_model(root / "base")
+    write_documents(root / "data")
     return root
 
 
