@@ -543,7 +543,7 @@ def mains():
     evals = ["--model", "m", "--lengths", "2048", "--out", "r.json"]
     return {"eval_passkey": (eval_passkey.main, evals, "model.load"),  # inside Session's catch
             "eval_ppl": (eval_ppl.main, [*evals, "--data", "d"], "model.load"),
-            "prepare": (prepare.main, ["--data", "d", "--tokenizer", "t", "--out", "o"], "model.resolve"),
+            "prepare": (prepare.main, ["--data", "d", "--tokenizer", "t", "--out", "o"], "tokenizer.resolve"),
             "figure1": (figure1.main, ["--samples", "1"], "figure1.make_example"),
             "wavelengths": (wavelengths.main, ["--scaling", "yarn:4"], "rope.inv_freq")}
 
