@@ -142,6 +142,14 @@ KEY_LINES = ("The {name} is {key}.", "The {name} is {key}. Keep it in mind. {key
 QUESTIONS = ("What is the {name}? The {name} is", "Tell me the {name}. The {name} is",
              "What was the {name}? It was", "Do you recall the {name}? Yes, the {name} is",
              "Now, the {name}? Answer:")
+# stage 3's pairs: the question ends with the words that lead to the key in its key line, so the
+# answer is found by matching them and copying what followed (an induction head's skill, which a
+# 2-layer model learns; mixed pairs left it at chance on its own episodes, docs/RESULTS.md)
+PAIRED = (("The {name} is {key}.", "What is the {name}? The {name} is"),
+          ("Remember this: the {name} is {key}.", "Do you recall the {name}? Yes, the {name} is"),
+          ("Here is the {name}: {key}. Do not forget it.", "Now, the {name}? Here is the {name}:"),
+          ("The {name} is {key}. Keep it in mind. {key} is the {name}.",
+           "Tell me the {name}. The {name} is"))
 NOUNS = ("road river wall door bread horse cloud tree house field stone ship hill wind lamp bell cat "
          "dog rain snow").split()
 ADJECTIVES = "long wide old warm cold red white quiet dark tall small bright soft heavy wet round full"
@@ -181,7 +189,7 @@ def varied_filler(rng, play_lines):
     return lambda n: " ".join(words[i % len(words)] for i in range(n))
 
 
-def varied_episode(tokenizer, rng, play_lines, tokens=LO + 2):
+def varied_episode(tokenizer, rng, play_lines, tokens=LO + 2, paired=False):
     """One retrieval episode in the shape of a passkey prompt (instruction, filler, key line, filler,
     question, answer) in none of its sentences, filled to about `tokens` tokens (never more), one per
     document as in the shipped recipe's stage 3; the key line's depth is uniform, 1/12 at each end."""
@@ -189,6 +197,8 @@ def varied_episode(tokenizer, rng, play_lines, tokens=LO + 2):
     key = rng.randint(10 ** (digits - 1), 10 ** digits - 1)
     intro, key_line, question = (rng.choice(t).format(name=name, key=key)
                                  for t in (INTROS, KEY_LINES, QUESTIONS))
+    if paired:
+        key_line, question = (t.format(name=name, key=key) for t in rng.choice(PAIRED))
     fill, depth = varied_filler(rng, play_lines), min(1.0, max(0.0, rng.uniform(-0.1, 1.1)))
 
     def episode(n):
@@ -277,13 +287,14 @@ def main(argv=None):
                  ["--model", str(work / "stage1" / "final")])
         # stage 3 as the shipped recipe's: plays and whole episodes 1:1 (the stage that made the
         # shipped base retrieve), the episodes in other words; stage 2 alone left it at chance
-        episodes = play_pieces + [varied_episode(tokenizer, rng, play_lines) for _ in play_pieces]
+        episodes = play_pieces + [varied_episode(tokenizer, rng, play_lines, paired=True)
+                                  for _ in play_pieces]
         rng.shuffle(episodes)
         assert all(map(template_free, episodes)), "an episode holds the evaluation's prompt"
-        write_jsonl(work / "episodes.jsonl", episodes)
-        pretrain("stage 3 (whole episodes)", work / "episodes.jsonl", work / "stage3", FAITHFUL3,
-                 ["--model", str(work / "stage2" / "final")])
-        last = work / "stage3" / "final"
+        write_jsonl(work / "episodes-paired.jsonl", episodes)
+        pretrain("stage 3 (whole episodes)", work / "episodes-paired.jsonl", work / "stage3-paired",
+                 FAITHFUL3, ["--model", str(work / "stage2" / "final")])
+        last = work / "stage3-paired" / "final"
     else:
         docs, n = list(play_pieces), len(play_pieces)
         docs += [passkey_document(tokenizer, rng) for _ in range(n)]
