@@ -26,9 +26,10 @@ docs/RESULTS.md tells what each stage changed and which recipes failed; demo/pro
 --recipe faithful never shows a sentence of the evaluation's prompt to any stage (template_free is asserted on every
 document): stage 1 (FAITHFUL1) the copy drills at Lc = 128; stage 2 (FAITHFUL2) the plays, retrieval episodes in
 other words (varied_episode: NAMES, INTROS, KEY_LINES, QUESTIONS, three kinds of filler, keys of 4 to 7 digits) and
-copy drills, a third each, one episode per document. demo/run.py --data mix fine-tunes on that same mixture, as the
-paper fine-tunes LLaMA on the Pile. About 10 minutes of compute on 2 idle cores (estimated from the shipped recipe's
-step time); docs/RESULTS.md says what it reached.
+copy drills, a third each, one episode per document; stage 3 (FAITHFUL3) the plays and whole episodes 1:1, each
+question ending like its key line (PAIRED). demo/run.py --data mix fine-tunes on stage 2's mixture, as the paper
+fine-tunes LLaMA on the Pile. About 40 minutes on 2 cores; measured, it does not retrieve yet, not even on its own
+episodes (docs/RESULTS.md).
 """
 import json
 import random
