@@ -145,14 +145,13 @@ def read_batches(files, start=(0, 0), batch_bytes=BATCH_BYTES):
             continue
         first, buffer = skip, bytearray()
 
-        def take(end, problems=()):  # a Batch of the lines of buffer[:end], cut out of it
+        def take(end):  # a Batch of the lines of buffer[:end] (none: end < 0), cut out of it
             nonlocal first
-            text = bytes(buffer[:end])
+            text = bytes(buffer[:end]) if end >= 0 else None
             del buffer[:end + 1]  # and the line end after them
-            n_lines = 1 if txt else text.count(b"\n") + 1
+            n_lines = 0 if text is None else 1 if txt else text.count(b"\n") + 1
             first += n_lines
-            return Batch(name, first - n_lines, text, list(problems),
-                         (number + 1, 0) if problems else (number, first), done_bytes + raw.tell())
+            return Batch(name, first - n_lines, text, [], (number, first), done_bytes + raw.tell())
 
         with open(file, "rb") as raw:
             try:
@@ -167,11 +166,9 @@ def read_batches(files, start=(0, 0), batch_bytes=BATCH_BYTES):
                         yield take(end)
             except Exception as e:  # a cut or corrupt compressed file: keep the whole lines before
                 reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                end = -1 if txt else buffer.rfind(b"\n")
-                place = first + (buffer.count(b"\n", 0, end) + 1 if end >= 0 else 0)
-                damage = ("file", 1, name, f"{name}, after line {place}: {reason}")
-                yield take(end, [damage]) if end >= 0 else \
-                    Batch(name, first, None, [damage], (number + 1, 0), done_bytes + raw.tell())
+                batch = take(-1 if txt else buffer.rfind(b"\n"))
+                damage = ("file", 1, name, f"{name}, after line {first}: {reason}")
+                yield batch._replace(problems=[damage], end=(number + 1, 0))  # the next file next
             else:
                 if txt:  # one document, even an empty one
                     yield take(len(buffer))

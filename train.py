@@ -42,8 +42,8 @@ import pose
 from checkpoint import find_checkpoint, load_checkpoint, read_info, save_checkpoint, save_final
 from config import Config, demo_args, parse_args
 from data import load_corpus
-from errors import UserError
 from distributed import build_model, log0, parallelize
+from errors import UserError
 from model import IGNORE
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312}  # bf16 dense

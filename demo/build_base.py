@@ -26,7 +26,7 @@ docs/RESULTS.md tells what each stage changed and which recipes failed; demo/pro
 --recipe faithful never shows a sentence of the evaluation's prompt to any stage (template_free is asserted on every
 document): stage 1 (FAITHFUL1) the copy drills at Lc = 128; stage 2 (FAITHFUL2) the plays, retrieval episodes in
 other words (varied_episode: NAMES, INTROS, KEY_LINES, QUESTIONS, three kinds of filler, keys of 4 to 7 digits) and
-copy drills, a third each, one episode per document; stage 3 (FAITHFUL3) the plays and whole episodes 1:1, each
+copy drills, a third each, one episode per document; stage 3 (STAGE3's settings) the plays and whole episodes 1:1, each
 question ending like its key line (PAIRED). demo/run.py --data mix fine-tunes on stage 2's mixture, as the paper
 fine-tunes LLaMA on the Pile. About 40 minutes on 2 cores; measured, it does not retrieve yet, not even on its own
 episodes (docs/RESULTS.md).
@@ -61,7 +61,6 @@ STAGE3 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]
 FAITHFUL1 = [*COMMON[:2], "--train_len", "128", *COMMON[4:], "--steps", "800", "--lr", "2e-3"]
 FAITHFUL2 = [*COMMON[:4], "--batch_size", "16", "--micro_batch_size", "16", *COMMON[8:],
              "--steps", "1500", "--lr", "1e-3"]
-FAITHFUL3 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]  # as STAGE3, on varied episodes
 
 
 def split_plays(files):
@@ -294,7 +293,7 @@ def main(argv=None):
         assert all(map(template_free, episodes)), "an episode holds the evaluation's prompt"
         write_jsonl(work / "episodes-paired.jsonl", episodes)
         pretrain("stage 3 (whole episodes)", work / "episodes-paired.jsonl", work / "stage3-paired",
-                 FAITHFUL3, ["--model", str(work / "stage2" / "final")])
+                 STAGE3, ["--model", str(work / "stage2" / "final")])
         last = work / "stage3-paired" / "final"
     else:
         docs, n = list(play_pieces), len(play_pieces)
