@@ -23,6 +23,7 @@ untested: no GPU where this was developed). One process checkpoints into OUT/che
 into OUT/checkpoints/step-N/; either resumes on any world size (checkpoint.py). On several nodes put
 --data and --out on a shared filesystem.
 """
+import gc
 import json
 import math
 import os
@@ -306,22 +307,34 @@ def train(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = Config()
+    cfg, code = Config(), 1
     try:
         cfg = parse_args(argv or demo_args(), __doc__)
         train(cfg)
+        code = 0
     except UserError as e:  # a user's mistake, or a run that cannot go on: one sentence
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     except (torch.OutOfMemoryError, MemoryError):  # may strike one rank only: every rank says it
         length = cfg.target_len if cfg.method == "full" else cfg.train_len
         print(f"error: out of memory with {cfg.micro_batch_size} example(s) of {length} tokens per "
               "forward pass; lower --micro_batch_size or turn on --checkpointing.", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
+    finally:  # after a bug too, whose traceback then follows
+        distributed = dist.is_initialized()
+        if distributed:
+            if code == 0:
+                dist.barrier()  # every rank done writing before any tears the group down
+            gc.collect()  # the sharded model's reference cycles, freed while the group lives
             dist.destroy_process_group()
+    if distributed:
+        # gloo's worker threads can abort the interpreter's own teardown after a finished run
+        # ("terminate called without an active exception", pytorch/pytorch#179291): everything
+        # is written and flushed, so the process leaves without it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

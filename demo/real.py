@@ -48,11 +48,13 @@ TRAINED = {"pose-yarn": ["--method", "pose", "--scaling", "yarn"],  # -> train.p
            "noskip": ["--method", "noskip"],
            "pose-linear": ["--method", "pose", "--scaling", "linear"]}
 MODELS = ["none", "linear", "ntk", "yarn", "pose-linear", "pose-yarn", "noskip"]
-# the most telling results first (PoSE-YaRN against its same-data control), cheap baselines early
-STAGES = [("ppl", "none"), ("train", "pose-yarn"), ("ppl", "pose-yarn"), ("train", "noskip"),
-          ("ppl", "noskip"), ("passkey", "pose-yarn"), ("ppl", "yarn"), ("passkey", "none"),
-          ("passkey", "noskip"), ("train", "pose-linear"), ("ppl", "pose-linear"),
-          ("passkey", "pose-linear"), ("passkey", "yarn"), ("ppl", "linear"), ("ppl", "ntk"),
+# the most telling results first (PoSE-YaRN against its same-data control), cheap baselines early;
+# each trained model evaluated right after its training, so that a run cut short (a session's end)
+# leaves finished rows, not a checkpoint that waits for its evaluations
+STAGES = [("ppl", "none"), ("train", "pose-yarn"), ("ppl", "pose-yarn"), ("passkey", "pose-yarn"),
+          ("passkey", "none"), ("ppl", "yarn"), ("train", "noskip"), ("ppl", "noskip"),
+          ("passkey", "noskip"), ("passkey", "yarn"), ("train", "pose-linear"),
+          ("ppl", "pose-linear"), ("passkey", "pose-linear"), ("ppl", "linear"), ("ppl", "ntk"),
           ("passkey", "linear"), ("passkey", "ntk")]
 
 

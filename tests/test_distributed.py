@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # run by torchrun on each rank: build, shard and fill as train.py does, then gather every tensor on rank 0
 WORKER = """
-import json, sys
+import gc, json, os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from dataclasses import asdict
@@ -44,7 +44,10 @@ for settings, out in zip(sys.argv[2::2], sys.argv[3::2]):
     if rank == 0:
         torch.save({"state": full, "args": asdict(model.args), "built_on_meta": on_meta}, out)
 dist.barrier()  # rank 1 must not tear gloo down while rank 0 still writes (it aborted rank 0 once in CI)
+del model, full
+gc.collect()
 dist.destroy_process_group()
+os._exit(0)  # as train.py: gloo's threads can abort the interpreter's teardown (pytorch/pytorch#179291)
 """
 
 
