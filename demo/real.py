@@ -181,6 +181,13 @@ def complete(path, lengths):
         return False
 
 
+def evaluated(name, args):
+    """Every evaluation of a model finished: its checkpoint is no longer needed, so results carried
+    to another machine without the checkpoints (e.g. docs/real/) are not trained again."""
+    return complete(args.out / f"{name}_passkey.json", args.passkey_lengths) and all(
+        complete(args.out / f"{name}_ppl_{text}.json", args.ppl_lengths) for text in TEXTS)
+
+
 def model_args(name, args):
     """The eval scripts' --model (and --rope_scaling) for one of MODELS."""
     if name in TRAINED:
@@ -194,7 +201,7 @@ def stage(kind, name, args, train_data, held):
     out, dtype = args.out, ["--dtype", "bf16" if args.dtype == "bfloat16" else "fp32"]
     if kind == "train":
         run_dir = out / name
-        if (run_dir / "final" / "config.json").exists():
+        if (run_dir / "final" / "config.json").exists() or evaluated(name, args):
             return
         extent = [] if name == "noskip" else ["--target_len", args.target_len]
         resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
@@ -220,7 +227,7 @@ def stage(kind, name, args, train_data, held):
 
 # ---- tables ----------------------------------------------------------------------------------
 
-def training_record(run_dir):
+def training_record(run_dir, done):
     """Steps, tokens seen, wall time (the sum of the step times: loading and compilation excluded),
     peak memory (GiB) and the last loss, from train.py's log; None before the first step."""
     try:
@@ -234,7 +241,7 @@ def training_record(run_dir):
     return {"steps": log[-1]["step"], "tokens": log[-1]["tokens"], "final_loss": log[-1]["loss"],
             "wall_s": sum(per_step / r["tokens_per_s"] for r in log),
             "peak_gib": max(r["mem"] for r in log),
-            "done": (run_dir / "final" / "config.json").exists()}
+            "done": done}
 
 
 def lengths_of(path):
@@ -251,7 +258,8 @@ def summary(args):
            for text in TEXTS}
     passkey = {m: lengths_of(args.out / f"{m}_passkey.json") for m in MODELS}
     return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "training": {name: training_record(args.out / name) for name in TRAINED},
+            "training": {name: training_record(args.out / name, done=evaluated(name, args) or (
+                args.out / name / "final" / "config.json").exists()) for name in TRAINED},
             "ppl": {text: {m: {int(L): r["ppl"] for L, r in by_model[m].items()} for m in MODELS}
                     for text, by_model in ppl.items()},
             "passkey": {m: {int(L): r["accuracy"] for L, r in passkey[m].items()} for m in MODELS},

@@ -1,8 +1,10 @@
 """demo/real.py (SmolLM2-135M 8k -> 16k, hours on a CPU) kept from rotting: its first stages on the
 tiny demo/base (Lo 256, Lc 64 -> Lt 512, 2 steps), the tables with the rest pending, a rerun that
-skips what is done, held-out texts never trained on, and the reader of R data that gives the second
+skips what is done (also where only the results were kept, not the checkpoints), held-out texts
+never trained on, and the reader of R data that gives the second
 held-out text (fetched once from Debian into data/austen)."""
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.slow  # left out by pytest -m "not slow"; make test run
 
 
 def smoke(out):
-    command = [sys.executable, "demo/real.py", "--smoke", "--stages", "3", "--out", str(out)]
+    command = [sys.executable, "demo/real.py", "--smoke", "--stages", "4", "--out", str(out)]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout
@@ -40,7 +42,9 @@ def test_first_stages_fill_their_cells_and_leave_the_rest_pending(done):
         assert all(table["ppl"][text][m] == {} for m in MODELS if m not in ("none", "pose-yarn"))
     assert table["training"]["pose-yarn"]["steps"] == 2 and table["training"]["pose-yarn"]["done"]
     assert table["training"]["pose-yarn"]["tokens"] == 2 * 2 * 64
-    assert table["training"]["noskip"] is None and all(v == {} for v in table["passkey"].values())
+    assert sorted(table["passkey"]["pose-yarn"]) == ["256", "512"]
+    assert table["training"]["noskip"] is None
+    assert all(v == {} for m, v in table["passkey"].items() if m != "pose-yarn")
     assert "| noskip | pending | pending | pending |" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0
 
@@ -49,6 +53,21 @@ def test_a_rerun_skips_every_finished_stage(done):
     out, _ = done
     again = smoke(out)
     assert "\n$ " not in again, again  # no command was run again
+
+
+def test_results_kept_without_checkpoints_are_not_trained_again(done, tmp_path):
+    """What a machine that is not kept leaves behind (the results and the training logs, as
+    docs/real/ holds them; no checkpoints) is enough: a model evaluated in full is not retrained."""
+    out, _ = done
+    kept = tmp_path / "real"
+    (kept / "pose-yarn").mkdir(parents=True)
+    for path in out.glob("*_*.json"):
+        shutil.copy(path, kept)
+    shutil.copy(out / "pose-yarn" / "log.jsonl", kept / "pose-yarn")
+    again = smoke(kept)
+    assert "\n$ " not in again, again
+    record = json.loads((kept / "results.json").read_text())["training"]["pose-yarn"]
+    assert record["done"] and record["steps"] == 2
 
 
 def test_held_out_texts_are_never_trained_on(done):
