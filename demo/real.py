@@ -52,10 +52,10 @@ MODELS = ["none", "linear", "ntk", "yarn", "pose-linear", "pose-yarn", "noskip"]
 # each trained model evaluated right after its training, so that a run cut short (a session's end)
 # leaves finished rows, not a checkpoint that waits for its evaluations
 STAGES = [("ppl", "none"), ("train", "pose-yarn"), ("ppl", "pose-yarn"), ("passkey", "pose-yarn"),
-          ("passkey", "none"), ("ppl", "yarn"), ("train", "noskip"), ("ppl", "noskip"),
-          ("passkey", "noskip"), ("passkey", "yarn"), ("train", "pose-linear"),
-          ("ppl", "pose-linear"), ("passkey", "pose-linear"), ("ppl", "linear"), ("ppl", "ntk"),
-          ("passkey", "linear"), ("passkey", "ntk")]
+          ("train", "noskip"), ("ppl", "noskip"), ("passkey", "noskip"), ("passkey", "none"),
+          ("ppl", "yarn"), ("passkey", "yarn"), ("train", "pose-linear"), ("ppl", "pose-linear"),
+          ("passkey", "pose-linear"), ("ppl", "linear"), ("ppl", "ntk"), ("passkey", "linear"),
+          ("passkey", "ntk")]
 
 
 # ---- data ------------------------------------------------------------------------------------
