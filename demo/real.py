@@ -188,6 +188,11 @@ def evaluated(name, args):
         complete(args.out / f"{name}_ppl_{text}.json", args.ppl_lengths) for text in TEXTS)
 
 
+def trained(name, args):
+    """A training run that needs no more: its final model written, or every evaluation of it done."""
+    return (args.out / name / "final" / "config.json").exists() or evaluated(name, args)
+
+
 def model_args(name, args):
     """The eval scripts' --model (and --rope_scaling) for one of MODELS."""
     if name in TRAINED:
@@ -201,7 +206,7 @@ def stage(kind, name, args, train_data, held):
     out, dtype = args.out, ["--dtype", "bf16" if args.dtype == "bfloat16" else "fp32"]
     if kind == "train":
         run_dir = out / name
-        if (run_dir / "final" / "config.json").exists() or evaluated(name, args):
+        if trained(name, args):
             return
         extent = [] if name == "noskip" else ["--target_len", args.target_len]
         resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
@@ -258,8 +263,8 @@ def summary(args):
            for text in TEXTS}
     passkey = {m: lengths_of(args.out / f"{m}_passkey.json") for m in MODELS}
     return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "training": {name: training_record(args.out / name, done=evaluated(name, args) or (
-                args.out / name / "final" / "config.json").exists()) for name in TRAINED},
+            "training": {name: training_record(args.out / name, trained(name, args))
+                         for name in TRAINED},
             "ppl": {text: {m: {int(L): r["ppl"] for L, r in by_model[m].items()} for m in MODELS}
                     for text, by_model in ppl.items()},
             "passkey": {m: {int(L): r["accuracy"] for L, r in passkey[m].items()} for m in MODELS},

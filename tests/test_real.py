@@ -1,8 +1,8 @@
 """demo/real.py (SmolLM2-135M 8k -> 16k, hours on a CPU) kept from rotting: its first stages on the
 tiny demo/base (Lo 256, Lc 64 -> Lt 512, 2 steps), the tables with the rest pending, a rerun that
 skips what is done (also where only the results were kept, not the checkpoints), held-out texts
-never trained on, and the reader of R data that gives the second
-held-out text (fetched once from Debian into data/austen)."""
+never trained on, and the reader of R data that gives the second held-out text (fetched once from
+Debian into data/austen)."""
 import json
 import shutil
 import struct
