@@ -91,7 +91,8 @@ class Config:
     overwrite: bool = flag(False, "start afresh even though OUT holds another run's checkpoint",
                            action="store_true")
     timeout: float = flag(30.0, "minutes a rank waits in a collective before the run ends with "
-                          "an error")
+                          "an error; raise it when rank 0 alone reads a large Meta or GGUF "
+                          "checkpoint")
 
 
 def parse_args(argv, doc="") -> Config:

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,18 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
     for name, tensor in final.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
     assert set(optimizer.state_dict()["state"]) == set(range(len(list(model.parameters()))))
+
+
+def test_timeout_reaches_the_process_group(monkeypatch):
+    """--timeout (minutes) is the collective timeout every rank's process group is made with."""
+    seen = {}
+    monkeypatch.setattr(train.dist, "init_process_group",
+                        lambda backend, timeout: seen.update(backend=backend, timeout=timeout))
+    for key, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    cfg = config.Config(timeout=90.0, batch_size=2, micro_batch_size=1)
+    assert train.set_up_processes(cfg)[:2] == (2, 0)
+    assert seen == {"backend": "gloo", "timeout": timedelta(minutes=90)}
 
 
 def test_micro_batch_size_changes_memory_not_the_result(tiny, tmp_path):
