@@ -1,6 +1,6 @@
 """Prepare once, train many times: a corpus of any size tokenized into a memory-mapped token store
-(nanoGPT's train.bin, plus document offsets) that train.py and eval_ppl.py open in milliseconds,
-on every rank and at every restart.
+(nanoGPT's train.bin, plus document offsets) that train.py and eval_ppl.py memory-map,
+on every rank and at every restart, without reading it.
 
     python data.py prepare --data pile/train/00.jsonl.zst --tokenizer smollm2 --out corpus/
     python train.py --model smollm2 --data corpus/ ...     # memory-maps it; checks the tokenizer
@@ -50,14 +50,14 @@ def prepare(sources, tokenizer, out, *, workers=1, tokenizer_name=None,
     if out.exists():
         raise UserError(f"{out} exists and is not a prepared corpus: choose another --out.")
     state = read_progress(partial)
-    if state and state["job"] == job:
+    if state and state["job"] == job and holds(partial, state, np.dtype(job["dtype"])):
         log(f"resuming {partial} at file {state['end'][0] + 1} of {len(files)}, line "
             f"{state['end'][1]} ({state['tokens']:,} tokens of {state['documents']:,} documents "
             "done)")
     else:
         if partial.exists():
             log(f"starting clean: {partial} holds an unfinished prepare of other files or another "
-                "tokenizer")
+                "tokenizer, or one that lost what it had written")
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
         state = {"job": job, "end": [0, 0], "tokens": 0, "documents": 0, "characters": 0,
@@ -104,6 +104,15 @@ def read_progress(partial):
         return None
 
 
+def holds(partial, state, dtype):
+    """Whether OUT.partial still has every byte its last commit recorded (then it can resume)."""
+    try:
+        return ((partial / TOKENS).stat().st_size >= state["tokens"] * dtype.itemsize
+                and (partial / ENDS).stat().st_size >= state["documents"] * 8)
+    except OSError:
+        return False
+
+
 def commit(partial, tokens, ends, state, report):
     """Make what is written so far durable, then say so: a kill after this resumes from here."""
     for f in (tokens, ends):
@@ -137,8 +146,8 @@ def finish(partial, out, state, identity, report, seconds, workers):
             "sources": state["job"]["sources"], "damaged": report.state(), "job": state["job"],
             "seconds": round(seconds, 1), "workers": workers}
     write_json(partial / CORPUS_JSON, meta)
+    (partial / PROGRESS).unlink()  # first: a kill after it starts clean, never resumes without ENDS
     (partial / ENDS).unlink()
-    (partial / PROGRESS).unlink()
     os.replace(partial, out)
     return meta
 

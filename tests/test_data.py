@@ -21,6 +21,7 @@ import data
 import prepare
 import train
 from conftest import byte_tokenizer, save_tiny_model
+from tokenizer import GPT2_PATTERN, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back".split()
@@ -117,6 +118,18 @@ def test_a_vocabulary_beyond_uint16_is_stored_as_uint32():
     assert data.token_dtype(big) == np.uint32
 
 
+def test_ids_beyond_uint16_are_prepared_whole(corpus, tmp_path):
+    """BOS = 70000 in every document: stored as uint16 it would wrap to 4464."""
+    root, docs = corpus
+    tokenizer = Tokenizer({bytes([i]): i for i in range(256)}, {"<s>": 70000, "</s>": 70001},
+                          GPT2_PATTERN, bos_id=70000, eos_id=70001, add_bos=True)
+    prepare.prepare([root / "mixed"], tokenizer, tmp_path / "big", workers=2, **QUIET)
+    store, raw = (data.load_corpus(p, tokenizer) for p in (tmp_path / "big", root / "mixed"))
+    assert store.tokens.dtype == np.uint32 and store.tokens.max() == 70000
+    assert np.array_equal(store.tokens, raw.tokens) and np.array_equal(store.offsets, raw.offsets)
+    assert [list(d) for d in store] == [tokenizer.encode(t) for t in docs]
+
+
 def test_batches_from_a_prepared_corpus_equal_todays_for_the_same_documents_and_seed(corpus,
                                                                                      tmp_path):
     root, docs = corpus
@@ -203,6 +216,62 @@ def test_a_killed_prepare_leaves_no_corpus_and_a_rerun_resumes_to_the_same_bytes
     assert "already prepared" in messages[-1]
     with pytest.raises(ValueError, match="prepared from other files or with another tokenizer"):
         prepare.prepare([root / "txt"], tokenizer, cut)
+
+
+@pytest.mark.parametrize("kill_before", [1, 2, 3, 4])
+def test_a_prepare_killed_while_finishing_ends_whole_on_rerun(corpus, tmp_path, monkeypatch,
+                                                              kill_before):
+    """finish() renames or removes 4 times (corpus.json, progress.json, ends.bin, OUT.partial ->
+    OUT): a kill before any of them must leave a rerun that ends with the uninterrupted bytes."""
+    root, _ = corpus
+    tokenizer = byte_tokenizer()
+    prepare.prepare([root / "mixed"], tokenizer, tmp_path / "whole", **QUIET)
+    finish, steps = prepare.finish, []
+
+    def killed_in_finish(*args):
+        def step(real):
+            def counted(*a, **k):
+                steps.append(1)
+                if len(steps) == kill_before:
+                    raise KeyboardInterrupt
+                return real(*a, **k)
+            return counted
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", step(os.replace))
+            m.setattr(Path, "unlink", step(Path.unlink))
+            return finish(*args)
+
+    monkeypatch.setattr(prepare, "finish", killed_in_finish)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare([root / "mixed"], tokenizer, cut, **QUIET)
+    monkeypatch.setattr(prepare, "finish", finish)
+    prepare.prepare([root / "mixed"], tokenizer, cut, **QUIET)
+    for name in (data.TOKENS, data.OFFSETS):
+        assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    whole, store = (data.load_corpus(d, tokenizer) for d in (tmp_path / "whole", cut))
+    assert len(store) == len(whole) > 0
+
+
+def test_a_partial_missing_committed_bytes_is_started_clean(corpus, tmp_path, monkeypatch):
+    root, _ = corpus
+    tokenizer = byte_tokenizer()
+    prepare.prepare([root / "mixed"], tokenizer, tmp_path / "whole", **QUIET)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare([root / "mixed"], tokenizer, tmp_path / "cut", **QUIET)
+    monkeypatch.undo()
+    (tmp_path / "cut.partial" / prepare.ENDS).write_bytes(b"")  # lost, yet progress.json claims it
+    messages = []
+    prepare.prepare([root / "mixed"], tokenizer, tmp_path / "cut", log=messages.append)
+    assert messages[0].startswith("starting clean")
+    for name in (data.TOKENS, data.OFFSETS):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
 
 def test_an_unfinished_prepare_of_other_files_is_started_clean(corpus, tmp_path):
