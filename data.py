@@ -153,7 +153,11 @@ def read_batches(files, start=(0, 0), batch_bytes=BATCH_BYTES):
             first += n_lines
             return Batch(name, first - n_lines, text, [], (number, first), done_bytes + raw.tell())
 
-        with open(file, "rb") as raw:
+        try:
+            raw = open(file, "rb")
+        except OSError as e:  # gone or unreadable since source_files listed it
+            raise UserError(f"cannot read {name}: {e.strerror or e}.") from None
+        with raw:
             try:
                 for piece in decompressed(raw, name):
                     buffer += piece
@@ -325,8 +329,11 @@ class TokenStore:
         return TokenStore(self.tokens, self.offsets, np.flatnonzero(self.lengths() >= n_tokens))
 
 
-def load_corpus(path, tokenizer, log=lambda message: print(message, file=sys.stderr),
-                progress=False):
+def log_stderr(message):
+    print(message, file=sys.stderr)
+
+
+def load_corpus(path, tokenizer, log=log_stderr, progress=False):
     """`path` as a TokenStore: a prepared corpus (a directory with corpus.json), memory-mapped once
     it is known to be made with `tokenizer`; or raw files, tokenized here, into memory, by the code
     prepare runs."""
@@ -380,7 +387,7 @@ def open_prepared(path, tokenizer):
     return TokenStore(tokens, offsets)
 
 
-def read_documents(path, log=lambda message: print(message, file=sys.stderr)) -> list[str]:
+def read_documents(path, log=log_stderr) -> list[str]:
     """The texts of the corpus `path` (a file or a directory), read as train.py reads them."""
     files, report, texts = source_files([path]), Report(), []
     for batch in read_batches(files):

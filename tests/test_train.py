@@ -487,6 +487,13 @@ def test_read_documents_errors_name_the_file(tmp_path, name, content, message):
         read_documents(tmp_path / "missing")
 
 
+def test_a_file_gone_after_listing_is_named_not_a_traceback(tmp_path):
+    from data import read_batches
+
+    with pytest.raises(ValueError, match=f"cannot read {tmp_path / 'gone.jsonl'}: No such file"):
+        list(read_batches([tmp_path / "gone.jsonl"]))
+
+
 def test_documents_shorter_than_an_example_are_skipped_and_counted(tiny, capsys):
     cfg = config.Config(data=str(tiny / "data"), train_len=100, target_len=400)
     docs = train.load_documents(cfg, byte_tokenizer(), rank=0)
