@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
-from weights import _to_hf_name, hf_config
+from weights import hf_config, to_hf_name
 
 SHARDED = "checkpoints"  # OUT/checkpoints/step-N/: the DCP checkpoints of world size > 1
 SHARD_BYTES = 2**31  # the largest safetensors file of an export (transformers' default is 5 GB)
@@ -264,7 +264,7 @@ def save_final(directory, model, args, tokenizer, dtype, last=None):
             tensor = state[name]
             full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
             if is_rank0():
-                pending[_to_hf_name(name)] = full.detach().to("cpu", dtype).contiguous()
+                pending[to_hf_name(name)] = full.detach().to("cpu", dtype).contiguous()
             del full
         if is_rank0() and error is None:
             try:
@@ -275,7 +275,7 @@ def save_final(directory, model, args, tokenizer, dtype, last=None):
         try:
             if n > 1:
                 total = sum(state[k].numel() for k in names) * dtype.itemsize
-                weight_map = {_to_hf_name(k): f for f, ks in zip(file_names, files) for k in ks}
+                weight_map = {to_hf_name(k): f for f, ks in zip(file_names, files) for k in ks}
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             config = hf_config(args, dtype=str(dtype).removeprefix("torch."))

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from config import final_args
 from errors import UserError
 from model import ModelArgs, Transformer
-from weights import (_from_hf_name, _to_hf_name, checkpoint_format, checkpoint_tokenizer, hf_args,
-                     hf_files, read_checkpoint, resolve)
+from weights import (checkpoint_format, checkpoint_tokenizer, from_hf_name, hf_args, hf_files,
+                     read_checkpoint, resolve, to_hf_name)
 
 
 def log0(*args):
@@ -168,8 +168,8 @@ def load_slices(model, path):
     if model.args.tie_word_embeddings:
         files.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
     state = model.state_dict()  # DTensors: this rank's shards
-    missing = [k for k in state if _to_hf_name(k) not in files]
-    unexpected = [_from_hf_name(k) for k in files.keys() - {_to_hf_name(k) for k in state}]
+    missing = [k for k in state if to_hf_name(k) not in files]
+    unexpected = [from_hf_name(k) for k in files.keys() - {to_hf_name(k) for k in state}]
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
                         f"unexpected {sorted(unexpected)[:5]}.")
@@ -179,8 +179,8 @@ def load_slices(model, path):
             local, rows, mesh = tensor.to_local(), tensor.shape[0], tensor.device_mesh
             per_rank = -(-rows // mesh.size())  # torch.chunk's chunk size: ceil(rows / world)
             start = min(mesh.get_local_rank() * per_rank, rows)
-            with safe_open(files[_to_hf_name(name)], "pt") as f:
-                part = f.get_slice(_to_hf_name(name))
+            with safe_open(files[to_hf_name(name)], "pt") as f:
+                part = f.get_slice(to_hf_name(name))
                 if tuple(part.get_shape()) != tuple(tensor.shape):
                     raise UserError(f"{path}: {name} has shape {tuple(part.get_shape())}, the "
                                     f"config implies {tuple(tensor.shape)}.")

@@ -71,7 +71,7 @@ def save_pretrained(model, directory, tokenizer=None):
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {_to_hf_name(k): v.detach().to("cpu").contiguous()
+    state = {to_hf_name(k): v.detach().to("cpu").contiguous()
              for k, v in model.state_dict().items()}
     _atomic(directory / "model.safetensors",
             lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
@@ -140,7 +140,7 @@ HF_GLOBAL = {"tok_embeddings.weight": "model.embed_tokens.weight",
              "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
 
-def _to_hf_name(name):  # ours -> HF
+def to_hf_name(name):  # ours -> HF
     if name in HF_GLOBAL:
         return HF_GLOBAL[name]
     _, i, rest = name.split(".", 2)
@@ -148,7 +148,7 @@ def _to_hf_name(name):  # ours -> HF
     return f"model.layers.{i}.{HF_NAMES[module]}.{param}"
 
 
-def _from_hf_name(name):  # HF -> ours
+def from_hf_name(name):  # HF -> ours
     for ours, theirs in HF_GLOBAL.items():
         if name == theirs:
             return ours
@@ -251,7 +251,7 @@ def _read_hf(path):
     args, state = hf_args(path), {}
     for file in hf_files(path):
         try:
-            state.update({_from_hf_name(k): v for k, v in load_file(file).items()})
+            state.update({from_hf_name(k): v for k, v in load_file(file).items()})
         except (SafetensorError, OSError) as e:
             raise UserError(f"{file} is not a readable safetensors file ({e}).") from None
     if args.tie_word_embeddings:

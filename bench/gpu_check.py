@@ -581,7 +581,7 @@ def make_step(impl, shape, state, device, checkpointing=False):
         with torch.device(device):
             model = LlamaForCausalLM(config)
         missing, unexpected = model.load_state_dict(
-            {weights._to_hf_name(k): v for k, v in state.items()}, strict=False)
+            {weights.to_hf_name(k): v for k, v in state.items()}, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
         if checkpointing:
             model.gradient_checkpointing_enable()

@@ -1,4 +1,4 @@
-"""Reliability as a specification (issue 8): a run killed anywhere resumes with nothing lost, a checkpoint is untrusted
+"""Reliability as a specification: a run killed anywhere resumes with nothing lost, a checkpoint is untrusted
 input that never runs code, and every bad input in the catalogue of docs/RELIABILITY.md ends in one sentence, a
 non-zero exit and every file as it was. Rows already covered in test_train.py, test_eval.py and test_model.py are
 named in that table, not repeated here. Tiny models, CPU fp32, one thread: the whole file takes about 80 s on a
