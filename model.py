@@ -6,8 +6,9 @@ Read it next to Meta's llama3 model.py: the same sections in the same order (Mod
 RoPE, Attention, FeedForward, TransformerBlock, Transformer) and Meta's module names (wq, w1,
 attention_norm …), so a Meta state dict loads as it is. Where we differ: positions are a tensor
 per token, not a start offset (PoSE's skipped positions, section 3.2); the RoPE angles come from
-rope.py in Hugging Face's half layout; the loss never holds all logits (loss.py); checkpoints of
-every format are read and written by weights.py.
+rope.py in Hugging Face's half layout; one attend() picks flash-attn or SDPA (GQA without
+copies) and a KVCache serves generation; the loss never holds all logits (loss.py); checkpoints
+are read and written by weights.py.
 """
 import json
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 import rope
 from errors import UserError
-from loss import IGNORE, cross_entropy  # noqa: F401 (IGNORE: for train.py)
+from loss import cross_entropy
 
 try:  # optional, CUDA only: pip install flash-attn
     from flash_attn import flash_attn_func
@@ -29,7 +30,8 @@ except ImportError:
 
 @dataclass
 class ModelArgs:
-    """Meta's params.json field names, so `ModelArgs(**params)` works; the last four are ours."""
+    """Meta's params.json names, so `ModelArgs(**params)` works; hidden_dim, rope_scaling and
+    tie_word_embeddings are ours (Hugging Face's intermediate_size, rope_scaling, tied output)."""
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -66,7 +68,7 @@ class ModelArgs:
 
     @property
     def original_max_seq_len(self):
-        """Lo: the context before any scaling (PoSE section 3)."""
+        """Lo, the paper's original context window: the one pretrained, before any RoPE scaling."""
         return (self.rope_scaling or {}).get("original_max_position_embeddings", self.max_seq_len)
 
     @property
@@ -100,8 +102,7 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Keys and values of one layer for generation: (B, max_len, n_kv_heads, head_dim), filled
-    left to right."""
+    """One layer's keys and values for generation: (B, max_len, H_kv, hd), filled left to right."""
     def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
         shape = (batch_size, max_len, n_kv_heads, head_dim)

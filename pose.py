@@ -11,8 +11,8 @@ distances they cover.
 
 Where we differ from the authors' public code (github.com/hkust-nlp/PoSE), on purpose:
 - Every call draws afresh from the torch.Generator passed in; their cached preprocessing pass fixes
-  each document's skips once, so every epoch repeats them. Any N; theirs has N=2 only (App. B:
-  2, 3, Lc).
+  each document's skips once, so every epoch repeats them. Any N; their code has N=2 only
+  (Appendix B compares N = 2, 3 and Lc).
 - Chunk lengths come from N-1 distinct uniform cut points in {1..Lc-1}, so every split into N
   positive lengths is equally likely. Theirs draws the first length from [1, ceil(Lc/2)].
 - The false label at a chunk boundary is masked by default (next_token_targets); theirs keeps it.
@@ -42,9 +42,8 @@ def check(method, doc_len, train_len, target_len, chunks=2, content="random"):
     if method == "pose" and not 1 <= chunks <= train_len:
         raise UserError(f"chunks must be between 1 and train_len={train_len} (every chunk "
                         f"holds at least one token), got {chunks}")
-    # the text is read up to position Lt-1
-    to_target = method == "full" or (method, content) == ("pose", "aligned")
-    need, name = (target_len, "target_len") if to_target else (train_len, "train_len")
+    need = min_doc_len(method, train_len, target_len, content)
+    name = "train_len" if need == train_len else "target_len"
     what = f"method {method!r}" + (f" with content {content!r}" if method == "pose" else "")
     if doc_len < need:
         aligned = content == "aligned" and method == "pose"
@@ -53,8 +52,14 @@ def check(method, doc_len, train_len, target_len, chunks=2, content="random"):
                         + (", or use content 'random'" if aligned else ""))
 
 
+def min_doc_len(method, train_len, target_len, content="random"):
+    """Lx, the fewest tokens a document needs: Lt where the text is read up to position Lt-1
+    ("full", and PoSE with "aligned" content), else Lc."""
+    return target_len if method == "full" or (method, content) == ("pose", "aligned") else train_len
+
+
 def chunk_lengths(train_len, chunks, rng):
-    """Step 1: chunk lengths l_0..l_{N-1} >= 1 summing to Lc, cut at N-1 distinct uniform points."""
+    """Chunk lengths l_0..l_{N-1} >= 1 summing to Lc, cut at N-1 distinct uniform points."""
     edges = [0] + sorted(rng.sample(range(1, train_len), chunks - 1)) + [train_len]
     return [end - start for start, end in zip(edges, edges[1:])]
 
@@ -92,7 +97,7 @@ def sample(doc_len, train_len, target_len, *, chunks=2, content="random", genera
     else:  # Appendix A: v_i = u_i, each token sits at its own position in the document
         content_offset = skip_bias
     starts = itertools.accumulate(lengths[:-1], initial=0)  # st_i: where chunk i starts
-    # Eq. 3: chunk i is the text x[v_i + st_i : v_i + st_i + l_i] at positions u_i + st_i, …
+    # chunk i: the text x[v_i + st_i : v_i + st_i + l_i] (Eq. 5) at positions u_i + st_i, … (Eq. 3)
     pieces = [(torch.arange(v + st, v + st + n), torch.arange(u + st, u + st + n))
               for v, u, st, n in zip(content_offset, skip_bias, starts, lengths)]
     token_index, position_ids = (torch.cat(parts) for parts in zip(*pieces))

@@ -4,7 +4,7 @@
 RoPE turns channel pair j at position m by the angle m·θ_j, θ_j = base^(−2j/d): a query at m and a
 key at n interact through (m − n)·θ_j only. PoSE (section 3.2) feeds positions up to Lt − 1 to a
 model trained on < Lo; a scaling, None or a dict with Hugging Face's keys (so a config.json written
-by model.py gives the same numbers in transformers), makes them look familiar (s = Lt / Lo):
+by weights.py gives the same numbers in transformers), makes them look familiar (s = Lt / Lo):
 
     linear (PI)    θ_j / s                                   every position squeezed by s
     ntk            base · s^(d/(d−2))                         the paper's static "NTK"
@@ -76,14 +76,13 @@ def _yarn(theta, d, base, factor, original, scaling):
     ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # fast channels (j < low) keep θ_j, slow ones (j > high) get θ_j / s
     blended = (theta / factor) * (1 - extrapolate) + theta * extrapolate
+
     def mscale(scale, m=1.0):  # sqrt(1/t) = 0.1·ln(s) + 1, DeepSeek's m = mscale(_all_dim)
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
     attention = scaling.get("attention_factor")
     if attention is None and scaling.get("mscale") and scaling.get("mscale_all_dim"):
         attention = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
-    elif attention is None:
-        attention = mscale(factor)
-    return blended, float(attention)
+    return blended, float(mscale(factor) if attention is None else attention)
 
 
 def cos_sin(position_ids, theta, attention_factor=1.0, dtype=torch.float32):

@@ -45,7 +45,7 @@ from config import Config, demo_args, parse_args
 from data import load_corpus
 from distributed import build_model, log0, parallelize
 from errors import UserError
-from model import IGNORE
+from loss import IGNORE
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312}  # bf16 dense
 
@@ -56,8 +56,7 @@ def load_documents(cfg, tokenizer, rank):
         raise UserError("--data is required: a corpus from data.py prepare, or .jsonl / .txt "
                         "files.")
     corpus = load_corpus(cfg.data, tokenizer, log=log0, progress=rank == 0)  # prepared: mmapped
-    aligned = cfg.method == "pose" and cfg.content == "aligned"
-    need = cfg.target_len if cfg.method == "full" or aligned else cfg.train_len  # Lx >= Lc or Lt
+    need = pose.min_doc_len(cfg.method, cfg.train_len, cfg.target_len, cfg.content)
     kept = corpus.at_least(need)
     if not len(kept):
         raise UserError(f"no document in {cfg.data} has the {need} tokens an example needs: "
@@ -228,10 +227,13 @@ def train(cfg):
     # ---- build: the model with its final RoPE, the tokenizer, the documents
     model, tokenizer = build_model(cfg, world, rank)
     args = model.args
+    # the flags, once Lc and Lt are known: a document of Lt tokens is long enough for any method
     pose.check(cfg.method, cfg.target_len, cfg.train_len, cfg.target_len, cfg.chunks, cfg.content)
     docs = load_documents(cfg, tokenizer, rank)
-    model.gradient_checkpointing = cfg.checkpointing if cfg.checkpointing is not None else \
-        device.type == "cuda"
+    if cfg.checkpointing is None:  # activation checkpointing: on by default where memory is dear
+        model.gradient_checkpointing = device.type == "cuda"
+    else:
+        model.gradient_checkpointing = cfg.checkpointing
     example_len = cfg.target_len if cfg.method == "full" else cfg.train_len
     log0(f"{cfg.method}: Lc={cfg.train_len} -> Lt={cfg.target_len} (Lo="
          f"{args.original_max_seq_len}, RoPE {args.rope_scaling or 'unchanged'}), N={cfg.chunks}, "
@@ -259,11 +261,11 @@ def train(cfg):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = draw_batch(docs, cfg, step)
+        tokens, position_ids, targets = batch = draw_batch(docs, cfg, step)
         loss_sum = forward_backward(model, batch, mine, cfg, world, device, autocast)
         if world > 1:
             dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / int((batch[2] != IGNORE).sum())
+        loss = loss_sum.item() / int((targets != IGNORE).sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
@@ -278,7 +280,7 @@ def train(cfg):
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        n_tokens = batch[0].numel()
+        n_tokens = tokens.numel()
         tokens_per_s = n_tokens / (time.perf_counter() - start)  # of all ranks
         if rank == 0:
             mfu = tokens_per_s * flops_per_token / (peak * world) if peak else None
@@ -292,7 +294,7 @@ def train(cfg):
                             mem=f"{record['mem']:.1f}G")
         # after the log line: a kill between the two leaves the checkpoint behind the log, never
         # ahead of it
-        if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             path = save_checkpoint(out, model, optimizer, step, asdict(cfg), previous=saved)
             saved = (path, step)
     bar.close()

@@ -86,7 +86,7 @@ def test_chunks_equal_to_train_len_follow_eq_4():
 
 
 def test_skip_bias_content_offset_and_cut_point_are_uniform():
-    """Eq. 4 and 5 at N=2: u_1 ~ U{0..Lt-Lc}, v_1 ~ U{0..Lx-Lc}; step 1: l_0 ~ U{1..Lc-1}."""
+    """Eq. 4 and 5 at N=2: u_1 ~ U{0..Lt-Lc}, v_1 ~ U{0..Lx-Lc}; the cut l_0 ~ U{1..Lc-1}."""
     train_len, target_len, doc_len, n = 16, 35, 40, 4000
     examples = draws(n, train_len=train_len, target_len=target_len, doc_len=doc_len, seed=1)
     skip = [int(pos[-1]) - (train_len - 1) for _, pos in examples]  # the last position is u_1 + Lc - 1
@@ -132,7 +132,7 @@ def test_distance_counts_equal_brute_force(method, chunks):
     assert torch.equal(figure1.distance_counts(batch, target_len), torch.bincount(d[d > 0], minlength=target_len))
 
 
-@pytest.mark.parametrize("chunks", [2, 16])  # both ways sample() builds Eq. 3: per chunk, vectorized
+@pytest.mark.parametrize("chunks", [2, 16])  # few chunks and many
 def test_content_modes(chunks):
     for tok, pos in draws(50, chunks=chunks, content="contiguous"):
         assert torch.equal(tok, torch.arange(LC)) and breaks(pos) > 0  # v_i = 0 while u_i > 0
