@@ -5,6 +5,8 @@ from transformers import AutoModelForCausalLM
 
 from weights import SMOLLM2, load, resolve
 
+pytestmark = pytest.mark.slow  # reads the 135M model twice (ours, transformers'): half a minute
+
 
 @pytest.fixture(scope="module")
 def models():

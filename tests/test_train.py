@@ -414,15 +414,24 @@ EXPECTED = {"target_len <= train_len": "must be larger than --train_len", "noski
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
-def test_bad_input_exits_with_one_sentence(tiny, tmp_path, case):
-    result = run_script("train.py", *bad(tiny, tmp_path / "out", case))
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and EXPECTED[case] in errors[0], result.stderr[-2000:]
+def test_bad_input_exits_with_one_sentence(tiny, tmp_path, capsys, monkeypatch, case):
+    """In-process (any other exception fails the test); the command line once, below."""
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        train.main(bad(tiny, tmp_path / "out", case))
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert e.value.code == 1 and len(errors) == 1 and EXPECTED[case] in errors[0], stderr[-2000:]
     if case == "nan loss":  # stopped before writing the bad state: a checkpoint of an earlier step stays
         assert "step 1)" in errors[0] or "step 2)" in errors[0]
         assert not (tmp_path / "out" / "final").exists()
+
+
+def test_the_command_line_prints_one_sentence_and_no_traceback(tiny, tmp_path):
+    result = run_script("train.py", *bad(tiny, tmp_path / "out", "target_len <= train_len"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and EXPECTED["target_len <= train_len"] in errors[0], result.stderr
 
 
 def test_out_of_memory_names_the_flags_to_lower(tiny, tmp_path, monkeypatch, capsys):
