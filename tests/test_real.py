@@ -20,11 +20,12 @@ from demo.real import HELD_OUT_PLAY, MODELS, fetch_austen, read_r_data  # noqa: 
 pytestmark = pytest.mark.slow  # left out by pytest -m "not slow"; make test runs it
 
 
-def smoke(out):
-    command = [sys.executable, "demo/real.py", "--smoke", "--stages", "4", "--out", str(out)]
+def smoke(out, stages="4", *extra, code=0):
+    command = [sys.executable, "demo/real.py", "--smoke", "--stages", stages, "--out", str(out),
+               *extra]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout
+    assert run.returncode == code, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout + run.stderr
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,21 @@ def test_results_kept_without_checkpoints_are_not_trained_again(done, tmp_path):
     assert "\n$ " not in again, again
     record = json.loads((kept / "results.json").read_text())["training"]["pose-yarn"]
     assert record["done"] and record["steps"] == 2
+
+
+def test_models_choose_the_stages_and_the_tables_rows(tmp_path):
+    """--models none,yarn (as the runs toward 32k take a few models): their stages only, in order,
+    and tables with their rows only; a name that is not a model is refused in one sentence."""
+    out = smoke(tmp_path, "3", "--models", "yarn,none")
+    assert [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("== stage") and
+            ": " in line] == ["ppl none", "passkey none", "ppl yarn"]
+    table = json.loads((tmp_path / "results.json").read_text())
+    assert list(table["ppl"]["play"]) == ["none", "yarn"] and table["ppl"]["play"]["yarn"]
+    assert list(table["passkey"]) == ["none", "yarn"] and not table["passkey"]["yarn"]
+    assert table["training"] == {}
+    assert "pose-yarn" not in (tmp_path / "results.md").read_text()
+    refused = smoke(tmp_path, "3", "--models", "none,pose", code=2)
+    assert "unknown model 'pose'" in refused and "Traceback" not in refused
 
 
 def test_held_out_texts_are_never_trained_on(done):
