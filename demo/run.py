@@ -4,15 +4,15 @@
     python demo/run.py --trials 40 --out DIR               # what tests/test_demo.py runs and checks
     python demo/run.py --method randpos --out runs/demo-randpos    # a baseline (or --scaling, --chunks, --content)
     python demo/run.py --data plays --method noskip --out runs/variants/plays-noskip   # plain text, no skip
-    python demo/run.py --base runs/base_faithful --data mix --out runs/faithful    # nothing trains the eval's prompt
 
-demo/base is a tiny LLaMA (0.7M parameters) pretrained from scratch at Lo = 256 tokens by demo/build_base.py. PoSE
-fine-tunes it with train_len = Lo = 256 (Lc) for target_len = 8·Lo = 2048 (Lt): positions jump inside 256-token
-examples (Eqs. 3-5) and RoPE is scaled by s = 8 (YaRN here; the paper's default is linear). Unlike the paper's
-plain-text fine-tuning, the default data (--data plays+episodes) holds passkey episodes in eval_passkey's own
-template beside the plays, so the passkey evaluation measures a trained task (docs/RESULTS.md). Then both the base
-model ("none") and the fine-tuned one are scored like the paper's Table 1 (sliding-window perplexity on four
-held-out plays) and Figure 2b (passkey retrieval, by length and depth, and with the key within the last Lo tokens).
+demo/base is a tiny LLaMA (0.7M parameters) pretrained from scratch at Lo = 256 tokens by demo/build_base.py, which
+learns retrieval from episodes in other words than the passkey evaluation's. PoSE fine-tunes it with train_len =
+Lo = 256 (Lc) for target_len = 8·Lo = 2048 (Lt) on the base's own last pretraining mixture (--data mix: the
+training plays and as many such episodes; as the paper fine-tunes LLaMA on the Pile): positions jump inside
+256-token examples (Eqs. 3-5) and RoPE is scaled by s = 8 (YaRN here; the paper's default is linear). No stage,
+pretraining or fine-tuning, holds a sentence of the evaluation's prompt. Then both the base model ("none") and the
+fine-tuned one are scored like the paper's Table 1 (sliding-window perplexity on four held-out plays) and Figure 2b
+(passkey retrieval, by length and depth, and with the key within the last Lo tokens).
 Every step is one of the project's own commands, printed before it runs; results are JSON and PNG under --out, and
 a rerun with the same --out resumes (finished steps are skipped).
 """
@@ -39,12 +39,12 @@ def run(*args):
         sys.exit(f"error: {args[0]} failed (its message is above); rerun demo/run.py to resume where it stopped.")
 
 
-def fine_tuning_data(out, base, method="pose", data="plays+episodes"):
-    """The training plays cut into pieces, and with --data plays+episodes as many passkey episodes in
-    eval_passkey's own template, one per document (as in the base's last stage): the evaluation's prompt is then a
-    trained task. --data plays leaves the episodes out. --data mix is the faithful base's own pretraining mixture
-    (plays, retrieval episodes in other words, copy drills), in which no sentence of the evaluation's prompt occurs. --method full needs documents of Lt tokens: pieces four
-    times as long and episodes filled to Lt tokens."""
+def fine_tuning_data(out, base, method="pose", data="mix"):
+    """The training plays cut into pieces and, with --data mix (the base's last pretraining mixture), four
+    times over with as many retrieval episodes in other words than the evaluation's. --data plays+episodes: the
+    plays and as many passkey episodes in eval_passkey's own template (the evaluation's prompt is then a trained
+    task); --data plays: the plays alone. --method full needs documents of Lt tokens: pieces four times as long
+    and episodes filled to Lt tokens."""
     from data import fetch_shakespeare
     from demo.build_base import PIECE_CHARS, faithful_mixture, passkey_episode, pieces, split_plays, write_jsonl
     from tokenizer import load_tokenizer
@@ -56,10 +56,7 @@ def fine_tuning_data(out, base, method="pose", data="plays+episodes"):
         tokenizer, rng = load_tokenizer(base), random.Random(1)
         docs = [p for f in train for p in pieces(f.read_text(encoding="utf-8"), size=PIECE_CHARS * (4 if full else 1))]
         if data == "mix":  # the faithful base's pretraining mixture, freshly drawn
-            lines = [line for f in train for line in f.read_text(encoding="utf-8").splitlines() if line]
-            texts = [tokenizer.decode([i]) for i in range(1, tokenizer.n_vocab)]
-            vocab = [t for t in texts if "\ufffd" not in t and "\n" not in t]
-            docs = faithful_mixture(tokenizer, rng, docs, vocab, lines, tokens=LT + 16 if full else LO + 2)
+            docs = faithful_mixture(tokenizer, rng, docs, tokens=LT + 16 if full else LO + 2)
         elif data == "plays+episodes":  # filled to at most `tokens`, short of it by up to a filler word: full needs
             # every episode >= Lt tokens
             docs += [passkey_episode(tokenizer, rng, tokens=LT + 16 if full else LO + 2) for _ in range(len(docs))]
@@ -101,8 +98,8 @@ def summary(out, method="pose"):
 
 DATA = {"plays+episodes": "training plays + passkey episodes in the evaluation's own template (a trained task)",
         "plays": "training plays only",
-        "mix": "the faithful recipe's pretraining mixture (plays, retrieval episodes in other words, copy "
-               "drills; no sentence of the evaluation's prompt)"}
+        "mix": "the base's last pretraining mixture (training plays + retrieval episodes in other words; no "
+               "sentence of the evaluation's prompt)"}
 
 
 def report(table, out, data):
@@ -154,16 +151,16 @@ def report(table, out, data):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--steps", type=int, default=150, help="PoSE fine-tuning steps of 32 examples of Lc = 256 tokens")
+    p.add_argument("--steps", type=int, default=300, help="PoSE fine-tuning steps of 32 examples of Lc = 256 tokens")
     p.add_argument("--method", default="pose", choices=("pose", "randpos", "full", "noskip"),
                    help="pose; randpos (Lc sorted random positions of 0..Lt-1); full (Lt tokens at 0..Lt-1, the "
                         "upper bound PoSE approximates, 8x the tokens per example); noskip (Lc tokens at 0..Lc-1, "
                         "RoPE unscaled: the same-data baseline, which fine-tunes without extending)")
-    p.add_argument("--data", default="plays+episodes", choices=("plays+episodes", "plays", "mix"),
-                   help="fine-tuning data: plays+episodes (the training plays and as many passkey episodes in the "
-                        "evaluation's own template, so retrieval is trained on the evaluated prompt); plays (only); "
-                        "mix (the pretraining mixture of a base from build_base.py --recipe faithful: plays, "
-                        "retrieval episodes never in the evaluation's words, copy drills)")
+    p.add_argument("--data", default="mix", choices=("mix", "plays+episodes", "plays"),
+                   help="fine-tuning data: mix (the base's last pretraining mixture: the plays and retrieval "
+                        "episodes never in the evaluation's words); plays+episodes (the plays and as many passkey "
+                        "episodes in the evaluation's own template, so retrieval is trained on the evaluated "
+                        "prompt); plays (only)")
     p.add_argument("--scaling", default="yarn", choices=("linear", "ntk", "yarn"), help="RoPE scaling, s = Lt/Lo = 8")
     p.add_argument("--chunks", type=int, default=2, help="N, chunks per example")
     p.add_argument("--content", default="random", choices=("random", "contiguous", "aligned"))

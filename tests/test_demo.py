@@ -1,10 +1,11 @@
 """The embedded default shows PoSE working: the end-to-end check that fails when the science breaks.
 
-demo/run.py as `make demo` runs it (the shipped base, Lo = 256; PoSE to Lt = 2048 with the default 150 steps; 8,192
-tokens of each of 4 held-out plays), with more passkey trials (40 a length, 8 at each of the 5 depths), then the
-shapes of the paper's Table 1 and Figure 2b in miniature. Seeds are fixed. At 40 trials a 90% threshold is 3
-standard errors below a true 98%, and a 50-point gap between two rates is > 5 standard errors from a true gap of
-80 points. About 2.5 minutes on 2 cores.
+demo/run.py as `make demo` runs it (the shipped base, Lo = 256; PoSE to Lt = 2048 with the default 300 steps on the
+base's own pretraining mixture, in which no sentence of the passkey prompt occurs; 8,192 tokens of each of 4
+held-out plays), with more passkey trials (40 a length, 8 at each of the 5 depths), then the shapes of the paper's
+Table 1 and Figure 2b in miniature. Seeds are fixed. At 40 trials a 90% threshold is 3 standard errors below a true
+98%, a 60% threshold 2 below a true 75%, and a 50-point gap between two rates is > 5 standard errors from a true
+gap of 80 points. About 2.5 minutes on 2 cores.
 """
 import os
 import subprocess
@@ -50,18 +51,25 @@ def test_figure2b_both_retrieve_within_the_original_window(table):
     assert table["pose"]["passkey"][LO] >= 0.9
 
 
+def test_figure2b_pose_retrieves_beyond_the_window_on_a_prompt_never_trained_on(table):
+    """Figure 2b's shape: None fails beyond Lo; PoSE, fine-tuned on 256-token examples, retrieves to 8·Lo."""
+    assert all(table["none"]["passkey"][L] <= 0.1 for L in (2 * LO, 4 * LO, LT))
+    assert table["pose"]["passkey"][2 * LO] >= 0.85 and table["pose"]["passkey"][4 * LO] >= 0.85
+    assert table["pose"]["passkey"][LT] >= 0.6
+
+
 def test_figure2b_pose_reaches_positions_none_cannot(table):
     """Key within the last Lo tokens of an 8·Lo prompt: the distance is one None has seen; the positions are not."""
     assert table["pose"]["near"][LT] - table["none"]["near"][LT] >= 0.5
 
 
 def test_the_faithful_mixture_never_holds_the_evaluations_prompt():
-    """build_base.py --recipe faithful (and run.py --data mix) must teach retrieval without ever showing a sentence
+    """build_base.py (and run.py --data mix, the default) must teach retrieval without ever showing a sentence
     of eval_passkey's prompt (Figure 2a's): the detector sees every sentence of it, and no document of the mixture,
     plays included, holds one."""
     import random
 
-    from build_base import faithful_mixture, pieces, split_plays, template_free, varied_episode
+    from build_base import faithful_mixture, name_pool, pieces, split_plays, template_free, varied_episode
     from data import fetch_shakespeare
     from eval_passkey import build_prompt, filler
     from tokenizer import load_tokenizer
@@ -72,11 +80,12 @@ def test_the_faithful_mixture_never_holds_the_evaluations_prompt():
     assert not template_free(filler(20)) and not template_free("What is the PASS KEY?")
     tokenizer, rng = load_tokenizer(ROOT / "demo" / "base"), random.Random(0)
     train, _ = split_plays(fetch_shakespeare())
-    lines = [line for f in train for line in f.read_text(encoding="utf-8").splitlines() if line]
+    play_pieces = [p for f in train for p in pieces(f.read_text(encoding="utf-8"))][:100]
+    names = name_pool(rng, play_pieces)
+    assert len(set(names)) > 4000 and not {"pass", "key"} & {w for n in names for w in n.split()}
     for _ in range(50):
-        episode = varied_episode(tokenizer, rng, lines)
+        episode = varied_episode(tokenizer, rng, names=names)
         assert template_free(episode) and 200 <= len(tokenizer.encode(episode)) <= LO + 2, episode
-    play_pieces = [p for f in train for p in pieces(f.read_text(encoding="utf-8"))]
-    vocab = [tokenizer.decode([i]) for i in range(1, 200)]
-    docs = faithful_mixture(tokenizer, rng, play_pieces, vocab, lines)  # asserts template_free on every document
-    assert len(docs) == 3 * len(play_pieces) and all(template_free(d) for d in docs)
+    docs = faithful_mixture(tokenizer, rng, play_pieces, copies=2)  # asserts template_free on each
+    assert len(docs) == 4 * len(play_pieces) and all(template_free(d) for d in docs)
+    assert sum(d in play_pieces for d in docs) == 2 * len(play_pieces)
