@@ -1,6 +1,6 @@
 """Does a base model copy from its context? The two numbers behind docs/RESULTS.md's table of demo bases.
 
-    python demo/probe_base.py data/demo/pretrain-run/checkpoint.pt data/demo/config.json   # a train.py checkpoint
+    python demo/probe_base.py data/demo-faithful/stage2/checkpoint.pt data/demo-faithful/config.json   # a checkpoint
     python demo/probe_base.py demo/base                                               # a saved model
 
 answer loss: mean NLL of the 5 answer digits of 40 passkey episodes (eval_passkey's prompt, <= 250 tokens) with the
@@ -30,7 +30,7 @@ def nll(model, ids):
 
 
 @exit_on_user_error
-def main(path, config=None, tokenizer="data/demo/tokenizer"):
+def main(path, config=None, tokenizer="data/demo-faithful/tokenizer"):
     if path.endswith(".pt"):
         model = Transformer(ModelArgs(**json.loads(Path(config).read_text())))
         model.load_state_dict(torch.load(path, weights_only=True)["model"])
