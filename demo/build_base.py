@@ -29,6 +29,7 @@ stage 2 (STAGE2) a third each the plays, documents of several passkey episodes i
 (its prompt with the answer appended), copy drills; stage 3 (STAGE3) the plays and whole such episodes 1:1, one of
 about Lo tokens per document. It retrieves at 99% at Lo, but on the very prompt it was trained on.
 """
+import hashlib
 import json
 import random
 import re
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data import DATA_DIR, fetch_shakespeare  # noqa: E402
-from errors import exit_on_user_error  # noqa: E402
+from errors import UserError, exit_on_user_error  # noqa: E402
 from eval_passkey import FILLER, INTRO, KEY_LINE, QUESTION, build_prompt, largest  # noqa: E402
 
 HELD_OUT = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt")
@@ -52,7 +53,8 @@ CONFIG = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=384, vocab_size=VOCAB, 
               rope_theta=10000.0, tie_word_embeddings=True, norm_eps=1e-5)
 COMMON = ["--method", "noskip", "--train_len", str(LO), "--batch_size", "32", "--micro_batch_size", "32",
           "--warmup", "20", "--seed", "0", "--save_every", "100"]
-STAGE1 = [*COMMON, "--steps", "2000", "--lr", "3e-3"]  # --recipe template
+# --recipe template
+STAGE1 = [*COMMON, "--steps", "2000", "--lr", "3e-3"]
 STAGE2 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]
 STAGE3 = [*COMMON, "--steps", "1500", "--lr", "1e-3"]
 # the default recipe: the copy drills at Lc = 128 (the drills' periods are <= 48), then retrieval
@@ -164,8 +166,7 @@ def template_free(text):
 
 def varied_filler(rng):
     """-> filler(n): the first n words of one of two kinds of filler, repeated as the evaluation's is,
-    in none of its words: a few short sentences, or 5 to 30 random words. (The first faithful recipe
-    also filled with runs of play lines; the recipe measured in docs/RESULTS.md does not.)"""
+    in none of its words: a few short sentences, or 5 to 30 random words."""
     if rng.random() < 0.5:
         pool = [f"The {rng.choice(NOUNS)} is {rng.choice(ADJECTIVES.split())}."
                 for _ in range(rng.randint(2, 4))]
@@ -207,7 +208,7 @@ def faithful_mixture(tokenizer, rng, play_pieces, tokens=LO + 2, copies=4, plays
     """The faithful base's last pretraining mixture, which the demo also fine-tunes it on (as the
     paper fine-tunes LLaMA on the Pile): the play pieces `copies` times and as many retrieval
     episodes (of about `tokens` tokens, names from name_pool), shuffled; plays=False: the episodes
-    alone (stage 2). Every episode is new, so that no key is worth memorizing."""
+    alone (stage 2). No two episodes are drawn alike, so that no key is worth memorizing."""
     names = name_pool(rng, play_pieces)
     docs = [varied_episode(tokenizer, rng, tokens, names=names)
             for _ in range(copies * len(play_pieces))]
@@ -232,9 +233,17 @@ def copy_document(pieces_, rng, tokens=2 * LO, copies=6):
 
 
 def pretrain(name, data, out, flags, start):
-    """train.py from `start` (["--init", config, "--tokenizer", dir] or ["--model", dir]); resumes if interrupted."""
+    """train.py from `start` (["--init", config, "--tokenizer", dir] or ["--model", dir]); resumes if interrupted.
+    out/stage.json records the flags and the data's hash: a stage made otherwise is refused, never reused."""
+    record = {"start": [str(a) for a in start], "flags": flags,
+              "data": hashlib.sha256(Path(data).read_bytes()).hexdigest()}
+    if out.exists() and (not (out / "stage.json").exists()
+                         or json.loads((out / "stage.json").read_text()) != record):
+        raise UserError(f"{out} holds a stage trained with other settings or data; remove it to rebuild.")
     if (out / "final" / "config.json").exists():
         return print(f"{name}: done ({out / 'final'})")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stage.json").write_text(json.dumps(record))
     command = [sys.executable, str(ROOT / "train.py"), *start, "--data", str(data), "--out", str(out), *flags,
                "--save_dtype", "float32", "--auto_resume"]  # the shipped base is fp32
     print(f"{name}: " + " ".join(command), flush=True)
@@ -259,9 +268,11 @@ def main(argv=None):
                         "and episodes, no stage ever holding a sentence of the evaluation's prompt; "
                         "template: the first base's recipe, whose passkey episodes are in eval_passkey's "
                         "own template")
-    p.add_argument("--out", type=Path, default=ROOT / "demo" / "base", help="where the base goes")
+    p.add_argument("--out", type=Path, help="where the base goes (default: demo/base; --recipe template: "
+                                            "runs/base_template)")
     args = p.parse_args(argv)
-    faithful, base = args.recipe == "faithful", args.out
+    faithful = args.recipe == "faithful"
+    base = args.out or (ROOT / "demo" / "base" if faithful else ROOT / "runs" / "base_template")
     work = DATA_DIR / ("demo-faithful" if faithful else "demo-template")
     train_plays, _ = split_plays(fetch_shakespeare())
     train_tokenizer(train_plays, work / "tokenizer")
@@ -273,6 +284,7 @@ def main(argv=None):
     # learned the drills half (loss 5.0, against 3.3) and then no retrieval (docs/RESULTS.md)
     drills = [copy_document(vocab, rng, 256) for _ in range(20000)] if faithful else \
         [copy_document(vocab, rng) for _ in range(1000)]
+    assert not faithful or all(map(template_free, drills)), "a drill spells the evaluation's prompt"
     write_jsonl(work / "copy.jsonl", drills)
     play_pieces = [p for f in train_plays for p in pieces(f.read_text(encoding="utf-8"))]
     (work / "config.json").write_text(json.dumps(CONFIG))

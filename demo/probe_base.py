@@ -30,7 +30,7 @@ def nll(model, ids):
 
 
 @exit_on_user_error
-def main(path, config=None, tokenizer="data/demo-faithful/tokenizer"):
+def main(path, config=None, tokenizer="demo/base"):
     if path.endswith(".pt"):
         model = Transformer(ModelArgs(**json.loads(Path(config).read_text())))
         model.load_state_dict(torch.load(path, weights_only=True)["model"])

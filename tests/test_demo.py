@@ -7,6 +7,8 @@ Table 1 and Figure 2b in miniature. Seeds are fixed. At 40 trials a 90% threshol
 98%, a 60% threshold 2 below a true 75%, and a 50-point gap between two rates is > 5 standard errors from a true
 gap of 80 points. About 2.5 minutes on 2 cores.
 """
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -89,3 +91,35 @@ def test_the_faithful_mixture_never_holds_the_evaluations_prompt():
     docs = faithful_mixture(tokenizer, rng, play_pieces, copies=2)  # asserts template_free on each
     assert len(docs) == 4 * len(play_pieces) and all(template_free(d) for d in docs)
     assert sum(d in play_pieces for d in docs) == 2 * len(play_pieces)
+
+
+def test_a_rerun_never_reuses_a_run_made_otherwise(tmp_path):
+    """run.py skips finished steps and build_base.py finished stages: a model made with other settings (an older
+    demo, another base, other data) must be refused in one sentence, never scored or built on as this run's."""
+    from build_base import pretrain
+    from errors import UserError
+    from run import check_settings
+
+    out = tmp_path / "demo"
+    check_settings(out, {"base": "abc", "steps": 300})
+    check_settings(out, {"base": "abc", "steps": 300})  # the same run resumes
+    with pytest.raises(UserError, match="other settings \\(steps\\)"):
+        check_settings(out, {"base": "abc", "steps": 150})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "pose").mkdir()
+    with pytest.raises(UserError, match="no settings.json"):
+        check_settings(tmp_path / "old", {"base": "abc"})
+
+    data, stage = tmp_path / "data.jsonl", tmp_path / "stage1"
+    data.write_text('{"text": "a"}\n')
+    (stage / "final").mkdir(parents=True)
+    (stage / "final" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="other settings or data"):  # made before stage.json existed
+        pretrain("stage 1", data, stage, ["--steps", "10"], ["--init", "c"])
+    (stage / "stage.json").write_text(json.dumps(
+        {"start": ["--init", "c"], "flags": ["--steps", "10"],
+         "data": hashlib.sha256(data.read_bytes()).hexdigest()}))
+    pretrain("stage 1", data, stage, ["--steps", "10"], ["--init", "c"])  # done: skipped, nothing runs
+    data.write_text('{"text": "b"}\n')
+    with pytest.raises(UserError, match="other settings or data"):
+        pretrain("stage 1", data, stage, ["--steps", "10"], ["--init", "c"])
