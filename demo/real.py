@@ -403,6 +403,9 @@ def main(argv=None):
         args.dtype, args.compile, args.stride = "float32", False, 64
         args.ppl_lengths = [128, 256, 512]
         args.passkey_lengths, args.trials = [256, 512], 2
+    if not 1 <= args.stride < min(args.ppl_lengths):  # eval_ppl's rule, checked before hours of training
+        p.error(f"--stride {args.stride} must be at least 1 and smaller than every --ppl_lengths "
+                f"(the smallest is {min(args.ppl_lengths)})")
     args.out = args.out.resolve()  # results files record their paths: the same from any directory
     args.out.mkdir(parents=True, exist_ok=True)
     try:

@@ -86,6 +86,15 @@ def test_models_choose_the_stages_and_the_tables_rows(tmp_path):
     assert "unknown model 'pose'" in refused and "Traceback" not in refused
 
 
+def test_a_stride_no_evaluation_accepts_is_refused_before_training(tmp_path):
+    """eval_ppl refuses a stride >= its smallest length; real.py says so at once, not after the training."""
+    command = [sys.executable, "demo/real.py", "--out", str(tmp_path / "r"), "--stride", "4096",
+               "--ppl_lengths", "2048,8192"]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "smaller than every --ppl_lengths (the smallest is 2048)" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "r").exists()
+
+
 def test_held_out_texts_are_never_trained_on(done):
     out, _ = done
     train = [json.loads(line)["text"] for line in (out / "train.jsonl").read_text().splitlines()]
