@@ -232,18 +232,29 @@ def copy_document(pieces_, rng, tokens=2 * LO, copies=6):
     return "\n".join(runs)
 
 
+def check_settings(out, settings, name="settings.json"):
+    """Record `settings` in out/`name`, or refuse work made with other ones: a finished stage or step is skipped
+    on a rerun, so a stale model would otherwise be built on or scored as this run's."""
+    path = out / name
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            changed = ", ".join(k for k in settings if saved.get(k) != settings[k])
+            raise UserError(f"{out} holds work made with other settings ({changed}); remove it to start afresh.")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} holds files but no {name} (made by an older version); remove it to start "
+                        "afresh.")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
+
+
 def pretrain(name, data, out, flags, start):
     """train.py from `start` (["--init", config, "--tokenizer", dir] or ["--model", dir]); resumes if interrupted.
     out/stage.json records the flags and the data's hash: a stage made otherwise is refused, never reused."""
-    record = {"start": [str(a) for a in start], "flags": flags,
-              "data": hashlib.sha256(Path(data).read_bytes()).hexdigest()}
-    if out.exists() and (not (out / "stage.json").exists()
-                         or json.loads((out / "stage.json").read_text()) != record):
-        raise UserError(f"{out} holds a stage trained with other settings or data; remove it to rebuild.")
+    check_settings(out, {"start": [str(a) for a in start], "flags": flags,
+                         "data": hashlib.sha256(Path(data).read_bytes()).hexdigest()}, "stage.json")
     if (out / "final" / "config.json").exists():
         return print(f"{name}: done ({out / 'final'})")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stage.json").write_text(json.dumps(record))
     command = [sys.executable, str(ROOT / "train.py"), *start, "--data", str(data), "--out", str(out), *flags,
                "--save_dtype", "float32", "--auto_resume"]  # the shipped base is fp32
     print(f"{name}: " + " ".join(command), flush=True)

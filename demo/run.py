@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from errors import UserError, exit_on_user_error  # noqa: E402
+from errors import exit_on_user_error  # noqa: E402
 
 LO, LT = 256, 2048
 LENGTHS = [LO, 2 * LO, 4 * LO, 8 * LO]
@@ -67,23 +67,6 @@ def fine_tuning_data(out, base, method="pose", data="mix"):
     for f in held:
         (held_dir / f.name).write_text(f.read_text(encoding="utf-8"))
     return path, held_dir
-
-
-def check_settings(out, settings):
-    """Record the run's settings in out/settings.json, or refuse to resume a run made with other ones (a
-    finished step is skipped on rerun, so a stale fine-tuned model would be scored as this run's)."""
-    path = out / "settings.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != settings:
-            changed = ", ".join(k for k in settings if saved.get(k) != settings[k])
-            raise UserError(f"{out} holds a run with other settings ({changed}); remove it or choose another "
-                            "--out.")
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} holds files but no settings.json (a run of an older demo/run.py); remove it or "
-                        "choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1))
 
 
 def evaluate(name, model, held_dir, out, args):
@@ -190,6 +173,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (args.base / "config.json").is_file():
         sys.exit(f"error: {args.base} holds no model; build it with python demo/build_base.py.")
+    from demo.build_base import check_settings
+
     weights = hashlib.sha256((args.base / "model.safetensors").read_bytes()).hexdigest()[:16]
     check_settings(args.out, {"base": weights, **{k: v for k, v in vars(args).items()
                                                    if k not in ("base", "out", "trials", "ppl_tokens")}})
