@@ -15,7 +15,7 @@ and Prejudice, read from the R data of Debian's r-cran-janeaustenr (fetch_austen
 dpkg -x, then read_r_data; R is not needed).
 
 Runs (the paper's Table 1 and Figure 2b at s = 2): none (the checkpoint as it is); training-free
-linear, NTK and YaRN; PoSE with linear (the paper's default) and YaRN scaling; and the same-data
+linear, NTK and YaRN; PoSE with linear (the paper's default), NTK and YaRN scaling; and the same-data
 control "noskip" (Lc tokens at positions 0..Lc-1, RoPE unchanged), so that what fine-tuning on the
 domain buys by itself is measured, not credited to PoSE. Perplexity: sliding windows, stride 1024,
 over the first 16,384 tokens of each held-out text; passkey: 10 trials a length, depths 0 to 1.
@@ -48,8 +48,9 @@ DEPTHS = "0,0.25,0.5,0.75,1"
 TRAINING_FREE = {"none": None, "linear": "linear", "ntk": "ntk", "yarn": "yarn"}  # --rope_scaling
 TRAINED = {"pose-yarn": ["--method", "pose", "--scaling", "yarn"],  # -> train.py's arguments
            "noskip": ["--method", "noskip"],
-           "pose-linear": ["--method", "pose", "--scaling", "linear"]}
-MODELS = ["none", "linear", "ntk", "yarn", "pose-linear", "pose-yarn", "noskip"]
+           "pose-linear": ["--method", "pose", "--scaling", "linear"],
+           "pose-ntk": ["--method", "pose", "--scaling", "ntk"]}
+MODELS = ["none", "linear", "ntk", "yarn", "pose-linear", "pose-ntk", "pose-yarn", "noskip"]
 # the most telling results first (PoSE-YaRN against its same-data control), cheap baselines early;
 # each trained model evaluated right after its training, so that a run cut short (a session's end)
 # leaves finished rows, not a checkpoint that waits for its evaluations
@@ -57,7 +58,7 @@ STAGES = [("ppl", "none"), ("train", "pose-yarn"), ("ppl", "pose-yarn"), ("passk
           ("train", "noskip"), ("ppl", "noskip"), ("passkey", "noskip"), ("passkey", "none"),
           ("ppl", "yarn"), ("passkey", "yarn"), ("train", "pose-linear"), ("ppl", "pose-linear"),
           ("passkey", "pose-linear"), ("ppl", "linear"), ("ppl", "ntk"), ("passkey", "linear"),
-          ("passkey", "ntk")]
+          ("passkey", "ntk"), ("train", "pose-ntk"), ("ppl", "pose-ntk"), ("passkey", "pose-ntk")]
 
 
 # ---- data ------------------------------------------------------------------------------------
