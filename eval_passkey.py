@@ -29,7 +29,7 @@ import re
 import torch
 
 from errors import UserError, exit_on_user_error
-from evaluation import Session, add_common_args, parse_floats, pyplot, save
+from machinery.evaluation import Session, add_common_args, parse_floats, pyplot, save
 
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
+from machinery import data
 from errors import UserError, exit_on_user_error
-from evaluation import Session, add_common_args, pyplot, save
+from machinery.evaluation import Session, add_common_args, pyplot, save
 
 LOGIT_CHUNK = 1024  # scored positions per (chunk, vocab) fp32 logits: 200 MB for a 49k vocabulary
 
@@ -104,7 +104,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description="Sliding-window perplexity per window length (PoSE Table 1).")
     add_common_args(p)
-    p.add_argument("--data", required=True, help="a corpus from 'python data.py prepare' "
+    p.add_argument("--data", required=True, help="a corpus from 'python -m machinery.prepare' "
                    "(memory-mapped), or .jsonl(.gz/.zst) files ('text' per line), .txt files, or "
                    "a directory of them")
     p.add_argument("--stride", type=int, default=1024,

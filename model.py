@@ -1,6 +1,6 @@
 """A LLaMA Transformer that takes explicit position ids (what PoSE needs), in one file.
 
-    python model.py --model smollm2 --prompt "The capital of France is"
+    python demo/generate.py --model smollm2 --prompt "The capital of France is"
 
 Read it next to Meta's llama3 model.py: the same sections in the same order (ModelArgs, RMSNorm,
 RoPE, Attention, FeedForward, TransformerBlock, Transformer) and Meta's module names (wq, w1,
@@ -8,10 +8,9 @@ attention_norm …), so a Meta state dict loads as it is. Where we differ: posit
 per token, not a start offset (PoSE's skipped positions, section 3.2); the RoPE angles come from
 rope.py in Hugging Face's half layout; one attend() picks flash-attn or SDPA (GQA without
 copies) and a KVCache serves generation; the loss never holds all logits (loss.py); checkpoints
-are read and written by weights.py.
+are read and written by machinery/weights.py, which never imports this file.
 """
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -61,6 +60,14 @@ class ModelArgs:
             raise UserError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads "
                             f"{self.n_kv_heads} must divide evenly (dim by n_heads, n_heads by "
                             "n_kv_heads).")
+
+    @classmethod
+    def from_params(cls, params, source):
+        """ModelArgs from the settings a checkpoint states (machinery/weights.py reads them)."""
+        unknown = params.keys() - {f.name for f in fields(cls)}
+        if unknown:
+            raise UserError(f"{source} has keys ModelArgs does not know: {sorted(unknown)}.")
+        return cls(**params)
 
     @property
     def head_dim(self):
@@ -285,17 +292,24 @@ class Transformer(nn.Module):
             h = self(next_token, cache=cache, hidden_only=True)[:, -1]
         return torch.cat(out, dim=1)
 
-    # ---- weights in and out: weights.py reads and writes the checkpoint formats ----
+    # ---- weights in and out: machinery/weights.py reads and writes the checkpoint formats ----
 
     @classmethod
     def from_pretrained(cls, path, *, rope_scaling=None, dtype=torch.float32, device="cpu",
                         context_len=None):
-        """A Meta directory, a Hugging Face directory or a .gguf file -> Transformer (eval mode).
-        `rope_scaling` and `context_len`: see weights.from_pretrained."""
-        import weights  # here, not at the top: weights.py imports this file
+        """A Meta directory, a Hugging Face directory, a .gguf file or 'smollm2' -> Transformer
+        (eval mode). `rope_scaling` (Hugging Face's keys): see weights.with_scaling; `context_len`:
+        the trained context of a Meta checkpoint, whose params.json states none."""
+        from machinery import weights
 
-        return weights.from_pretrained(cls, path, rope_scaling=rope_scaling, dtype=dtype,
-                                       device=device, context_len=context_len)
+        params, state, source = weights.read_checkpoint(path, context_len)
+        args = ModelArgs.from_params(params, source)
+        if rope_scaling is not None:
+            args = weights.with_scaling(args, rope_scaling)
+        with torch.device("meta"):  # no memory, no random init: load_weights assigns the tensors
+            model = cls(args)
+        model.load_weights(state, source=path)
+        return model.to(device=device, dtype=dtype).eval()
 
     def load_weights(self, state, source="state dict"):
         """Load a state dict in our names, naming what does not match instead of loading half a
@@ -313,38 +327,7 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, directory, tokenizer=None):
         """A Hugging Face directory that transformers' LlamaForCausalLM loads, same logits."""
-        import weights
+        from machinery import weights
 
         weights.save_pretrained(self, directory, tokenizer)
 
-
-def __getattr__(name):
-    """`from model import load` (resolve, with_scaling) keeps working: they live in weights.py."""
-    if name in ("load", "resolve", "with_scaling"):
-        import weights
-
-        return getattr(weights, name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")
-
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    from weights import load
-
-    p = argparse.ArgumentParser(description="Greedy generation from any checkpoint model.py loads.")
-    p.add_argument("--model", required=True,
-                   help="Meta dir, Hugging Face dir, .gguf file, or smollm2")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max_new_tokens", type=int, default=30)
-    p.add_argument("--rope_scaling", type=json.loads, default=None,
-                   help='e.g. \'{"rope_type": "yarn", "factor": 4}\'')
-    args = p.parse_args()
-    try:
-        model, tokenizer = load(args.model, rope_scaling=args.rope_scaling)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    prompt = torch.tensor([tokenizer.encode(args.prompt)])
-    new = model.generate(prompt, args.max_new_tokens, eos_id=tokenizer.eos_id)[0]
-    print(args.prompt + tokenizer.decode(new.tolist()))

@@ -23,7 +23,6 @@ untested: no GPU where this was developed). One process checkpoints into OUT/che
 into OUT/checkpoints/step-N/; either resumes on any world size (checkpoint.py). On several nodes put
 --data and --out on a shared filesystem.
 """
-import gc
 import json
 import math
 import os
@@ -31,7 +30,6 @@ import resource
 import sys
 import time
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +38,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import pose
-from checkpoint import find_checkpoint, load_checkpoint, read_info, save_checkpoint, save_final
-from config import Config, demo_args, parse_args
-from data import load_corpus
-from distributed import build_model, log0, parallelize
 from errors import UserError
 from loss import IGNORE
+from machinery import ranks
+from machinery.checkpoint import (find_checkpoint, load_checkpoint, read_info, save_checkpoint,
+                                  save_final)
+from machinery.config import Config, demo_args, parse_args
+from machinery.data import load_corpus
+from machinery.distributed import build_model, parallelize
+from machinery.files import atomic_write
+from machinery.ranks import log0
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312}  # bf16 dense
 
@@ -53,8 +55,8 @@ PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312} 
 def load_documents(cfg, tokenizer, rank):
     """The documents long enough for one example (a view of the token store); the rest counted."""
     if cfg.data is None:
-        raise UserError("--data is required: a corpus from data.py prepare, or .jsonl / .txt "
-                        "files.")
+        raise UserError("--data is required: a corpus from python -m machinery.prepare, or "
+                        ".jsonl / .txt files.")
     corpus = load_corpus(cfg.data, tokenizer, log=log0, progress=rank == 0)  # prepared: mmapped
     need = pose.min_doc_len(cfg.method, cfg.train_len, cfg.target_len, cfg.content)
     kept = corpus.at_least(need)
@@ -149,13 +151,10 @@ def logged_step(line):
 
 
 def set_up_processes(cfg):
-    """-> (world, rank, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is
-    rank 0 of 1. Checks the settings that depend on the world size."""
-    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in
-                               (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    """-> (world, rank, device): machinery.ranks.set_up, after the settings that depend on the
+    world size are checked. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0
+    of 1."""
+    world = ranks.world_size()
     if cfg.fsdp and "RANK" not in os.environ:
         raise UserError("--fsdp needs torchrun's environment: "
                         "torchrun --standalone --nproc_per_node 1 train.py ...")
@@ -164,10 +163,7 @@ def set_up_processes(cfg):
     if cfg.batch_size % (world * cfg.micro_batch_size):
         raise UserError(f"--batch_size {cfg.batch_size} must be divisible by world size {world} "
                         f"x --micro_batch_size {cfg.micro_batch_size}.")
-    if world > 1 or cfg.fsdp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=cfg.timeout))
-    return world, rank, device
+    return ranks.set_up(timeout_minutes=cfg.timeout, group=cfg.fsdp)
 
 
 def resume(cfg, out, model, optimizer, rank):
@@ -194,9 +190,7 @@ def resume(cfg, out, model, optimizer, rank):
     log0(f"resumed from {found} after step {step}")
     if rank == 0 and log_path.exists():  # drop log lines of steps that will be trained again
         lines = [ln for ln in log_path.read_text().splitlines() if logged_step(ln) <= step]
-        tmp = log_path.with_name(log_path.name + ".tmp")  # written whole, then renamed: kill-safe
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        os.replace(tmp, log_path)
+        atomic_write(log_path, "".join(ln + "\n" for ln in lines))
     return step, (found, step)
 
 
@@ -224,8 +218,9 @@ def train(cfg):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # ---- build: the model with its final RoPE, the tokenizer, the documents
-    model, tokenizer = build_model(cfg, world, rank)
+    # ---- build: the model with its final RoPE, the tokenizer, the documents. Lc and Lt left
+    # open by the flags are completed from the checkpoint's window here (final_settings)
+    model, tokenizer, cfg = build_model(cfg, world, rank)
     args = model.args
     # the flags, once Lc and Lt are known: a document of Lt tokens is long enough for any method
     pose.check(cfg.method, cfg.target_len, cfg.train_len, cfg.target_len, cfg.chunks, cfg.content)
@@ -315,28 +310,16 @@ def main(argv=None):
         train(cfg)
         code = 0
     except UserError as e:  # a user's mistake, or a run that cannot go on: one sentence
-        if int(os.environ.get("RANK", 0)) == 0:
+        if ranks.is_rank0():
             print(f"error: {e}", file=sys.stderr)
     except (torch.OutOfMemoryError, MemoryError):  # may strike one rank only: every rank says it
         length = cfg.target_len if cfg.method == "full" else cfg.train_len
         print(f"error: out of memory with {cfg.micro_batch_size} example(s) of {length} tokens per "
               "forward pass; lower --micro_batch_size or turn on --checkpointing.", file=sys.stderr)
-    finally:  # after a bug too, whose traceback then follows
-        distributed = dist.is_initialized()
-        if distributed:
-            if code == 0:
-                dist.barrier()  # every rank done writing before any tears the group down
-            gc.collect()  # the sharded model's reference cycles, freed while the group lives
-            dist.destroy_process_group()
-    if distributed:
-        # gloo's worker threads can abort the interpreter's own teardown after a finished run
-        # ("terminate called without an active exception", pytorch/pytorch#179291): everything
-        # is written and flushed, so the process leaves without it
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if code:
-        sys.exit(code)
+    except BaseException:  # a bug, whose traceback follows: the group closed first
+        ranks.close(1)
+        raise
+    ranks.leave(code)
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ def today_tokenize(path):
     """Today's path, in this process: read every text (cbbc2ad's read_documents), encode each."""
     sys.path.insert(0, str(OUT / "today"))
     import torch
-    from data import read_documents  # cbbc2ad's
-    from tokenizer import load_tokenizer
+    from machinery.data import read_documents  # cbbc2ad's
+    from machinery.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ROOT / "demo" / "base")
     docs = [torch.tensor(tokenizer.encode(t), dtype=torch.int32) for t in read_documents(path)]
@@ -94,8 +94,8 @@ def profile(path):
     import pickle
     import time
 
-    import data
-    from tokenizer import load_tokenizer
+    from machinery import data
+    from machinery.tokenizer import load_tokenizer
 
     data.start_worker(load_tokenizer(ROOT / "demo" / "base"))
     parts, start = {}, time.process_time()
@@ -116,7 +116,7 @@ def profile(path):
 
 def commands(size, text, corpus):
     """name -> command, in order: the corpus that the prepared start needs is made first."""
-    py, prepare = sys.executable, [sys.executable, "data.py", "prepare", "--data", str(text),
+    py, prepare = sys.executable, [sys.executable, "-m", "machinery.prepare", "--data", str(text),
                                    "--tokenizer", "demo/base"]
     return {
         "tokenize: prepare, 2 processes": [*prepare, "--out", str(corpus), "--workers", "2"],
@@ -137,7 +137,7 @@ def main():
     ap.add_argument("--redo", default=None, help="measure again the results whose names start so")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from tokenizer import load_tokenizer
+    from machinery.tokenizer import load_tokenizer
 
     OUT.mkdir(parents=True, exist_ok=True)
     if not (OUT / "today").is_dir():

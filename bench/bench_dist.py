@@ -44,7 +44,7 @@ def make_model(directory, dim, layers, dtype):
     import torch
 
     from model import ModelArgs, Transformer
-    from tokenizer import GPT2_PATTERN, Tokenizer
+    from machinery.tokenizer import GPT2_PATTERN, Tokenizer
 
     if (directory / "config.json").exists():
         return

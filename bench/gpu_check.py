@@ -53,14 +53,14 @@ import torch.nn.functional as F  # noqa: E402
 
 import eval_passkey  # noqa: E402
 import eval_ppl  # noqa: E402
-import evaluation  # noqa: E402
+from machinery import evaluation  # noqa: E402
 import model as model_py  # noqa: E402
 import pose  # noqa: E402
 import train  # noqa: E402
-import weights  # noqa: E402
+from machinery import weights  # noqa: E402
 from loss import IGNORE, ChunkedCrossEntropy  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from weights import with_scaling  # noqa: E402
+from machinery.weights import with_scaling  # noqa: E402
 
 TOKENIZER = ROOT / "demo" / "base"  # 2,048 tokens: fits every model below
 TINYLLAMA_1B = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
@@ -720,7 +720,7 @@ def section_d(run, record):
 
 def section_e(run, record):
     """e. evaluation at length: passkey and perplexity at 32k; passkey memory at 64k and 128k"""
-    from tokenizer import load_tokenizer
+    from machinery.tokenizer import load_tokenizer
 
     s, device = run.sizes["e"], run.device
     dtype = eval_dtype(device)

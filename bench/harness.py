@@ -202,7 +202,8 @@ def resident(model):
 def smollm2_for(target_len):
     """SmolLM2-135M with RoPE scaled for Lt as train.py scales it (linear PI, s = Lt / Lo when Lt > Lo)."""
     from model import Transformer
-    from weights import load, with_scaling
+    from machinery.checkpoint import load
+    from machinery.weights import with_scaling
 
     model, tokenizer = load("smollm2")
     lo = model.args.original_max_seq_len
@@ -225,7 +226,7 @@ def export(model, tokenizer=None):
 
 def long_text_tokens(tokenizer, n_tokens):
     """Shakespeare's plays in file order, joined, tokenized, at least n_tokens long: real text for the batches."""
-    from data import fetch_shakespeare
+    from machinery.texts import fetch_shakespeare
 
     ids = []
     for path in fetch_shakespeare():

@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import DATA_DIR, fetch_shakespeare  # noqa: E402
+from machinery.texts import DATA_DIR, fetch_shakespeare  # noqa: E402
 from errors import UserError, exit_on_user_error  # noqa: E402
 from eval_passkey import FILLER, INTRO, KEY_LINE, QUESTION, build_prompt, largest  # noqa: E402
 
@@ -271,7 +271,7 @@ def write_jsonl(path, docs):
 @exit_on_user_error
 def main(argv=None):
     import argparse
-    from tokenizer import load_tokenizer
+    from machinery.tokenizer import load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="faithful", choices=("faithful", "template"),

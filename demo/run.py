@@ -46,9 +46,9 @@ def fine_tuning_data(out, base, method="pose", data="mix"):
     plays and as many passkey episodes in eval_passkey's own template (the evaluation's prompt is then a trained
     task); --data plays: the plays alone. --method full needs documents of Lt tokens: pieces four times as long
     and episodes filled to Lt tokens."""
-    from data import fetch_shakespeare
+    from machinery.texts import fetch_shakespeare
     from demo.build_base import PIECE_CHARS, faithful_mixture, passkey_episode, pieces, split_plays, write_jsonl
-    from tokenizer import load_tokenizer
+    from machinery.tokenizer import load_tokenizer
 
     train, held = split_plays(fetch_shakespeare())
     full = method == "full"

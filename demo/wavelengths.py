@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 import rope  # noqa: E402
 from errors import exit_on_user_error  # noqa: E402
-from evaluation import parse_scaling  # noqa: E402
+from machinery.evaluation import parse_scaling  # noqa: E402
 
 
 @exit_on_user_error

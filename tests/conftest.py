@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from model import ModelArgs, Transformer  # noqa: E402
-from tokenizer import GPT2_PATTERN, Tokenizer  # noqa: E402
+from machinery.tokenizer import GPT2_PATTERN, Tokenizer  # noqa: E402
 
 WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back again".split()
 

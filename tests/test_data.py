@@ -16,12 +16,12 @@ import pytest
 import torch
 import zstandard
 
-import config
-import data
-import prepare
+from machinery import config
+from machinery import data
+from machinery import prepare
 import train
 from conftest import byte_tokenizer, save_tiny_model
-from tokenizer import GPT2_PATTERN, Tokenizer
+from machinery.tokenizer import GPT2_PATTERN, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back".split()
@@ -153,7 +153,7 @@ def test_batches_from_a_prepared_corpus_equal_todays_for_the_same_documents_and_
 def test_training_on_the_prepared_corpus_equals_training_on_the_raw_files(corpus, tmp_path):
     root, _ = corpus
     base = tiny_model(tmp_path / "base")
-    subprocess.run([sys.executable, "data.py", "prepare", "--data", str(root / "txt"),
+    subprocess.run([sys.executable, "-m", "machinery.prepare", "--data", str(root / "txt"),
                     "--tokenizer", str(base), "--out", str(tmp_path / "c"), "--workers", "2"],
                    cwd=ROOT, check=True, capture_output=True)
     losses = {}
@@ -296,7 +296,7 @@ def test_damaged_input_is_counted_and_named_never_a_traceback(tmp_path):
     (d / "b.jsonl.zst").write_bytes(whole[:len(whole) // 2])  # cut mid-frame: a broken download
     (d / "c.jsonl.gz").write_bytes(gzip.compress(jsonl({"text": t} for t in many))[:-30])
     (d / "d.txt").write_bytes(b"\xef\xbf\xbd genuine, \xc3 not")
-    run = subprocess.run([sys.executable, "data.py", "prepare", "--data", str(d), "--tokenizer",
+    run = subprocess.run([sys.executable, "-m", "machinery.prepare", "--data", str(d), "--tokenizer",
                           str(ROOT / "demo" / "base"), "--out", str(tmp_path / "c"), "--workers",
                           "2"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
@@ -328,7 +328,7 @@ def test_unusable_paths_are_one_sentence(tmp_path):
                           (tmp_path / "missing", "does not exist"),
                           (tmp_path / "empty", "holds no .txt, .jsonl, .jsonl.gz or .jsonl.zst"),
                           (tmp_path / "blank.txt", "hold(s) no text")):
-        run = subprocess.run([sys.executable, "data.py", "prepare", "--data", str(path),
+        run = subprocess.run([sys.executable, "-m", "machinery.prepare", "--data", str(path),
                               "--tokenizer", str(ROOT / "demo" / "base"), "--out",
                               str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True)
         error = run.stderr.splitlines()[-1]  # after the progress bar, if reading began
@@ -339,7 +339,7 @@ def test_unusable_paths_are_one_sentence(tmp_path):
 
 def test_prepare_never_imports_torch(corpus, tmp_path):
     """Importing torch costs ~2 CPU seconds of one process before any work: a prepare needs none."""
-    code = (f"import sys, prepare; prepare.main(['--data', {str(corpus[0] / 'txt')!r}, "
+    code = (f"import sys; from machinery import prepare; prepare.main(['--data', {str(corpus[0] / 'txt')!r}, "
             f"'--tokenizer', 'demo/base', '--out', {str(tmp_path / 'c')!r}, '--workers', '1']); "
             "print('torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

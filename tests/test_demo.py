@@ -72,9 +72,9 @@ def test_the_faithful_mixture_never_holds_the_evaluations_prompt():
     import random
 
     from build_base import faithful_mixture, name_pool, pieces, split_plays, template_free, varied_episode
-    from data import fetch_shakespeare
+    from machinery.texts import fetch_shakespeare
     from eval_passkey import build_prompt, filler
-    from tokenizer import load_tokenizer
+    from machinery.tokenizer import load_tokenizer
 
     assert not template_free(build_prompt(12345, 10, 10))
     for sentence in build_prompt(12345, 20, 0).replace("?", ".").split(". ")[:-1]:  # each sentence alone, key or not

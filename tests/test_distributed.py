@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from config import Config
-from distributed import load_slices, read_model
+from machinery.config import Config
+from machinery.distributed import load_slices, read_model
 from model import ModelArgs, Transformer
-from tokenizer import GPT2_PATTERN, Tokenizer
-from weights import hf_args
+from machinery.tokenizer import GPT2_PATTERN, Tokenizer
+from machinery.weights import hf_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,14 +29,14 @@ import gc, json, os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from dataclasses import asdict
-from config import Config
-from distributed import build_model, parallelize
+from machinery.config import Config
+from machinery.distributed import build_model, parallelize
 
 dist.init_process_group("gloo")
 world, rank = dist.get_world_size(), dist.get_rank()
 for settings, out in zip(sys.argv[2::2], sys.argv[3::2]):
     cfg = Config(**json.loads(settings))
-    model, _ = build_model(cfg, world, rank)
+    model, _, cfg = build_model(cfg, world, rank)
     on_meta = [None] * world
     dist.all_gather_object(on_meta, model.tok_embeddings.weight.is_meta)
     parallelize(model, cfg, world, rank, torch.device("cpu"), torch.float32)
@@ -124,7 +124,7 @@ def test_two_ranks_hold_exactly_what_one_process_loads(tmp_path):
     for name, (settings, built_on_meta) in cases.items():
         sharded = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         assert sharded["built_on_meta"] == built_on_meta, name  # HF: no rank read the whole model
-        one, _ = read_model(Config(**settings))
+        one, _, _ = read_model(Config(**settings))
         assert sharded["args"] == asdict(one.args) and one.args.rope_scaling["factor"] == 4, name
         assert sharded["state"].keys() == one.state_dict().keys(), name
         for key, tensor in one.state_dict().items():
@@ -153,10 +153,10 @@ def test_slices_of_a_checkpoint_that_does_not_match_are_refused_by_name(tmp_path
     """load_slices is as strict as Transformer.load_weights: a tensor missing from the files, one the model
     has no place for, or one of another shape is named in one sentence, before anything is half-filled."""
     hf_checkpoint(tmp_path / "ok", torch.bfloat16, sharded=False, tied=False)
-    args = hf_args(tmp_path / "ok")
+    args = ModelArgs(**hf_params(tmp_path / "ok"))
     model = sharded_on_meta(args)
     load_slices(model, tmp_path / "ok")  # a world of one: the whole tensor is this rank's slice
-    one, _ = read_model(Config(model=str(tmp_path / "ok"), method="noskip"))
+    one, _, _ = read_model(Config(model=str(tmp_path / "ok"), method="noskip"))
     for key, tensor in one.state_dict().items():
         assert torch.equal(model.state_dict()[key].full_tensor(), tensor), key
     state = load_file(tmp_path / "ok" / "model.safetensors")

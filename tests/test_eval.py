@@ -19,11 +19,11 @@ import eval_ppl
 import rope
 from eval_passkey import INTRO, KEY_LINE, QUESTION, TOLERANCE, make_trial
 from eval_ppl import windows
-from evaluation import parse_scaling
+from machinery.evaluation import parse_scaling
 from model import ModelArgs, Transformer
-from weights import SMOLLM2, resolve
+from machinery.tokenizer import SMOLLM2, resolve
 from conftest import byte_tokenizer
-from tokenizer import load_tokenizer
+from machinery.tokenizer import load_tokenizer
 
 YARN2 = {"rope_type": "yarn", "factor": 2.0}
 
@@ -177,7 +177,7 @@ def test_bos_before_every_window_is_the_authors_protocol(tiny, tmp_path):
 
 
 def test_gpu_evaluation_defaults_to_bf16_and_fp32_gqa_copies_the_kv_heads(monkeypatch):
-    from evaluation import default_device_and_dtype
+    from machinery.evaluation import default_device_and_dtype
     from model import attend, gqa_by_copies
 
     assert default_device_and_dtype("cuda:1", None) == ("cuda:1", "bf16")
@@ -206,7 +206,7 @@ def test_truncation_is_explicit(tiny, tmp_path, capsys):
 
 
 def test_a_prepared_corpus_gives_the_perplexity_of_the_raw_file(tiny, tmp_path):
-    import prepare
+    from machinery import prepare
 
     data, _ = documents(tmp_path / "docs.jsonl")
     prepare.prepare([data], byte_tokenizer(add_bos=True), tmp_path / "corpus", workers=2)

@@ -14,7 +14,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import rope
 import train
 from model import ModelArgs, Transformer
-from weights import with_scaling
+from machinery.weights import with_scaling
 from conftest import byte_tokenizer
 from test_train import argv, tiny  # noqa: F401 (the fixture)
 

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rope
 from model import ModelArgs, Transformer
-from weights import interleaved_to_half
+from machinery.weights import interleaved_to_half
 
 SCALINGS = {
     "none": None,
@@ -355,7 +355,9 @@ def test_malicious_pickle_is_refused_and_never_run(tmp_path, monkeypatch):
 def test_unknown_params_key(tmp_path):
     directory = tmp_path / "meta"
     directory.mkdir()
-    (directory / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "bogus": 1}))
+    params = {"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 8, "bogus": 1}
+    (directory / "params.json").write_text(json.dumps(params))
+    torch.save({}, directory / "consolidated.00.pth")  # the settings are checked before the weights
     with pytest.raises(ValueError, match="params.json has keys ModelArgs does not know: \\['bogus'\\]"):
         Transformer.from_pretrained(directory)
 

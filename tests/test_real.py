@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demo.real import HELD_OUT_PLAY, MODELS, fetch_austen, read_r_data  # noqa: E402
+from demo.real import HELD_OUT_PLAY, MODELS
+from machinery.texts import fetch_austen, read_r_data  # noqa: E402
 
 pytestmark = pytest.mark.slow  # left out by pytest -m "not slow"; make test runs it
 

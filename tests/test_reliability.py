@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
+from machinery import checkpoint
 import eval_passkey
 import eval_ppl
 import train
@@ -538,12 +538,12 @@ def mains():
     """name -> (main, arguments it accepts, a function it calls with them, to break)."""
     sys.path.insert(0, str(ROOT / "demo"))
     import figure1
-    import prepare
+    from machinery import prepare
     import wavelengths
     evals = ["--model", "m", "--lengths", "2048", "--out", "r.json"]
-    return {"eval_passkey": (eval_passkey.main, evals, "model.load"),  # inside Session's catch
-            "eval_ppl": (eval_ppl.main, [*evals, "--data", "d"], "model.load"),
-            "prepare": (prepare.main, ["--data", "d", "--tokenizer", "t", "--out", "o"], "tokenizer.resolve"),
+    return {"eval_passkey": (eval_passkey.main, evals, "machinery.evaluation.load"),  # inside Session's catch
+            "eval_ppl": (eval_ppl.main, [*evals, "--data", "d"], "machinery.evaluation.load"),
+            "prepare": (prepare.main, ["--data", "d", "--tokenizer", "t", "--out", "o"], "machinery.prepare.resolve"),
             "figure1": (figure1.main, ["--samples", "1"], "figure1.make_example"),
             "wavelengths": (wavelengths.main, ["--scaling", "yarn:4"], "rope.inv_freq")}
 

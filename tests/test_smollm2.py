@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from weights import SMOLLM2, load, resolve
+from machinery.checkpoint import load
+from machinery.tokenizer import SMOLLM2, resolve
 
 pytestmark = pytest.mark.slow  # reads the 135M model twice (ours, transformers'): half a minute
 

@@ -13,8 +13,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 
-from data import fetch_shakespeare
-from tokenizer import (DIGITS_GPT2_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS,
+from machinery.texts import fetch_shakespeare
+from machinery.tokenizer import (DIGITS_GPT2_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS,
                        SentencePieceTokenizer, load_tokenizer, spell)
 
 HAND_CASES = [

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
-import config
+from machinery import checkpoint
+from machinery import config
 import train
-from data import read_documents
+from machinery.data import read_documents
 from model import ModelArgs, Transformer
 from conftest import WORDS, byte_tokenizer, save_tiny_model, write_documents
 
@@ -497,7 +497,7 @@ def test_read_documents_errors_name_the_file(tmp_path, name, content, message):
 
 
 def test_a_file_gone_after_listing_is_named_not_a_traceback(tmp_path):
-    from data import read_batches
+    from machinery.data import read_batches
 
     with pytest.raises(ValueError, match=f"cannot read {tmp_path / 'gone.jsonl'}: No such file"):
         list(read_batches([tmp_path / "gone.jsonl"]))

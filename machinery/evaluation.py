@@ -1,6 +1,7 @@
 """What eval_passkey.py and eval_ppl.py share: the model flags, the resumable results file, ranks.
 
-A run loads the model once (model.load: Hugging Face dir, Meta dir, .gguf, or smollm2), evaluates
+A run loads the model once (machinery.checkpoint.load: Hugging Face dir, Meta dir, .gguf, or
+smollm2), evaluates
 each requested length in turn and rewrites its --out JSON after every length (temp file + rename),
 so a killed run keeps what it finished and a rerun with the same settings skips it. Under torchrun
 the work is split across ranks and gathered on rank 0, which alone writes and prints.
@@ -16,6 +17,9 @@ import torch
 
 import rope
 from errors import UserError
+from machinery import ranks
+from machinery.checkpoint import load
+from machinery.files import atomic_write
 
 
 def parse_floats(text):
@@ -130,15 +134,10 @@ class Session:
 
     def __init__(self, args, config):
         self.args, self.out = args, Path(args.out)
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.device, args.dtype = default_device_and_dtype(args.device, args.dtype)
+        device, args.dtype = default_device_and_dtype(args.device, args.dtype)
         config["dtype"] = args.dtype
-        if self.world > 1:
-            if self.device == "cuda":
-                self.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-                torch.cuda.set_device(self.device)
-            backend = "nccl" if self.device.startswith("cuda") else "gloo"
-            torch.distributed.init_process_group(backend)
+        self.world, self.rank, device = ranks.set_up(device)
+        self.device = str(device)
         self.config = json.loads(json.dumps(config))  # as it will read back from the file
         self.results = {"config": self.config, "lengths": {}}
         if self.out.exists() and not args.overwrite:
@@ -156,7 +155,6 @@ class Session:
                                 "or choose another --out.")
             self.results = {**stored, "config": self.config}
         try:
-            from model import load
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
             self.model, self.tokenizer = load(args.model, rope_scaling=args.rope_scaling,
                                               dtype=dtype, device=self.device,
@@ -195,9 +193,7 @@ class Session:
         self.started = time.time()
         if self.rank == 0:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.out.with_name(self.out.name + ".tmp")
-            tmp.write_text(json.dumps(self.results, indent=1))
-            os.replace(tmp, self.out)
+            atomic_write(self.out, json.dumps(self.results, indent=1))
 
     def lengths(self):
         """{str(length): record} of the requested lengths, in order (for the table and the plot)."""

@@ -1,42 +1,27 @@
-"""Checkpoints in and out: Meta, Hugging Face and GGUF readers, and the Hugging Face export.
+"""Checkpoint formats: Meta, Hugging Face and GGUF readers, and the Hugging Face export.
 
-    python -c "import weights; print(weights.load('smollm2')[0].args)"
+    python -c "from machinery.weights import read_checkpoint as r; print(r('smollm2')[0])"
 
-Every reader returns (ModelArgs, state dict in our names): model.py's module names are Meta's
+Every reader returns (params, state, source): params are ModelArgs' fields as the checkpoint states
+them (a plain dict: this module never imports model.py, which builds ModelArgs from it), state the
+tensors in our names, source the file that states the settings. model.py's module names are Meta's
 (wq, w1, attention_norm …), so Hugging Face and GGUF names are mapped; our rotary channels use
-Hugging Face's half layout, so Meta and GGUF q/k rows are permuted once here
-(interleaved_to_half). Loading is strict (Transformer.load_weights names every mismatch) and never
-unpickles code (weights_only).
+Hugging Face's half layout, so Meta and GGUF q/k rows are permuted once here (interleaved_to_half).
+Loading is strict (Transformer.load_weights names every mismatch) and never unpickles code
+(weights_only). The model and its tokenizer in one call: machinery.checkpoint.load.
 """
 import json
-import os
 import sys
-from dataclasses import asdict, fields
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import rope
 from errors import UserError
-from model import ModelArgs, Transformer
-from tokenizer import SMOLLM2, load_tokenizer, resolve  # noqa: F401 (resolve: public here too)
-
-
-def from_pretrained(cls, path, *, rope_scaling=None, dtype=torch.float32, device="cpu",
-                    context_len=None):
-    """A Meta directory, a Hugging Face directory or a .gguf file -> `cls` (eval mode).
-
-    `rope_scaling` (Hugging Face's keys) is applied as `with_scaling` says. `context_len`: the
-    trained context of a Meta checkpoint, whose params.json does not state it (else guessed).
-    """
-    path = resolve(path)
-    args, state = read_checkpoint(path, context_len)
-    if rope_scaling is not None:
-        args = with_scaling(args, rope_scaling)
-    with torch.device("meta"):  # no memory, no random init: load_weights assigns the tensors
-        model = cls(args)
-    model.load_weights(state, source=path)
-    return model.to(device=device, dtype=dtype).eval()
+from machinery.files import atomic_path, atomic_write
+from machinery.ranks import is_rank0
+from machinery.tokenizer import resolve
 
 
 def checkpoint_format(path, context_len=None):
@@ -56,7 +41,9 @@ def checkpoint_format(path, context_len=None):
 
 
 def read_checkpoint(path, context_len=None):
-    """-> (ModelArgs as the checkpoint states them, state dict in our names) of any format."""
+    """A checkpoint path or name (resolve) -> (params, state dict in our names, source) of any
+    format; `context_len`: the trained context of a Meta checkpoint (its params.json has none)."""
+    path = resolve(path)
     kind = checkpoint_format(path, context_len)
     if kind == "meta":
         return _read_meta(path, context_len)
@@ -73,15 +60,14 @@ def save_pretrained(model, directory, tokenizer=None):
     directory.mkdir(parents=True, exist_ok=True)
     state = {to_hf_name(k): v.detach().to("cpu").contiguous()
              for k, v in model.state_dict().items()}
-    _atomic(directory / "model.safetensors",
-            lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     config = hf_config(model.args, dtype=dtype)
     if tokenizer is not None:
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
         tokenizer.save(directory)
-    _atomic(directory / "config.json",
-            lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / "config.json", json.dumps(config, indent=2))
 
 
 def with_scaling(args, scaling):
@@ -95,7 +81,7 @@ def with_scaling(args, scaling):
     if kind in ("default", "none"):
         plain = {"rope_scaling": None, "use_scaled_rope": False,
                  "max_seq_len": args.original_max_seq_len}
-        return ModelArgs(**{**asdict(args), **plain})
+        return replace(args, **plain)
     original = scaling.get("original_max_position_embeddings")
     if original is None:
         if scaling.get("factor") is None:
@@ -106,7 +92,7 @@ def with_scaling(args, scaling):
         context = round(original * scaling.get("factor", 1))
     rope.inv_freq(args.head_dim, args.rope_theta, scaling)  # validate now, with rope.py's message
     scaled = {"rope_scaling": scaling, "use_scaled_rope": False, "max_seq_len": context}
-    return ModelArgs(**{**asdict(args), **scaled})
+    return replace(args, **scaled)
 
 
 def _read_json(file):
@@ -119,12 +105,6 @@ def _read_json(file):
     if not isinstance(value, dict):
         raise UserError(f"{file} holds a JSON {type(value).__name__}, not an object of settings.")
     return value
-
-
-def _atomic(path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 # ---- Hugging Face -------------------------------------------------------------------------
@@ -198,8 +178,8 @@ def hf_config(args, dtype="float32"):
     }
 
 
-def hf_args(path):
-    """A Hugging Face directory's ModelArgs, from config.json alone (no weights read)."""
+def hf_params(path):
+    """A Hugging Face directory's ModelArgs fields, from config.json alone (no weights read)."""
     config = _read_json(path / "config.json")
     if config.get("model_type") != "llama":
         raise UserError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, "
@@ -215,7 +195,7 @@ def hf_args(path):
                            config.get("original_max_position_embeddings")
                            or config.get("max_position_embeddings"))
     try:
-        args = ModelArgs(
+        params = dict(
             dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
             n_heads=config["num_attention_heads"], n_kv_heads=config.get("num_key_value_heads"),
             vocab_size=config["vocab_size"], hidden_dim=config["intermediate_size"],
@@ -226,10 +206,11 @@ def hf_args(path):
     except KeyError as e:
         raise UserError(f"{path / 'config.json'} has no {e.args[0]!r}, which a Llama config "
                         "needs.") from None
-    if config.get("head_dim", args.head_dim) != args.head_dim:
+    if config.get("head_dim", params["dim"] // params["n_heads"]) != \
+            params["dim"] // params["n_heads"]:
         raise UserError(f"{path / 'config.json'}: head_dim {config['head_dim']} != "
                         "hidden_size / heads.")
-    return args
+    return params
 
 
 def hf_files(path):
@@ -248,15 +229,15 @@ def _read_hf(path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    args, state = hf_args(path), {}
+    params, state = hf_params(path), {}
     for file in hf_files(path):
         try:
             state.update({from_hf_name(k): v for k, v in load_file(file).items()})
         except (SafetensorError, OSError) as e:
             raise UserError(f"{file} is not a readable safetensors file ({e}).") from None
-    if args.tie_word_embeddings:
+    if params["tie_word_embeddings"]:
         state.pop("output.weight", None)  # some tied checkpoints store the copy too
-    return args, state
+    return params, state, path / "config.json"
 
 
 # ---- Meta ---------------------------------------------------------------------------------
@@ -270,11 +251,6 @@ def interleaved_to_half(w, n_heads):
 
 def _read_meta(path, context_len=None):
     params = _read_json(path / "params.json")
-    known = {f.name for f in fields(ModelArgs)}
-    unknown = params.keys() - known
-    if unknown:
-        raise UserError(f"{path / 'params.json'} has keys ModelArgs does not know: "
-                        f"{sorted(unknown)}.")
     # every Meta params.json states these; the defaults are Llama-7B's
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
@@ -288,7 +264,7 @@ def _read_meta(path, context_len=None):
     except Exception as e:  # a pickle that wants to run code lands here: weights_only refuses it
         raise UserError(f"{shards[0].parent}: could not load {len(shards)} consolidated.*.pth as "
                         f"plain tensors ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
-    dim = params.get("dim", ModelArgs.dim)
+    dim = params["dim"]
     state = {}
     for name in parts[0]:
         if name == "rope.freqs":  # a cache of θ in Llama 1/2 checkpoints; rope.py computes it
@@ -310,20 +286,20 @@ def _read_meta(path, context_len=None):
         params["max_seq_len"] = (131072 if params.get("use_scaled_rope")
                                  else 8192 if theta == 500000 else 16384 if theta == 1000000
                                  else 2048 if params.get("norm_eps") == 1e-6 else 4096)
-        if int(os.environ.get("RANK", 0)) == 0:
+        if is_rank0():
             print(f"note: {path / 'params.json'} states no context; guessed "
                   f"{params['max_seq_len']} tokens from its settings (early Llama-2-chat files "
                   "look like Llama 1's 2048): pass --context_len if wrong.",
                   file=sys.stderr, flush=True)
-    args = ModelArgs(**params)
-    for i in range(args.n_layers):
-        for key, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
+    n_heads = params["n_heads"]
+    for i in range(params["n_layers"]):
+        for key, heads in (("wq", n_heads), ("wk", params.get("n_kv_heads") or n_heads)):
             name = f"layers.{i}.attention.{key}.weight"
             if name in state:
                 state[name] = interleaved_to_half(state[name], heads)
-    if args.tie_word_embeddings:
+    if params.get("tie_word_embeddings"):
         state.pop("output.weight", None)
-    return args, state
+    return params, state, path / "params.json"
 
 
 # ---- GGUF ---------------------------------------------------------------------------------
@@ -373,7 +349,7 @@ def _read_gguf(path):
     elif kind != "none":
         raise UserError(f"{path}: llama.rope.scaling.type {kind!r} is not supported "
                         "(none, linear, yarn).")
-    args = ModelArgs(
+    params = dict(
         dim=field("llama.embedding_length"), n_layers=field("llama.block_count"), n_heads=n_heads,
         n_kv_heads=field("llama.attention.head_count_kv", n_heads),
         vocab_size=state["tok_embeddings.weight"].shape[0],
@@ -382,27 +358,9 @@ def _read_gguf(path):
         rope_theta=field("llama.rope.freq_base", 10000.0),
         rope_scaling=scaling, max_seq_len=field("llama.context_length"),
         tie_word_embeddings="output.weight" not in state)
-    for i in range(args.n_layers):  # llama.cpp stores q/k rows interleaved, like Meta
-        for key, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
+    for i in range(params["n_layers"]):  # llama.cpp stores q/k rows interleaved, like Meta
+        for key, heads in (("wq", n_heads), ("wk", params["n_kv_heads"])):
             name = f"layers.{i}.attention.{key}.weight"
             state[name] = interleaved_to_half(state[name], heads)
-    return args, state
-
-
-def load(path, *, rope_scaling=None, dtype=torch.float32, device="cpu", context_len=None):
-    """The model and its tokenizer from one path: what every script calls."""
-    path = resolve(path)
-    model = from_pretrained(Transformer, path, rope_scaling=rope_scaling, dtype=dtype,
-                            device=device, context_len=context_len)
-    return model, checkpoint_tokenizer(path, model.args)
-
-
-def checkpoint_tokenizer(path, args):
-    """The tokenizer stored with the checkpoint at `path`, checked against its embedding."""
-    tokenizer = load_tokenizer(path)
-    if tokenizer.n_vocab > args.vocab_size:
-        raise UserError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the embedding "
-                        f"only {args.vocab_size} rows; they do not belong together.")
-    return tokenizer
-
+    return params, state, path
 

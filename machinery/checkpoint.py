@@ -1,5 +1,7 @@
-"""Checkpoints of a run on many ranks, no rank holding the whole model (after torchtitan).
+"""Checkpoints: any checkpoint loaded with its tokenizer (load, what every script calls), and the
+checkpoints of a run on many ranks, no rank holding the whole model (after torchtitan).
 
+    python -c "from machinery.checkpoint import load; print(load('smollm2')[0].args)"
     torchrun --nproc_per_node 8 train.py --model path/to/llama --data pile.jsonl --target_len 32768
 
 (Loading the model into FSDP2 shards: distributed.py.)
@@ -26,14 +28,31 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
-from weights import hf_config, to_hf_name
+from machinery.files import atomic_path, new_file_mode
+from machinery.ranks import is_rank0
+from machinery.tokenizer import load_tokenizer, resolve
+from machinery.weights import hf_config, to_hf_name
+from model import Transformer
 
 SHARDED = "checkpoints"  # OUT/checkpoints/step-N/: the DCP checkpoints of world size > 1
 SHARD_BYTES = 2**31  # the largest safetensors file of an export (transformers' default is 5 GB)
 
 
-def is_rank0():
-    return not dist.is_initialized() or dist.get_rank() == 0
+def load(path, *, rope_scaling=None, dtype=torch.float32, device="cpu", context_len=None):
+    """The model (eval mode) and its tokenizer from one path or name: Transformer.from_pretrained,
+    then the tokenizer stored beside the weights, checked against the embedding."""
+    model = Transformer.from_pretrained(path, rope_scaling=rope_scaling, dtype=dtype,
+                                        device=device, context_len=context_len)
+    return model, checkpoint_tokenizer(resolve(path), model.args)
+
+
+def checkpoint_tokenizer(path, args):
+    """The tokenizer stored with the checkpoint at `path`, checked against its embedding."""
+    tokenizer = load_tokenizer(path)
+    if tokenizer.n_vocab > args.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {tokenizer.n_vocab} tokens but the embedding "
+                        f"only {args.vocab_size} rows; they do not belong together.")
+    return tokenizer
 
 
 def first_line(e):
@@ -119,16 +138,11 @@ def _save_plain(path, model, optimizer, step, config, previous):
              "rng": {"cpu": torch.get_rng_state()}}  # unused by the loop (data: per-step generator)
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state()
-    tmp = Path(str(path) + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: after a power cut old or new, whole
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
     except OSError as e:
-        tmp.unlink(missing_ok=True)  # give back the space the partial file took
-        raise _failed(step, tmp, e.strerror or e, previous) from None
+        raise _failed(step, Path(str(path) + ".tmp"), e.strerror or e, previous) from None
     return path
 
 
@@ -269,6 +283,7 @@ def save_final(directory, model, args, tokenizer, dtype, last=None):
         if is_rank0() and error is None:
             try:
                 save_file(pending, tmp / file_name, metadata={"format": "pt"})
+                os.chmod(tmp / file_name, new_file_mode())  # safetensors writes 0600
             except OSError as e:
                 error = e
     if is_rank0() and error is None:

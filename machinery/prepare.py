@@ -2,7 +2,7 @@
 (nanoGPT's train.bin, plus document offsets) that train.py and eval_ppl.py memory-map,
 on every rank and at every restart, without reading it.
 
-    python data.py prepare --data pile/train/00.jsonl.zst --tokenizer smollm2 --out corpus/
+    python -m machinery.prepare --data pile/train/00.jsonl.zst --tokenizer smollm2 --out corpus/
     python train.py --model smollm2 --data corpus/ ...     # memory-maps it; checks the tokenizer
 
 OUT/ holds tokens.bin (every document's ids one after another: uint16 where the vocabulary fits,
@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import data
-from data import CORPUS_JSON, OFFSETS, TOKENS
 from errors import UserError, exit_on_user_error
+from machinery import data
+from machinery.data import CORPUS_JSON, OFFSETS, TOKENS
+from machinery.files import atomic_write
+from machinery.tokenizer import load_tokenizer, resolve
 
 PROGRESS, ENDS = "progress.json", "ends.bin"  # in OUT.partial only: the last commit; document ends
 
@@ -122,12 +124,7 @@ def commit(partial, tokens, ends, state, report):
 
 
 def write_json(path, value):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value, indent=1))
 
 
 def finish(partial, out, state, identity, report, seconds, workers):
@@ -155,7 +152,7 @@ def finish(partial, out, state, identity, report, seconds, workers):
 @exit_on_user_error
 def main(argv=None):
     first, *rest = __doc__.split("\n\n")
-    p = argparse.ArgumentParser(prog="python data.py prepare", description=first,
+    p = argparse.ArgumentParser(prog="python -m machinery.prepare", description=first,
                                 epilog="\n\n".join(rest),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", required=True, help="files or directories: .txt (one "
@@ -171,8 +168,6 @@ def main(argv=None):
                    "often: a killed prepare loses at most this much (default: 60)")
     args = p.parse_args(argv)
     try:
-        from tokenizer import load_tokenizer, resolve  # not model's: no torch to import
-
         tokenizer = load_tokenizer(resolve(args.tokenizer))
         meta = prepare(args.data, tokenizer, args.out, workers=args.workers,
                        tokenizer_name=args.tokenizer, commit_seconds=args.commit_seconds)

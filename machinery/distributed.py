@@ -3,7 +3,7 @@ any rank holding the whole model (after torchtitan).
 
     torchrun --nproc_per_node 8 train.py --model path/to/llama --data pile.jsonl --target_len 32768
 
-One process reads the checkpoint, builds the model with config.final_args (the scaled RoPE) and
+One process reads the checkpoint, builds the model with final_settings (the scaled RoPE) and
 loads the weights into it once. With world size > 1 each TransformerBlock, then the root, is
 wrapped in FSDP2 `fully_shard` on a model built on the meta device, and each rank fills its shards:
 - Hugging Face safetensors: every rank reads only its own rows of each tensor
@@ -14,35 +14,62 @@ wrapped in FSDP2 `fully_shard` on a model built on the meta device, and each ran
 """
 import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from config import final_args
+import rope
 from errors import UserError
+from machinery.checkpoint import checkpoint_tokenizer
+from machinery.ranks import log0
+from machinery.tokenizer import load_tokenizer, resolve
+from machinery.weights import (checkpoint_format, from_hf_name, hf_files, hf_params,
+                               read_checkpoint, to_hf_name, with_scaling)
 from model import ModelArgs, Transformer
-from weights import (checkpoint_format, checkpoint_tokenizer, from_hf_name, hf_args, hf_files,
-                     read_checkpoint, resolve, to_hf_name)
 
 
-def log0(*args):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
+def final_settings(cfg, args):
+    """-> (cfg with Lc and Lt filled in, the ModelArgs training sees): Lc defaults to the
+    checkpoint's window; RoPE scaled by s = Lt / Lo on top of the checkpoint's own scaling
+    (noskip: unchanged), after checking Lc and Lt against that window."""
+    window = args.window  # the context the checkpoint has now: Lo, or what its RoPE scaling reaches
+    if cfg.train_len is None and args.rope_scaling:
+        raise UserError(f"{cfg.model} already carries RoPE {args.rope_scaling} (window {window}): "
+                        f"give --train_len, e.g. {args.original_max_seq_len}, the length it was "
+                        "pretrained at.")
+    train_len = cfg.train_len or window
+    target_len = cfg.target_len
+    if cfg.method == "noskip":
+        if target_len not in (None, train_len):
+            raise UserError(f"--method noskip trains at positions 0..Lc-1 and keeps the RoPE: "
+                            f"leave --target_len out or set it to --train_len "
+                            f"({train_len}), not {target_len}.")
+        target_len = train_len
+    elif target_len is None or target_len <= train_len:
+        raise UserError(f"--method {cfg.method} extends the window, so --target_len (Lt) must be "
+                        f"larger than --train_len (Lc = {train_len}); got {target_len}.")
+    if train_len > window:
+        log0(f"warning: train_len {train_len} exceeds the model's context {window}; "
+             "PoSE assumes Lc <= Lo.")
+    cfg = replace(cfg, train_len=train_len, target_len=target_len)
+    if cfg.method == "noskip":
+        return cfg, args
+    scaling = rope.extend(args.rope_scaling, window, cfg.target_len, cfg.scaling)
+    return cfg, replace(with_scaling(args, scaling), max_seq_len=cfg.target_len)
 
 
 def read_model(cfg):
-    """-> (model fp32 on CPU with its final RoPE, tokenizer): the checkpoint read once into the
-    model built with final_args, or --init's fresh model. Fills in cfg.train_len, cfg.target_len."""
+    """-> (model fp32 on CPU with its final RoPE, tokenizer, cfg completed): the checkpoint read
+    once into the model built with final_settings, or --init's fresh model."""
     if cfg.init is None:
-        path = resolve(cfg.model)
-        args, state = read_checkpoint(path, cfg.context_len)
+        params, state, source = read_checkpoint(cfg.model, cfg.context_len)
+        cfg, args = final_settings(cfg, ModelArgs.from_params(params, source))
         with torch.device("meta"):  # no memory, no random init: load_weights assigns the tensors
-            model = Transformer(final_args(cfg, args, log0))
-        model.load_weights(state, source=path)
-        return model.float(), checkpoint_tokenizer(path, args)
-    from tokenizer import load_tokenizer
-
+            model = Transformer(args)
+        model.load_weights(state, source=resolve(cfg.model))
+        return model.float(), checkpoint_tokenizer(resolve(cfg.model), args), cfg
     if cfg.tokenizer is None:
         raise UserError("--init builds a fresh model, which needs --tokenizer too.")
     tokenizer = load_tokenizer(resolve(cfg.tokenizer))
@@ -56,7 +83,8 @@ def read_model(cfg):
         raise UserError(f"--init: vocab_size {args.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.n_vocab} tokens.")
     torch.manual_seed(cfg.seed)
-    return Transformer(final_args(cfg, args, log0)), tokenizer
+    cfg, args = final_settings(cfg, args)
+    return Transformer(args), tokenizer, cfg
 
 
 def sliced(cfg, world):
@@ -66,34 +94,32 @@ def sliced(cfg, world):
 
 
 def build_model(cfg, world, rank):
-    """-> (model fp32 with its final RoPE, tokenizer). One process: read_model's. Several: on the
-    meta device, for parallelize to fill once sharded; but where tensors must be converted whole,
-    rank 0's is read_model's, the only rank that reads the weights."""
+    """-> (model fp32 with its final RoPE, tokenizer, cfg with Lc and Lt completed). One process:
+    read_model's. Several: on the meta device, for parallelize to fill once sharded; but where
+    tensors must be converted whole, rank 0's is read_model's, the only rank that reads weights."""
     if world == 1:
         return read_model(cfg)
     if sliced(cfg, world):  # every rank reads config.json alone, with the same result
         path = resolve(cfg.model)
-        args = hf_args(path)
+        cfg, args = final_settings(cfg, ModelArgs.from_params(hf_params(path), path))
         with torch.device("meta"):
-            return Transformer(final_args(cfg, args, log0)), checkpoint_tokenizer(path, args)
-    found = [None, None, None]  # rank 0's args, (train_len, target_len) or error, for every rank
+            return Transformer(args), checkpoint_tokenizer(path, args), cfg
+    found = [None, None, None]  # rank 0's args, completed settings or error, for every rank
     if rank == 0:
         try:
-            model, tokenizer = read_model(cfg)
-            found[:2] = [model.args, (cfg.train_len, cfg.target_len)]
+            model, tokenizer, cfg = read_model(cfg)
+            found[:2] = [model.args, cfg]
         except UserError as e:  # a bug keeps its traceback (torchrun then stops every rank)
             found[2] = str(e)
     dist.broadcast_object_list(found, src=0)
     if found[2] is not None:
         raise UserError(found[2])
-    args, (cfg.train_len, cfg.target_len) = found[:2]
+    args, cfg = found[:2]
     if rank == 0:
-        return model, tokenizer
-    from tokenizer import load_tokenizer
-
+        return model, tokenizer, cfg
     tokenizer = load_tokenizer(resolve(cfg.tokenizer if cfg.init is not None else cfg.model))
     with torch.device("meta"):
-        return Transformer(args), tokenizer
+        return Transformer(args), tokenizer, cfg
 
 
 def parallelize(model, cfg, world, rank, device, dtype):

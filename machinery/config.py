@@ -1,20 +1,19 @@
-"""train.py's settings: every flag with its default and its --help (Config), and final_args,
-which completes Lc, Lt and the RoPE scaling from the checkpoint (torchtitan's job config, as a
-dataclass).
+"""train.py's settings: every flag with its default and its --help (Config), torchtitan's job
+config as a dataclass. Lc, Lt and the RoPE scaling a flag leaves open are completed from the
+checkpoint by distributed.final_settings, which build_model returns to train.py.
 
     python train.py --help    # every flag, in the paper's words (Lc, Lt, N)
 """
 import argparse
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pose
 import rope
-from data import fetch_shakespeare
 from errors import UserError
-from weights import with_scaling
+from machinery.texts import fetch_shakespeare
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 # the no-argument demo: PoSE fine-tuning of the shipped tiny base demo/base (Lo = 256) to 2048
 DEMO_ARGS = ["--train_len", "256", "--target_len", "2048", "--steps", "50", "--batch_size", "8",
              "--lr", "1e-3", "--warmup", "5", "--save_every", "25", "--overwrite",
@@ -35,7 +34,7 @@ class Config:
     init: str | None = flag(None, "CONFIG.json or a JSON object of ModelArgs fields: pretrain a "
                             "fresh model (normal(0.02) init, seeded by --seed) instead of --model")
     tokenizer: str | None = flag(None, "with --init: tokenizer.json / .model / .gguf or 'smollm2'")
-    data: str | None = flag(None, "a corpus from 'python data.py prepare' (memory-mapped), or "
+    data: str | None = flag(None, "a corpus from 'python -m machinery.prepare' (memory-mapped), or "
                             ".jsonl(.gz/.zst) / .txt files or a directory of them; documents "
                             "shorter than an example are skipped")
     method: str = flag("pose", "pose: Lc tokens in N chunks with skip biases (Eqs. 3-5); randpos: "
@@ -107,34 +106,6 @@ def parse_args(argv, doc="") -> Config:
             kwargs["help"] += f" (default: {f.default})"
         p.add_argument(f"--{f.name}", default=f.default, **kwargs)
     return Config(**vars(p.parse_args(argv)))
-
-
-def final_args(cfg, args, log=print):
-    """The ModelArgs training sees: RoPE scaled by s = Lt / Lo on top of the checkpoint's own
-    scaling (noskip: unchanged), after checking Lc and Lt against the checkpoint's window;
-    fills in cfg.train_len and cfg.target_len. `log` prints a warning (rank 0's printer)."""
-    window = args.window  # the context the checkpoint has now: Lo, or what its RoPE scaling reaches
-    if cfg.train_len is None and args.rope_scaling:
-        raise UserError(f"{cfg.model} already carries RoPE {args.rope_scaling} (window {window}): "
-                        f"give --train_len, e.g. {args.original_max_seq_len}, the length it was "
-                        "pretrained at.")
-    cfg.train_len = cfg.train_len or window
-    if cfg.method == "noskip":
-        if cfg.target_len not in (None, cfg.train_len):
-            raise UserError(f"--method noskip trains at positions 0..Lc-1 and keeps the RoPE: "
-                            f"leave --target_len out or set it to --train_len "
-                            f"({cfg.train_len}), not {cfg.target_len}.")
-        cfg.target_len = cfg.train_len
-    elif cfg.target_len is None or cfg.target_len <= cfg.train_len:
-        raise UserError(f"--method {cfg.method} extends the window, so --target_len (Lt) must be "
-                        f"larger than --train_len (Lc = {cfg.train_len}); got {cfg.target_len}.")
-    if cfg.train_len > window:
-        log(f"warning: train_len {cfg.train_len} exceeds the model's context {window}; "
-            "PoSE assumes Lc <= Lo.")
-    if cfg.method == "noskip":
-        return args
-    scaling = rope.extend(args.rope_scaling, window, cfg.target_len, cfg.scaling)
-    return replace(with_scaling(args, scaling), max_seq_len=cfg.target_len)
 
 
 def demo_args():

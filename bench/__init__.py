@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks: scripts (python bench/bench_train.py), importable as bench.*."""

@@ -1,0 +1,77 @@
+"""Ranks and devices: one plain process, or torchrun's world (RANK, WORLD_SIZE, LOCAL_RANK).
+
+    torchrun --nproc_per_node 8 train.py ...        # or eval_passkey.py, eval_ppl.py
+
+set_up() is the one start of train.py and the evaluation scripts (device, process group with a
+timeout), is_rank0() the one "am I rank 0", leave() the one way out: every rank meets at a barrier
+after a finished run, the group is destroyed while the interpreter is whole (close(), also before a
+bug's traceback), and the process exits with its status.
+"""
+import gc
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def is_rank0():
+    return rank() == 0
+
+
+def log0(*args, **kwargs):
+    """print on rank 0 only (flushed: torchrun interleaves the ranks' output)."""
+    if is_rank0():
+        print(*args, flush=True, **kwargs)
+
+
+def set_up(device=None, timeout_minutes=30.0, group=False):
+    """-> (world, rank, device). The device: `device` if given, else this rank's GPU when there is
+    one, else the CPU. A process group (NCCL on GPU, gloo on CPU) when the world has several ranks
+    or `group` asks for one, with `timeout_minutes` for every collective."""
+    world, local_rank = world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":
+        device = f"cuda:{local_rank}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 or group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=timeout_minutes))
+    return world, rank(), device
+
+
+def close(code):
+    """Destroy the process group, if any, while the interpreter is whole: after a barrier when
+    the run finished (`code` 0: every rank done writing before any tears the group down)."""
+    if dist.is_initialized():
+        if code == 0:
+            dist.barrier()
+        gc.collect()  # a sharded model's reference cycles, freed while the group lives
+        dist.destroy_process_group()
+
+
+def leave(code):
+    """The one way out of a script: close() the group, then exit with status `code`. A process
+    that had a group leaves with os._exit, as gloo's worker threads can abort the interpreter's
+    own teardown after a finished run ("terminate called without an active exception",
+    pytorch/pytorch#179291); everything is written and flushed by then."""
+    had_group = dist.is_initialized()
+    close(code)
+    if had_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
