@@ -6,15 +6,18 @@ Read it next to Meta's llama3 model.py: the same sections in the same order (Mod
 RoPE, Attention, FeedForward, TransformerBlock, Transformer) and Meta's module names (wq, w1,
 attention_norm …), so a Meta state dict loads as it is. Where we differ: positions are a tensor
 per token, not a start offset (PoSE's skipped positions, section 3.2); the RoPE angles come from
-rope.py in Hugging Face's half layout; one attend() picks flash-attn or SDPA (GQA without
-copies) and a KVCache serves generation; the loss never holds all logits (loss.py); checkpoints
-are read and written by machinery/weights.py, which never imports this file.
+rope.py in Hugging Face's half layout; attend() picks flash-attn or an SDPA kernel with memory
+linear in the length; a KVCache serves generation; the loss never holds all logits (loss.py);
+machinery/weights.py reads and writes checkpoints (and never imports this file).
 """
+import contextlib
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 import rope
@@ -126,32 +129,47 @@ class KVCache(nn.Module):
         return self.k[:, :end], self.v[:, :end]
 
 
-def gqa_by_copies(device_type, dtype):
-    """On CUDA in fp32 only SDPA's math kernel takes enable_gqa, and it builds the T×S scores
-    (128 GiB a layer at 32k with 32 heads): copied KV heads keep the memory-efficient kernel."""
-    return device_type == "cuda" and dtype == torch.float32
+def use_flash_attn(q):
+    """flash-attn where its limits hold: CUDA half precision, sm80 or newer, head_dim <= 256 and a
+    multiple of 8; elsewhere SDPA."""
+    return (flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def sdpa_plan(device_type, dtype, T, S, gqa):
+    """-> (copy the KV heads?, mask: "causal", None, "lower_right" or "bool"). On CUDA attend()
+    admits only SDPA kernels with memory linear in T (never the math kernel's fp32 T×S scores):
+    flash takes enable_gqa but no mask and no fp32, memory-efficient fp32 and masks but (torch <=
+    2.11) no enable_gqa, so GQA in fp32 or under a mask copies KV heads, and the mask is the
+    lower-right causal bias, not a (T, S) tensor. The CPU's flash kernel takes everything."""
+    cuda = device_type == "cuda"
+    mask = "causal" if T == S else None if T == 1 else "lower_right" if cuda else "bool"
+    return gqa and cuda and (dtype == torch.float32 or mask == "lower_right"), mask
 
 
 def attend(q, k, v):
     """Causal attention of q (B, T, H, hd) over k, v (B, S, H_kv, hd); query t sits at key S−T+t.
-
-    flash-attn for CUDA half precision, else SDPA, whose kernels never build the T×S score matrix.
-    """
+    flash-attn where use_flash_attn says, else SDPA as sdpa_plan says."""
     T, S = q.shape[1], k.shape[1]
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if use_flash_attn(q):
         return flash_attn_func(q, k, v, causal=True)  # GQA too; causal mask aligned bottom-right
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-    # GQA: each key/value head serves n_heads / n_kv_heads query heads (Meta's repeat_kv);
-    # enable_gqa shares them without copies
+    # GQA: each key/value head serves n_heads / n_kv_heads query heads (Meta's repeat_kv)
     gqa = k.shape[1] != q.shape[1]
-    if gqa and gqa_by_copies(q.device.type, q.dtype):
+    copies, mask = sdpa_plan(q.device.type, q.dtype, T, S, gqa)
+    if copies:
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-        gqa = False
-    if T == S or T == 1:  # training / prefill, or one decoded token that sees every cached key
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-    else:  # several new tokens after a cache: only here is a (T, S) mask built
+    if mask == "lower_right":  # several new tokens after a cache, on CUDA
+        mask = causal_lower_right(T, S)
+    elif mask == "bool":  # the same on the CPU: a (T, S) mask, which its flash kernel takes
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    causal, mask = mask == "causal", None if mask == "causal" else mask
+    linear = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+              SDPBackend.CUDNN_ATTENTION]  # never SDPBackend.MATH
+    with sdpa_kernel(linear) if q.is_cuda else contextlib.nullcontext():
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=gqa and not copies)
     return y.transpose(1, 2)
 
 

@@ -178,18 +178,18 @@ def test_bos_before_every_window_is_the_authors_protocol(tiny, tmp_path):
 
 def test_gpu_evaluation_defaults_to_bf16_and_fp32_gqa_copies_the_kv_heads(monkeypatch):
     from machinery.evaluation import default_device_and_dtype
-    from model import attend, gqa_by_copies
+    from model import attend, sdpa_plan
 
     assert default_device_and_dtype("cuda:1", None) == ("cuda:1", "bf16")
     assert default_device_and_dtype("cpu", None) == ("cpu", "fp32")
     assert default_device_and_dtype("cuda", "fp32") == ("cuda", "fp32")
-    assert gqa_by_copies("cuda", torch.float32) and not gqa_by_copies("cuda", torch.bfloat16)
-    assert not gqa_by_copies("cpu", torch.float32)  # the CPU flash kernel takes enable_gqa in fp32
+    assert sdpa_plan("cuda", torch.float32, 9, 9, True)[0] and not sdpa_plan("cuda", torch.bfloat16, 9, 9, True)[0]
+    assert not sdpa_plan("cpu", torch.float32, 9, 9, True)[0]  # the CPU flash kernel takes enable_gqa in fp32
     q, k, v = torch.randn(1, 9, 4, 8), torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8)
     shared = attend(q, k, v)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr("model.gqa_by_copies", lambda *a: True)  # the CUDA fp32 path, run on the CPU
+    monkeypatch.setattr("model.sdpa_plan", lambda *a: (True, "causal"))  # the CUDA fp32 path, run on the CPU
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **k: calls.append(k.get("enable_gqa")) or sdpa(*a, **k))
     torch.testing.assert_close(attend(q, k, v), shared)
