@@ -34,6 +34,14 @@ seconds = time.perf_counter() - start
 assert run.returncode == 0, run.stderr[-3000:]
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)"""
+# today's path, run with the working directory runs/bench_data/today (the first entry of a -c
+# process's path): cbbc2ad's data.py and tokenizer.py read every text, then encode each
+TODAY_TOKENIZE = """import sys, torch
+from data import read_documents
+from tokenizer import load_tokenizer
+tokenizer = load_tokenizer(sys.argv[2])
+docs = [torch.tensor(tokenizer.encode(t), dtype=torch.int32) for t in read_documents(sys.argv[1])]
+print(sum(map(len, docs)), file=sys.stderr)"""
 
 
 def generate(path, n_tokens, tokenizer):
@@ -64,28 +72,16 @@ def generate(path, n_tokens, tokenizer):
     os.replace(tmp, path)
 
 
-def measure(command):
+def measure(command, cwd=ROOT):
     """Run `command` in a fresh process: seconds, peak RSS, CPU seconds, load before and after."""
     before = os.getloadavg()[0]
-    run = subprocess.run([sys.executable, "-c", WRAPPER, *command], cwd=ROOT, capture_output=True,
+    run = subprocess.run([sys.executable, "-c", WRAPPER, *command], cwd=cwd, capture_output=True,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if run.returncode:
         sys.exit(f"failed: {' '.join(map(str, command))}\n{run.stderr[-3000:]}")
     seconds, rss, cpu = map(float, run.stdout.split())
     return {"seconds": round(seconds, 2), "peak_rss_mib": round(rss), "cpu_seconds": round(cpu, 2),
             "load_before": round(before, 2), "load_after": round(os.getloadavg()[0], 2)}
-
-
-def today_tokenize(path):
-    """Today's path, in this process: read every text (cbbc2ad's read_documents), encode each."""
-    sys.path.insert(0, str(OUT / "today"))
-    import torch
-    from machinery.data import read_documents  # cbbc2ad's
-    from machinery.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(ROOT / "demo" / "base")
-    docs = [torch.tensor(tokenizer.encode(t), dtype=torch.int32) for t in read_documents(path)]
-    print(sum(map(len, docs)), file=sys.stderr)
 
 
 def profile(path):
@@ -121,7 +117,7 @@ def commands(size, text, corpus):
     return {
         "tokenize: prepare, 2 processes": [*prepare, "--out", str(corpus), "--workers", "2"],
         "tokenize: prepare, 1 process": [*prepare, "--out", str(OUT / "scratch"), "--workers", "1"],
-        "tokenize: today": [py, __file__, "--today", str(text)],
+        "tokenize: today": [py, "-c", TODAY_TOKENIZE, str(text), str(ROOT / "demo" / "base")],
         "train.py start: today": [py, str(OUT / "today" / "train.py"), *TRAIN, "--data", str(text),
                                   "--out", str(OUT / "train")],
         "train.py start: raw": [py, "train.py", *TRAIN, "--data", str(text), "--out",
@@ -136,7 +132,6 @@ def main():
     ap.add_argument("--sizes", default="10,100", help="corpus sizes, millions of tokens (10,100)")
     ap.add_argument("--redo", default=None, help="measure again the results whose names start so")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     from machinery.tokenizer import load_tokenizer
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -163,7 +158,7 @@ def main():
             if "2 processes" in name:
                 stale += [corpus, corpus.with_name(corpus.name + ".partial")]
             subprocess.run(["rm", "-rf", *map(str, stale)], check=True)
-            results[key] = measure(command)
+            results[key] = measure(command, cwd=OUT / "today" if name == "tokenize: today" else ROOT)
             if name.startswith("tokenize"):  # the same text and tokenizer: the corpus's count
                 tokens = json.loads((corpus / "corpus.json").read_text())["tokens"]
                 results[key].update(tokens=tokens,
@@ -174,10 +169,7 @@ def main():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--today"]:
-        today_tokenize(sys.argv[2])
-    elif sys.argv[1:2] == ["--profile"]:
-        sys.path.insert(0, str(ROOT))
+    if sys.argv[1:2] == ["--profile"]:
         profile(sys.argv[2])
     else:
         main()

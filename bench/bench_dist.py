@@ -40,11 +40,10 @@ def reset_hwm():
 
 
 def make_model(directory, dim, layers, dtype):
-    sys.path.insert(0, str(ROOT))
     import torch
 
-    from model import ModelArgs, Transformer
     from machinery.tokenizer import GPT2_PATTERN, Tokenizer
+    from model import ModelArgs, Transformer
 
     if (directory / "config.json").exists():
         return
@@ -61,8 +60,7 @@ def make_model(directory, dim, layers, dtype):
 
 
 def worker(args):
-    """Runs under torchrun: train.main of --repo with each phase measured."""
-    sys.path.insert(0, str(args.repo))
+    """Runs under torchrun: train.main of --repo (first on PYTHONPATH) with each phase measured."""
     import train
 
     rank, report = int(os.environ["RANK"]), {"runtime_gib": hwm_gib()}  # torch, train.py imported
@@ -109,7 +107,8 @@ def main():
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     make_model(args.work / f"model-{args.dtype}", args.dim, args.layers, args.dtype)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the worker's `import train` finds --repo's train.py (and the modules it imports) first
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(args.repo)}
     for resume in (False, True):
         run = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", __file__, "--worker", "--repo", str(args.repo),

@@ -20,13 +20,12 @@ load average, and peak memory over the loaded model (the KV cache, activations a
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
-import torch  # noqa: E402
+import torch
+
+from bench import harness
 
 
 def load_model(impl, model_dir):

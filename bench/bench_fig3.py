@@ -20,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
-from bench_train import setup_step  # noqa: E402
+from bench import harness
+from bench.bench_train import setup_step
 
 METHODS = {"pose": "PoSE", "full": "Full-length"}
 

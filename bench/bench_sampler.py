@@ -6,14 +6,11 @@ Each setting runs 5 rounds of n/5 calls and reports the best round, so that othe
 machine disturbs the number less.
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from anywhere
-import pose  # noqa: E402
+import pose
 
 ap = argparse.ArgumentParser(description="samples/s of pose.make_example, one CPU thread")
 ap.add_argument("--n", type=int, default=10000, help="calls per setting (N = Lc runs n/50)")

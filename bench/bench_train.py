@@ -38,10 +38,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402  (puts the repository on sys.path)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
+
+from bench import harness
 
 IMPLS = ("ours", "ours+compile", "ours-logits", "transformers")
 

@@ -14,17 +14,13 @@ import multiprocessing as mp
 import os
 import platform
 import re
-import sys
 import tempfile
 import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from anywhere
-
-import torch  # noqa: E402
+import torch
 
 
 def set_threads(threads):

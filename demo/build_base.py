@@ -38,12 +38,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from errors import UserError, exit_on_user_error
+from eval_passkey import FILLER, INTRO, KEY_LINE, QUESTION, build_prompt, largest
+from machinery.texts import DATA_DIR, fetch_shakespeare
 
-from machinery.texts import DATA_DIR, fetch_shakespeare  # noqa: E402
-from errors import UserError, exit_on_user_error  # noqa: E402
-from eval_passkey import FILLER, INTRO, KEY_LINE, QUESTION, build_prompt, largest  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 HELD_OUT = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt")
 VOCAB = 2048

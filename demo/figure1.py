@@ -5,14 +5,12 @@ notation, and the coverage of relative distances over K examples (desideratum 1)
         --plot pose.png
 """
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
-from errors import exit_on_user_error  # noqa: E402
-from pose import CONTENTS, METHODS, boundary_mask, check, make_example  # noqa: E402
+from errors import exit_on_user_error
+from pose import CONTENTS, METHODS, boundary_mask, check, make_example
 
 
 def distance_counts(position_ids, target_len):

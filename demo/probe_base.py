@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from errors import exit_on_user_error  # noqa: E402
-from eval_passkey import build_prompt  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
-from machinery.tokenizer import load_tokenizer  # noqa: E402
+from errors import exit_on_user_error
+from eval_passkey import build_prompt
+from machinery.tokenizer import load_tokenizer
+from model import ModelArgs, Transformer
 
 
 def nll(model, ids):

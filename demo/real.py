@@ -26,21 +26,16 @@ a cut evaluation from its results file. After every stage results.json, results.
 are rewritten with what exists, the rest marked pending.
 """
 import argparse
-import gzip
 import json
-import struct
 import subprocess
 import sys
-import tempfile
 import time
-import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from errors import UserError, exit_on_user_error
+from machinery.texts import fetch_austen
 
-from machinery.texts import DATA_DIR, fetch_austen  # noqa: E402
-from errors import UserError, exit_on_user_error  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 HELD_OUT_PLAY = "alls_well_that_ends_well_gut.txt"
 TEXTS = ("play", "austen")  # the held-out texts, as the results name them

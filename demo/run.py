@@ -24,9 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from errors import exit_on_user_error
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from errors import exit_on_user_error  # noqa: E402
 
 LO, LT = 256, 2048
 LENGTHS = [LO, 2 * LO, 4 * LO, 8 * LO]

@@ -5,13 +5,10 @@
 """
 import argparse
 import math
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
-import rope  # noqa: E402
-from errors import exit_on_user_error  # noqa: E402
-from machinery.evaluation import parse_scaling  # noqa: E402
+import rope
+from errors import exit_on_user_error
+from machinery.evaluation import parse_scaling
 
 
 @exit_on_user_error

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "demo"))
-sys.path.insert(1, str(ROOT))
+from demo.run import LO, LT, summary
 
-from run import LO, LT, summary  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow  # left out by pytest -m "not slow"; make test runs it
 
@@ -71,7 +69,7 @@ def test_the_faithful_mixture_never_holds_the_evaluations_prompt():
     plays included, holds one."""
     import random
 
-    from build_base import faithful_mixture, name_pool, pieces, split_plays, template_free, varied_episode
+    from demo.build_base import faithful_mixture, name_pool, pieces, split_plays, template_free, varied_episode
     from machinery.texts import fetch_shakespeare
     from eval_passkey import build_prompt, filler
     from machinery.tokenizer import load_tokenizer
@@ -96,7 +94,7 @@ def test_the_faithful_mixture_never_holds_the_evaluations_prompt():
 def test_a_rerun_never_reuses_a_run_made_otherwise(tmp_path):
     """run.py skips finished steps and build_base.py finished stages: a model made with other settings (an older
     demo, another base, other data) must be refused in one sentence, never scored or built on as this run's."""
-    from build_base import check_settings, pretrain
+    from demo.build_base import check_settings, pretrain
     from errors import UserError
 
     out = tmp_path / "demo"

@@ -27,14 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = """
 import gc, json, os, sys
 import torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
 from dataclasses import asdict
 from machinery.config import Config
 from machinery.distributed import build_model, parallelize
 
 dist.init_process_group("gloo")
 world, rank = dist.get_world_size(), dist.get_rank()
-for settings, out in zip(sys.argv[2::2], sys.argv[3::2]):
+for settings, out in zip(sys.argv[1::2], sys.argv[2::2]):
     cfg = Config(**json.loads(settings))
     model, _, cfg = build_model(cfg, world, rank)
     on_meta = [None] * world
@@ -113,7 +112,7 @@ def test_two_ranks_hold_exactly_what_one_process_loads(tmp_path):
     cases["meta"] = {"model": str(tmp_path / "meta"), "target_len": 128}, [False, True]
     init = json.dumps({"dim": 24, "n_layers": 1, "n_heads": 3, "hidden_dim": 40, "max_seq_len": 32})
     cases["init"] = {"init": init, "tokenizer": str(tmp_path / "meta"), "target_len": 128, "seed": 3}, [False, True]
-    argv = [str(ROOT)]
+    argv = []
     for name, (settings, _) in cases.items():
         argv += [json.dumps(settings), str(tmp_path / f"{name}.pt")]
     (tmp_path / "worker.py").write_text(WORKER)

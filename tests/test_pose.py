@@ -4,16 +4,12 @@ coverage counter and the Figure-1 command line of demo/figure1.py.
     python -m pytest -q tests/test_pose.py
 """
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import pose
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demo"))
-import figure1  # noqa: E402
+from demo import figure1
 
 LC, LT, LX = 64, 1024, 4096  # train_len, target_len, doc_len: tiny but with room to skip
 SETTINGS = [(n, c) for n in (1, 2, 3, 16, LC) for c in pose.CONTENTS]  # (chunks, content)

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from demo.real import HELD_OUT_PLAY, MODELS
-from machinery.texts import fetch_austen, read_r_data  # noqa: E402
+from machinery.texts import fetch_austen, read_r_data
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow  # left out by pytest -m "not slow"; make test runs it
 

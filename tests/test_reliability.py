@@ -536,15 +536,13 @@ def a_mistake(*args, **kwargs):
 
 def mains():
     """name -> (main, arguments it accepts, a function it calls with them, to break)."""
-    sys.path.insert(0, str(ROOT / "demo"))
-    import figure1
+    from demo import figure1, wavelengths
     from machinery import prepare
-    import wavelengths
     evals = ["--model", "m", "--lengths", "2048", "--out", "r.json"]
     return {"eval_passkey": (eval_passkey.main, evals, "machinery.evaluation.load"),  # inside Session's catch
             "eval_ppl": (eval_ppl.main, [*evals, "--data", "d"], "machinery.evaluation.load"),
             "prepare": (prepare.main, ["--data", "d", "--tokenizer", "t", "--out", "o"], "machinery.prepare.resolve"),
-            "figure1": (figure1.main, ["--samples", "1"], "figure1.make_example"),
+            "figure1": (figure1.main, ["--samples", "1"], "demo.figure1.make_example"),
             "wavelengths": (wavelengths.main, ["--scaling", "yarn:4"], "rope.inv_freq")}
 
 
@@ -561,8 +559,7 @@ def test_a_main_says_a_users_mistake_in_one_sentence_and_lets_a_bugs_value_error
 
 
 def test_the_wavelength_table_divides_what_a_scaling_divides_and_refuses_an_odd_head_in_one_sentence(capsys):
-    sys.path.insert(0, str(ROOT / "demo"))
-    import wavelengths
+    from demo import wavelengths
     assert all(w1 / w0 == pytest.approx(4) for _, w0, w1 in wavelengths.main(["--scaling", "linear:4"]))
     rows = wavelengths.main(["--scaling", "yarn:16", "--head_dim", "64"])  # fast pairs kept, slow ones / s
     assert rows[0][2] == rows[0][1] and rows[-1][2] / rows[-1][1] == pytest.approx(16)
