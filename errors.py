@@ -5,12 +5,19 @@ Library code raises it; each script's main is wrapped in `exit_on_user_error`, w
 keeps its traceback. It lives here, apart from the math and the models, because every file can
 import it for nothing: the standard library only, no torch, no cycles.
 """
+import difflib
 import functools
 import sys
 
 
 class UserError(ValueError):
     """A mistake in the user's input. A ValueError, so code that catches those still catches it."""
+
+
+def did_you_mean(word, options):
+    """" (did you mean 'x'?)" for the option nearest to a mistyped `word`, or "" when none is near."""
+    near = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 def exit_on_user_error(main):

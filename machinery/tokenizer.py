@@ -19,7 +19,7 @@ from pathlib import Path
 import regex
 import tiktoken
 
-from errors import UserError, exit_on_user_error
+from errors import UserError, did_you_mean, exit_on_user_error
 
 # Pre-tokenizers: the regex that cuts text into pieces; BPE merges bytes only inside a piece.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -193,7 +193,9 @@ def resolve(path):
         path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} does not exist.")
+        siblings = list(path.parent.iterdir()) if path.parent.is_dir() else []
+        hint = did_you_mean(path, siblings + [SMOLLM2])
+        raise UserError(f"{path} does not exist{hint}.")
     return path
 
 
