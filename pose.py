@@ -113,10 +113,10 @@ def make_example(method, doc_len, train_len, target_len, *, chunks=2, content="r
     {0..Lt-1}, sorted; "full" reads Lt tokens at 0..Lt-1 (length target_len, cost grows with Lt);
     "noskip" reads Lc tokens at 0..Lc-1. chunks and content apply to "pose" only.
     """
-    check(method, doc_len, train_len, target_len, chunks, content)
-    if method == "pose":
+    if method == "pose":  # sample() checks its arguments
         return sample(doc_len, train_len, target_len, chunks=chunks, content=content,
                       generator=generator)
+    check(method, doc_len, train_len, target_len, chunks, content)
     if method == "randpos":  # O(Lt) per example: a permutation of every candidate position
         positions = torch.randperm(target_len, generator=generator)[:train_len].sort().values
     else:
