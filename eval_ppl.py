@@ -24,14 +24,15 @@ evaluation.py's.
 """
 import argparse
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from machinery import data
 from errors import UserError, exit_on_user_error
-from machinery.evaluation import Session, add_common_args, pyplot, save
+from machinery import data
+from machinery.evaluation import Session, add_common_args, deal, pyplot, run, save
 
 LOGIT_CHUNK = 1024  # scored positions per (chunk, vocab) fp32 logits: 200 MB for a 49k vocabulary
 
@@ -124,13 +125,15 @@ def main(argv=None):
     largest = max(args.lengths)
     args.min_tokens = args.min_tokens or largest
     if not 1 <= args.stride < min(args.lengths) - args.bos_each_window:
-        raise UserError(f"--stride must be ≥ 1 and smaller than every length "
-                        f"({min(args.lengths)}, less one for the BOS), or the first token of each "
-                        "window would go unscored.")
+        raise UserError(f"--stride {args.stride} (default 1024) must be ≥ 1 and smaller than "
+                        f"every length ({min(args.lengths)}, less one for the BOS), or the first "
+                        "token of each window would go unscored.")
     too_short = args.max_tokens is not None and args.max_tokens < max(largest, args.min_tokens)
     if args.docs < 1 or too_short:
         raise UserError("--docs must be ≥ 1, and --max_tokens at least the largest length and "
                         "--min_tokens.")
+    if not Path(args.data).exists():  # before the model is loaded
+        raise UserError(f"--data {args.data} does not exist.")
     config = {"script": "eval_ppl", **{k: getattr(args, k) for k in (
         "model", "rope_scaling", "context_len", "dtype", "data", "stride", "min_tokens", "docs",
         "max_tokens", "bos_each_window")}}
@@ -144,7 +147,7 @@ def main(argv=None):
         docs = select_documents(corpus, args.min_tokens, args.docs, args.max_tokens,
                                 strip_bos=strip)
     except (OSError, UserError) as e:
-        raise UserError(f"{args.data}: {e}") from None
+        raise UserError(str(e) if str(args.data) in str(e) else f"{args.data}: {e}") from None
     if session.rank == 0:
         cut = (f"truncated to their first {args.max_tokens} tokens" if args.max_tokens
                else "each evaluated whole")
@@ -154,7 +157,7 @@ def main(argv=None):
         print(f"{len(docs)} documents{short} of {sizes} tokens, {cut}; "
               f"windows of each length every {args.stride} tokens.")
     for length in session.todo():
-        mine = range(session.rank, len(docs), session.world)
+        mine = deal([len(d) for d in docs], session.world, session.rank)  # ranks end together
         span = length - (bos is not None)  # document tokens a window holds
         total = sum(len(windows(len(docs[i]), span, args.stride)) for i in mine)
         with session.progress(f"ppl {length}", unit="window", total=total) as bar:
@@ -169,7 +172,7 @@ def main(argv=None):
                                 "windows": sum(p[3] for p in parts), "documents": per_document})
     if session.rank == 0:
         bos_note = ", BOS before every window" if bos is not None else ""
-        print(f"\nsliding-window perplexity, {args.model}, rope_scaling {args.rope_scaling}, "
+        print(f"\nsliding-window perplexity, {args.model}, {session.rope()}, "
               f"{args.dtype}, stride {args.stride}{bos_note}")
         print(f"{'length':>8} {'ppl':>10} {'tokens':>9} {'windows':>8} {'seconds':>8}")
         for length in args.lengths:
@@ -182,4 +185,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -48,8 +49,6 @@ from machinery.data import load_corpus
 from machinery.distributed import build_model, parallelize
 from machinery.files import atomic_write
 from machinery.ranks import log0
-
-PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312}  # bf16 dense
 
 
 def load_documents(cfg, tokenizer, rank):
@@ -122,12 +121,13 @@ def lr_at(step, cfg):
 
 
 def peak_flops(cfg, device, dtype):
-    """Peak FLOP/s of one device for MFU: the flag, or a known GPU in bf16; else None (no MFU)."""
+    """Peak FLOP/s of one device for MFU: the flag, or a GPU the table names exactly, in bf16;
+    else None (no MFU rather than a wrong one)."""
     if cfg.peak_tflops:
         return cfg.peak_tflops * 1e12
     if device.type == "cuda" and dtype == torch.bfloat16:
-        name = torch.cuda.get_device_name(device)
-        return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+        tflops = ranks.PEAK_BF16_TFLOPS.get(torch.cuda.get_device_name(device))
+        return tflops * 1e12 if tflops else None
     return None
 
 
@@ -139,7 +139,7 @@ def memory_gib(device):
 
 MUST_MATCH = ("model", "init", "data", "method", "train_len", "target_len", "scaling", "chunks",
               "content", "keep_boundary", "batch_size", "lr", "warmup", "lr_decay", "weight_decay",
-              "grad_clip", "seed", "dtype", "warmup_type", "context_len")
+              "grad_clip", "seed", "dtype", "warmup_type", "context_len", "rope_theta")
 
 
 def logged_step(line):
@@ -158,8 +158,6 @@ def set_up_processes(cfg):
     if cfg.fsdp and "RANK" not in os.environ:
         raise UserError("--fsdp needs torchrun's environment: "
                         "torchrun --standalone --nproc_per_node 1 train.py ...")
-    if cfg.seed < 0 or cfg.steps < 1:
-        raise UserError(f"--seed must be >= 0 and --steps >= 1, not {cfg.seed} and {cfg.steps}.")
     if cfg.batch_size % (world * cfg.micro_batch_size):
         raise UserError(f"--batch_size {cfg.batch_size} must be divisible by world size {world} "
                         f"x --micro_batch_size {cfg.micro_batch_size}.")
@@ -183,6 +181,11 @@ def resume(cfg, out, model, optimizer, rank):
     step, saved = read_info(found)
     must_match = MUST_MATCH + (("steps",) if cfg.lr_decay else ())
     changed = [k for k in must_match if saved.get(k) != getattr(cfg, k)]
+    if changed == ["steps"] and step == saved["steps"]:  # more steps for a run that has ended
+        raise UserError(f"--resume: {found} finished all {step} of its steps (its learning rate "
+                        f"decayed to 0 there), so --steps {cfg.steps} cannot continue it: train "
+                        f"further as a new run from its weights (--model {out / 'final'} with "
+                        "another --out), or start this one afresh with --overwrite.")
     if changed:
         raise UserError(f"--resume: {found} was trained with different settings: " + ", ".join(
             f"--{k} {saved.get(k)} (now {getattr(cfg, k)})" for k in changed) + ".")
@@ -216,7 +219,6 @@ def train(cfg):
     world, rank, device = set_up_processes(cfg)
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     # ---- build: the model with its final RoPE, the tokenizer, the documents. Lc and Lt left
     # open by the flags are completed from the checkpoint's window here (final_settings)
@@ -231,11 +233,14 @@ def train(cfg):
         model.gradient_checkpointing = cfg.checkpointing
     example_len = cfg.target_len if cfg.method == "full" else cfg.train_len
     log0(f"{cfg.method}: Lc={cfg.train_len} -> Lt={cfg.target_len} (Lo="
-         f"{args.original_max_seq_len}, RoPE {args.rope_scaling or 'unchanged'}), N={cfg.chunks}, "
+         f"{args.original_max_seq_len}, RoPE {args.rope_scaling or 'unchanged'}, base "
+         f"{args.rope_theta:g}), N={cfg.chunks}, "
          f"content={cfg.content}; {cfg.steps} steps x {cfg.batch_size} examples x {example_len} "
          f"tokens, world {world}{' (FSDP2)' if world > 1 or cfg.fsdp else ''}, {device.type} "
          f"{str(dtype)[6:]}, activation checkpointing "
          f"{'on' if model.gradient_checkpointing else 'off'}")
+
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
 
     # ---- parallelize, then the optimizer over the (sharded) parameters
     autocast = parallelize(model, cfg, world, rank, device, dtype)
@@ -292,6 +297,8 @@ def train(cfg):
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             path = save_checkpoint(out, model, optimizer, step, asdict(cfg), previous=saved)
             saved = (path, step)
+            if rank == 0:
+                bar.write(f"checkpoint: {path} after step {step} ({size_gib(path):.2f} GiB)")
     bar.close()
 
     # ---- save the extended model (Hugging Face)
@@ -302,13 +309,35 @@ def train(cfg):
          f"and {saved[0]}")
 
 
+def size_gib(path):
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**30
+
+
+def standing(cfg, argv):
+    """Where an interrupted run stands: its last complete checkpoint and the command that resumes
+    it, or that nothing was written yet."""
+    found = find_checkpoint(Path(cfg.out)) if Path(cfg.out).is_dir() else None
+    if found is None:
+        return "no checkpoint was written yet; rerun the same command to start again."
+    again = " ".join(shlex.quote(a) for a in argv if a not in ("--overwrite", "--resume"))
+    return (f"{found} (step {read_info(found)[0]}) is the last complete checkpoint; continue "
+            f"with: python train.py {again} --resume (torchrun: the same, on any world size).")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg, code = Config(), 1
     try:
-        cfg = parse_args(argv or demo_args(), __doc__)
-        train(cfg)
+        with ranks.signals_raise():  # Ctrl-C and SIGTERM: one line below, no traceback
+            argv = argv or demo_args()
+            cfg = parse_args(argv, __doc__)
+            train(cfg)
         code = 0
+    except ranks.Interrupted as e:
+        code = e.code
+        if ranks.is_rank0():
+            print(f"\ninterrupted ({e}): {standing(cfg, argv)}", file=sys.stderr)
     except UserError as e:  # a user's mistake, or a run that cannot go on: one sentence
         if ranks.is_rank0():
             print(f"error: {e}", file=sys.stderr)

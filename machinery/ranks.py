@@ -7,13 +7,55 @@ timeout), is_rank0() the one "am I rank 0", leave() the one way out: every rank 
 after a finished run, the group is destroyed while the interpreter is whole (close(), also before a
 bug's traceback), and the process exits with its status.
 """
+import contextlib
 import gc
 import os
+import signal
 import sys
+import threading
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+# Dense bf16 tensor TFLOP/s of one GPU, by the exact name torch.cuda.get_device_name reports, from
+# NVIDIA's data sheets (the sparse figures halved): H100 SXM / PCIe / NVL, H200 SXM / NVL, GH200,
+# A100 (every form), L40S, RTX 4090 (FP32 accumulate). Another name: no MFU rather than a wrong one.
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835,
+    "NVIDIA H200": 989, "NVIDIA H200 NVL": 835, "NVIDIA GH200 480GB": 989, "NVIDIA H800": 989,
+    "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A100-SXM4-40GB": 312, "NVIDIA A100-PCIE-40GB": 312,
+    "NVIDIA A100 80GB PCIe": 312, "NVIDIA A800-SXM4-80GB": 312,
+    "NVIDIA L40S": 362, "NVIDIA GeForce RTX 4090": 165,
+}
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler, or torchrun stopping the other ranks after one
+    failed), raised where the process stands; `code` is the shell's 128 + signal number."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.code = 128 + signum
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """Within: SIGINT and SIGTERM raise Interrupted (no KeyboardInterrupt traceback), so a script
+    can say where it stands and exit with 130 or 143; the previous handlers after."""
+    def interrupted(signum, frame):
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach it alone
+        yield
+        return
+    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def world_size():

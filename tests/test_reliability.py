@@ -551,6 +551,7 @@ def test_a_main_says_a_users_mistake_in_one_sentence_and_lets_a_bugs_value_error
                                                                                            monkeypatch, capsys):
     main, args, target = mains()[name]
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").write_text("a document")  # eval_ppl checks --data before loading the model
     monkeypatch.setattr(target, a_mistake)
     assert error_of(main, args, capsys).endswith("the user's mistake.")
     monkeypatch.setattr(target, a_bug)
