@@ -14,22 +14,21 @@ number of filler words, each check encodes the whole prompt), so it is at most T
 short (0–1 for SmolLM2), and that exact count is recorded. Depth d puts a fraction d of the filler
 words before the key line: d=0 right after the instructions, d=1 right before the question.
 Each trial draws its key (10000–99999) and depth from Random(f"{seed}:{length}:{trial}"), so it is
-the same on any number of ranks and after a resume. Greedy decoding with the KV cache
-(`model.generate`: a prefill in pieces of PREFILL_CHUNK tokens, ≤ 8 steps, logits for the last
-position only); correct when the first integer of the answer equals the key. The pieces give the
-one-pass logits and keep activations to one piece's: a 128k prompt needs memory for the weights
-and the KV cache, not for 128k tokens of activations. The model flags, the resumable results
-file and the ranks are evaluation.py's, shared with eval_ppl.py.
+the same on any number of ranks and after a resume. Greedy decoding with the KV cache (a prefill
+in pieces of PREFILL_CHUNK tokens, so a 128k prompt needs memory for the weights and the KV cache,
+not its activations; ≤ 8 steps); correct when the first integer of the answer equals the key. The
+trials of one length read the same filler up to their keys: in token order, each reuses the KV
+cache of the prefix it shares with the one before (machinery/prefix.py), answers as from a fresh
+prefill. The model flags, resumable results file and ranks are evaluation.py's, as eval_ppl.py's.
 """
 import argparse
 import functools
 import random
 import re
 
-import torch
-
 from errors import UserError, exit_on_user_error
 from machinery.evaluation import Session, add_common_args, parse_floats, pyplot, save
+from machinery.prefix import SharedPrefix
 
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -54,8 +53,7 @@ def build_prompt(key, before, after):
 
 
 def largest(fits, stop):
-    """The largest n in [0, stop) with fits(n), for fits true up to some n and false after
-    (binary search)."""
+    """The largest n in [0, stop) with fits(n), for fits true up to some n, false after."""
     lo, hi = 0, stop
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -102,12 +100,12 @@ def make_trial(tokenizer, length, trial, seed=0, depths=None, max_key_distance=N
             "prompt": prompt, "tokens": tokens}
 
 
-@torch.inference_mode()
-def run_trial(model, tokenizer, trial, device, prefill_chunk=PREFILL_CHUNK):
-    tokens = torch.tensor([trial["tokens"]], device=device)
-    generated = model.generate(tokens, MAX_NEW_TOKENS, eos_id=tokenizer.eos_id,
-                               prefill_chunk=prefill_chunk)
-    answer = tokenizer.decode(generated[0].tolist())
+def run_trial(model, tokenizer, trial, device, prefill_chunk=PREFILL_CHUNK, shared=None):
+    """One trial's greedy answer; from the prefix that `shared` (a SharedPrefix) holds, if given."""
+    shared = shared or SharedPrefix(model, device)
+    generated = shared.generate(trial["tokens"], MAX_NEW_TOKENS, eos_id=tokenizer.eos_id,
+                                prefill_chunk=prefill_chunk)
+    answer = tokenizer.decode(generated.tolist())
     first_integer = re.search(r"\d+", answer)
     correct = first_integer is not None and int(first_integer.group()) == trial["key"]
     kept = {k: v for k, v in trial.items() if k not in ("prompt", "tokens")}
@@ -115,18 +113,15 @@ def run_trial(model, tokenizer, trial, device, prefill_chunk=PREFILL_CHUNK):
 
 
 def plot(lengths, path, sweep=False):
-    """Accuracy vs length, and a depth × length heatmap: one row per --depths value, else 5 bins
-    of random depths."""
+    """Accuracy vs length, and the depth × length map of needle-in-a-haystack papers (depth 0% on
+    top, correct/trials in each cell): a row per --depths value, else 5 bins of random depths."""
     plt = pyplot()
     if plt is None:
         return
     xs = sorted(lengths, key=int)
     trials = [t for x in xs for t in lengths[x]["trials"]]
     depths = sorted({t["depth"] for t in trials})
-    if sweep:
-        rows = [f"{d:.2f}" for d in depths]
-    else:
-        rows = [f"{i / 5:.1f}–{(i + 1) / 5:.1f}" for i in range(5)]
+    rows = [f"{d:.0%}" for d in depths] if sweep else [f"{20 * i}–{20 * i + 20}%" for i in range(5)]
     grid = [[[] for _ in xs] for _ in rows]
     for t in trials:
         row = depths.index(t["depth"]) if sweep else min(int(t["depth"] * 5), 4)
@@ -138,9 +133,12 @@ def plot(lengths, path, sweep=False):
     left.set_xticks([int(x) for x in xs], xs)
     left.minorticks_off()
     accuracy = [[sum(c) / len(c) if c else float("nan") for c in r] for r in grid]
-    image = right.imshow(accuracy, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+    image = right.imshow(accuracy, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for r, row in enumerate(grid):
+        for c, cell in enumerate(row):
+            right.text(c, r, f"{sum(cell)}/{len(cell)}" if cell else "–", ha="center", va="center")
     right.set(xticks=range(len(xs)), xticklabels=xs, yticks=range(len(rows)), yticklabels=rows,
-              xlabel="prompt length (tokens)", ylabel="depth of the key")
+              xlabel="prompt length (tokens)", ylabel="depth of the key in the filler")
     fig.colorbar(image, ax=right, label="accuracy")
     save(fig, path)
 
@@ -176,9 +174,11 @@ def main(argv=None):
     for length in args.lengths:  # a length that cannot hold the template fails before any work
         trial(length, 0)
     for length in session.todo():
-        mine = range(session.rank, args.trials, session.world)
-        records = [run_trial(session.model, session.tokenizer, trial(length, i), session.device)
-                   for i in session.progress(f"passkey {length}", iterable=mine)]
+        shared = SharedPrefix(session.model, session.device)  # in token order: prefixes shared
+        mine = sorted((trial(length, i) for i in range(session.rank, args.trials, session.world)),
+                      key=lambda t: t["tokens"])
+        records = [run_trial(session.model, session.tokenizer, t, session.device, shared=shared)
+                   for t in session.progress(f"passkey {length}", iterable=mine)]
         records = sorted(session.gather(records), key=lambda r: r["trial"])
         accuracy = sum(r["correct"] for r in records) / len(records)
         session.finish(length, {"accuracy": accuracy, "trials": records})

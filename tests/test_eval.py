@@ -308,7 +308,8 @@ def test_a_rerun_skips_finished_lengths_and_refuses_other_settings(tiny, tmp_pat
     assert [t["trial"] for t in first["lengths"]["400"]["trials"]] == [0, 1, 2]
     calls = []
     run_trial = eval_passkey.run_trial
-    monkeypatch.setattr(eval_passkey, "run_trial", lambda *a: calls.append(a[2]["length"]) or run_trial(*a))
+    monkeypatch.setattr(eval_passkey, "run_trial",
+                        lambda *a, **k: calls.append(a[2]["length"]) or run_trial(*a, **k))
     second = eval_passkey.main([*base, "--lengths", "400,500", "--plot", str(plot)])
     assert calls == [500] * 3 and second["lengths"]["400"] == first["lengths"]["400"]
     assert json.loads(out.read_text()) == second and plot.stat().st_size > 0
