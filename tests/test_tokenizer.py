@@ -1,4 +1,4 @@
-"""tokenizer.py against Hugging Face's tokenizers on the same files: SmolLM2's GGUF on all of
+"""machinery/tokenizer.py against Hugging Face's tokenizers on the same files: SmolLM2's GGUF on all of
 Shakespeare (5M characters), save/load round trips, SmolLM2's own digit-splitting tokenizer.json,
 a Llama-3 tiktoken tokenizer.model, a Llama-2-style SentencePiece model, and the errors users get."""
 import base64
