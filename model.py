@@ -253,11 +253,10 @@ class Transformer(nn.Module):
             position_ids = torch.arange(start, start + T, device=tokens.device)
         position_ids = position_ids.expand(B, T)
         h = self.tok_embeddings(tokens)
-        theta = self.theta
-        if (self.args.rope_scaling or {}).get("rope_type") == "dynamic":  # L = largest position + 1
-            a = self.args
-            theta, _ = rope.inv_freq(a.head_dim, a.rope_theta, a.rope_scaling,
-                                     seq_len=int(position_ids.max()) + 1)
+        theta, a = self.theta, self.args
+        if rope.kind(a.rope_scaling) in rope.BY_LENGTH:  # θ for L = the largest position + 1,
+            length = cache[0].k.shape[1] if cache else int(position_ids.max()) + 1  # or the cache's
+            theta, _ = rope.inv_freq(a.head_dim, a.rope_theta, a.rope_scaling, seq_len=length)
         cos, sin = rope.cos_sin(position_ids, theta, self.attention_factor, dtype=h.dtype)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:

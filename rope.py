@@ -11,6 +11,13 @@ by weights.py gives the same numbers in transformers), makes them look familiar 
     dynamic        base · ((s·L/Lo) − (s−1))^(d/(d−2))        inference only, L = current length
     yarn           per-channel blend of θ_j/s and θ_j, cos/sin × (0.1·ln s + 1)   (YaRN paper)
     llama3         Llama 3.1's blend by wavelength (Meta's use_scaled_rope)
+    longrope       θ_j / λ_j, one searched λ_j per channel (LongRoPE, Ding et al. 2024, section 3)
+
+LongRoPE as transformers (Phi-3) computes it: θ'_j = θ_j / λ_j with λ = long_factor when the
+current length, the largest position id + 1, exceeds Lo, else short_factor; cos and sin × the
+attention factor, given or sqrt(1 + ln s / ln Lo). Under PoSE every batch whose positions pass Lo
+(nearly all: the skips reach Lt) trains the long factors, one that stays within Lo the short ones.
+longrope.py searches the long ones.
 """
 import math
 
@@ -18,17 +25,20 @@ import torch
 
 from errors import UserError
 
-SCALINGS = ("linear", "ntk", "dynamic", "yarn", "llama3")  # eval_*.py --rope_scaling TYPE:FACTOR
+SCALINGS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")  # eval_*.py --rope_scaling
 TRAINABLE = tuple(s for s in SCALINGS if s != "dynamic")  # dynamic rescales per length: inference
+BY_LENGTH = ("dynamic", "longrope")  # θ depends on the current length (model.py recomputes it)
 LO = "original_max_position_embeddings"
 REQUIRED = {"linear": ("factor",), "ntk": ("factor",), "dynamic": ("factor", LO),
-            "yarn": ("factor", LO), "llama3": ("factor", LO, "low_freq_factor", "high_freq_factor")}
+            "yarn": ("factor", LO), "llama3": ("factor", LO, "low_freq_factor", "high_freq_factor"),
+            "longrope": ("factor", LO, "short_factor", "long_factor")}
 
 
 def inv_freq(head_dim, base, scaling=None, *, seq_len=None):
     """-> (θ of shape (head_dim/2,) in float64, attention_factor that multiplies cos and sin).
-    `seq_len`, read by "dynamic" only, is the current length L: under PoSE, the largest position
-    id + 1 (what the rotation sees, and what transformers uses), not the token count."""
+    `seq_len`, read by "dynamic" and "longrope" only, is the current length L: under PoSE, the
+    largest position id + 1 (what the rotation sees, and what transformers uses), not the token
+    count."""
     if head_dim % 2:
         raise UserError(f"RoPE needs an even head dimension, got {head_dim}.")
     scaling, rope_type, d = dict(scaling or {}), kind(scaling), head_dim
@@ -53,6 +63,8 @@ def inv_freq(head_dim, base, scaling=None, *, seq_len=None):
         return dynamic_base ** -exponent, 1.0
     if rope_type == "yarn":
         return _yarn(theta, d, base, factor, original, scaling)
+    if rope_type == "longrope":
+        return _longrope(theta, factor, original, scaling, seq_len)
     # llama3: θ_j/s for wavelengths over Lo/low_freq_factor, θ_j under Lo/high_freq_factor, a blend
     low_freq_factor, high_freq_factor = scaling["low_freq_factor"], scaling["high_freq_factor"]
     wavelen = 2 * math.pi / theta
@@ -83,6 +95,21 @@ def _yarn(theta, d, base, factor, original, scaling):
     if attention is None and scaling.get("mscale") and scaling.get("mscale_all_dim"):
         attention = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
     return blended, float(mscale(factor) if attention is None else attention)
+
+
+def _longrope(theta, factor, original, scaling, seq_len):
+    """LongRoPE (Ding et al. 2024, section 3): θ_j / λ_j, λ chosen by the current length."""
+    for key in ("short_factor", "long_factor"):
+        values = scaling[key]
+        if not (isinstance(values, (list, tuple)) and len(values) == len(theta)
+                and all(isinstance(v, (int, float)) and v > 0 for v in values)):
+            raise UserError(f"longrope's {key} must be a list of {len(theta)} positive numbers "
+                            f"(head_dim / 2), got {values!r:.80}.")
+    factors = scaling["long_factor"] if seq_len and seq_len > original else scaling["short_factor"]
+    attention = scaling.get("attention_factor")
+    if attention is None:  # the paper's (and Phi-3's) temperature for a window s times longer
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return theta / torch.tensor(factors, dtype=torch.float64), float(attention)
 
 
 def cos_sin(position_ids, theta, attention_factor=1.0, dtype=torch.float32):
@@ -131,6 +158,9 @@ def extend(scaling, current, target_len, rope_type=None):
         raise UserError(f"the target length {target_len} is within the checkpoint's window of "
                         f"{current} tokens (RoPE {have}): nothing to extend; ask for more than "
                         f"{current}.")
+    if "longrope" in (have, rope_type):  # λ_j fit one Lo → Lt: a factor cannot rescale them
+        raise UserError(f"longrope's factors are searched for one target length (RoPE now {have} "
+                        f"at {current}): run longrope.py for {target_len} and pass its JSON file.")
     if have == "default":
         new = {"rope_type": rope_type or "linear", "factor": target_len / current, LO: current}
         if new["rope_type"] == "llama3":  # Llama 3.1's blend (Meta's use_scaled_rope)

@@ -20,6 +20,13 @@ DEMO_ARGS = ["--train_len", "256", "--target_len", "2048", "--steps", "50", "--b
              "--out", str(ROOT / "out" / "demo")]
 
 
+def scaling_flag(text):
+    if text in rope.TRAINABLE or text.endswith(".json"):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(rope.TRAINABLE)} or a .json "
+                                     f"file of longrope.py, got {text!r}")
+
+
 def flag(default, help, **argparse_kwargs):
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
@@ -46,8 +53,9 @@ class Config:
                                   "scaled by s = Lt/Lo (leave it out for noskip)", type=int)
     scaling: str | None = flag(None, "RoPE scaling applied before training and saved in "
                                "config.json: linear = position interpolation (the paper's), ntk, "
-                               "yarn, llama3 (default: linear, or the checkpoint's own type)",
-                               choices=rope.TRAINABLE)
+                               "yarn, llama3, or a longrope.py FILE.json of factors searched for "
+                               "Lo -> Lt (default: linear, or the checkpoint's own type)",
+                               type=scaling_flag)
     chunks: int = flag(2, "N, chunks per example (paper: 2; Appendix B: 3 is slightly better)")
     content: str = flag("random", "content offsets v_i: random (Eq. 5), contiguous (0) or aligned "
                         "(u_i, needs documents of >= Lt tokens)", choices=pose.CONTENTS)

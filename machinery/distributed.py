@@ -26,7 +26,7 @@ from machinery.checkpoint import checkpoint_tokenizer
 from machinery.ranks import log0
 from machinery.tokenizer import load_tokenizer, resolve
 from machinery.weights import (checkpoint_format, from_hf_name, hf_files, hf_params,
-                               read_checkpoint, to_hf_name, with_scaling)
+                               read_checkpoint, read_scaling, to_hf_name, with_scaling)
 from model import ModelArgs, Transformer
 
 
@@ -56,7 +56,16 @@ def final_settings(cfg, args):
     cfg = replace(cfg, train_len=train_len, target_len=target_len)
     if cfg.method == "noskip":
         return cfg, args
-    scaling = rope.extend(args.rope_scaling, window, cfg.target_len, cfg.scaling)
+    if (cfg.scaling or "").endswith(".json"):  # longrope.py's factors, searched for Lo -> Lt
+        scaling = read_scaling(cfg.scaling)
+        searched = (scaling[rope.LO], round(scaling.get("factor", 0) * scaling[rope.LO]))
+        if args.rope_scaling or searched != (window, cfg.target_len):
+            raise UserError(f"{cfg.scaling} was searched for {searched[0]} -> {searched[1]} "
+                            f"tokens on plain RoPE; {cfg.model} has RoPE "
+                            f"{rope.kind(args.rope_scaling)} at {window} and --target_len is "
+                            f"{cfg.target_len}: search again with longrope.py.")
+    else:
+        scaling = rope.extend(args.rope_scaling, window, cfg.target_len, cfg.scaling)
     return cfg, replace(with_scaling(args, scaling), max_seq_len=cfg.target_len)
 
 

@@ -20,6 +20,7 @@ from errors import UserError
 from machinery import ranks
 from machinery.checkpoint import load
 from machinery.files import atomic_write
+from machinery.weights import read_scaling
 
 
 def parse_floats(text):
@@ -42,9 +43,12 @@ def parse_lengths(text):
 
 
 def parse_scaling(text):
-    """"TYPE:FACTOR" (yarn:2, linear:4 …), "none", or a JSON dict with Hugging Face's keys."""
+    """"TYPE:FACTOR" (yarn:2, linear:4 …), "none", a JSON dict with Hugging Face's keys, or a
+    .json file holding one (longrope.py's factors)."""
     if text.lower() in ("none", "default"):
         return None
+    if text.endswith(".json"):
+        return read_scaling(text)
     if text.lstrip().startswith("{"):
         try:
             return json.loads(text)
@@ -69,7 +73,8 @@ def add_common_args(p):
                         f"{', '.join(rope.SCALINGS)}; e.g. yarn:2) stretches the checkpoint's "
                         "window by FACTOR (on a checkpoint that already carries a scaling: its "
                         "own type, factor multiplied); a JSON dict with Hugging Face's keys and "
-                        "an original_max_position_embeddings replaces the checkpoint's scaling")
+                        "an original_max_position_embeddings, or a .json file of one (longrope.py "
+                        "writes its factors so), replaces the checkpoint's scaling")
     p.add_argument("--lengths", type=parse_lengths, required=True,
                    help="comma-separated lengths in tokens")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,

@@ -95,6 +95,17 @@ def with_scaling(args, scaling):
     return replace(args, **scaled)
 
 
+def read_scaling(path):
+    """A RoPE scaling from a JSON file, as longrope.py writes it: Hugging Face's keys, rope_type
+    and original_max_position_embeddings among them (--rope_scaling FILE, train.py --scaling)."""
+    scaling = _read_json(Path(path))
+    if rope.kind(scaling) == "default" or scaling.get(rope.LO) is None:
+        raise UserError(f"{path} holds no RoPE scaling: expected Hugging Face's keys with a "
+                        "rope_type and an original_max_position_embeddings, as longrope.py "
+                        "writes them.")
+    return scaling
+
+
 def _read_json(file):
     """A checkpoint's JSON object, or one sentence naming the file (a cut or hand-edited config
     is common)."""
@@ -145,7 +156,9 @@ HF_KEYS = {  # the keys transformers 5 takes per rope_type (any other: a warning
     "linear": ("factor",), "dynamic": ("factor",),
     "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
              "beta_slow", "mscale", "mscale_all_dim", "truncate"),
-    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("factor", "original_max_position_embeddings", "short_factor", "long_factor",
+                 "attention_factor")}
 
 
 def hf_config(args, dtype="float32"):
@@ -194,6 +207,9 @@ def hf_params(path):
         scaling.setdefault("original_max_position_embeddings",
                            config.get("original_max_position_embeddings")
                            or config.get("max_position_embeddings"))
+        if scaling["rope_type"] == "longrope" and scaling.get("factor") is None:  # Phi-3's
+            scaling["factor"] = (config.get("max_position_embeddings", 0)  # transformers' default
+                                 / scaling["original_max_position_embeddings"])
     try:
         params = dict(
             dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
