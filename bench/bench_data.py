@@ -14,6 +14,7 @@ exported into runs/bench_data/today/: every rank read all text into Python strin
 int32 tensor per document. The 1-minute load average is recorded before and after each run: on a
 shared machine other jobs slow the 2-process figure most.
 """
+
 import argparse
 import json
 import os
@@ -25,8 +26,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "bench_data"
 TODAY = "cbbc2ad"
-TRAIN = ["--model", "demo/base", "--train_len", "256", "--target_len", "2048", "--steps", "1",
-         "--batch_size", "1", "--save_every", "0", "--peak_tflops", "1", "--overwrite"]
+TRAIN = [
+    "--model",
+    "demo/base",
+    "--train_len",
+    "256",
+    "--target_len",
+    "2048",
+    "--steps",
+    "1",
+    "--batch_size",
+    "1",
+    "--save_every",
+    "0",
+    "--peak_tflops",
+    "1",
+    "--overwrite",
+]
 WRAPPER = """import resource, subprocess, sys, time
 start = time.perf_counter()
 run = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -50,8 +66,12 @@ def generate(path, n_tokens, tokenizer):
         return
     rng = random.Random(0)
     syllables = [a + b for a in "bcdfghklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ai", "ou")]
-    vocabulary = sorted({"".join(rng.choices(syllables, k=rng.choice((1, 1, 2, 2, 2, 3, 3, 4))))
-                         for _ in range(30000)})
+    vocabulary = sorted(
+        {
+            "".join(rng.choices(syllables, k=rng.choice((1, 1, 2, 2, 2, 3, 3, 4))))
+            for _ in range(30000)
+        }
+    )
     weights = [1 / (rank + 1) for rank in range(len(vocabulary))]  # Zipf, like words in text
 
     def document():
@@ -75,13 +95,23 @@ def generate(path, n_tokens, tokenizer):
 def measure(command, cwd=ROOT):
     """Run `command` in a fresh process: seconds, peak RSS, CPU seconds, load before and after."""
     before = os.getloadavg()[0]
-    run = subprocess.run([sys.executable, "-c", WRAPPER, *command], cwd=cwd, capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [sys.executable, "-c", WRAPPER, *command],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     if run.returncode:
         sys.exit(f"failed: {' '.join(map(str, command))}\n{run.stderr[-3000:]}")
     seconds, rss, cpu = map(float, run.stdout.split())
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(rss), "cpu_seconds": round(cpu, 2),
-            "load_before": round(before, 2), "load_after": round(os.getloadavg()[0], 2)}
+    return {
+        "seconds": round(seconds, 2),
+        "peak_rss_mib": round(rss),
+        "cpu_seconds": round(cpu, 2),
+        "load_before": round(before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
 
 
 def profile(path):
@@ -106,24 +136,63 @@ def profile(path):
     start = time.process_time()
     received = [pickle.loads(pickle.dumps(e)) for e in encoded]
     parts["pickle the tokens there and back"] = time.process_time() - start
-    print(json.dumps({**{k: round(v, 3) for k, v in parts.items()}, "batches": len(sent),
-                      "tokens": sum(len(e.tokens) for e in received)}, indent=1))
+    print(
+        json.dumps(
+            {
+                **{k: round(v, 3) for k, v in parts.items()},
+                "batches": len(sent),
+                "tokens": sum(len(e.tokens) for e in received),
+            },
+            indent=1,
+        )
+    )
 
 
 def commands(size, text, corpus):
     """name -> command, in order: the corpus that the prepared start needs is made first."""
-    py, prepare = sys.executable, [sys.executable, "-m", "machinery.prepare", "--data", str(text),
-                                   "--tokenizer", "demo/base"]
+    py, prepare = (
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "machinery.prepare",
+            "--data",
+            str(text),
+            "--tokenizer",
+            "demo/base",
+        ],
+    )
     return {
         "tokenize: prepare, 2 processes": [*prepare, "--out", str(corpus), "--workers", "2"],
         "tokenize: prepare, 1 process": [*prepare, "--out", str(OUT / "scratch"), "--workers", "1"],
         "tokenize: today": [py, "-c", TODAY_TOKENIZE, str(text), str(ROOT / "demo" / "base")],
-        "train.py start: today": [py, str(OUT / "today" / "train.py"), *TRAIN, "--data", str(text),
-                                  "--out", str(OUT / "train")],
-        "train.py start: raw": [py, "train.py", *TRAIN, "--data", str(text), "--out",
-                                str(OUT / "train")],
-        "train.py start: prepared": [py, "train.py", *TRAIN, "--data", str(corpus), "--out",
-                                     str(OUT / "train")],
+        "train.py start: today": [
+            py,
+            str(OUT / "today" / "train.py"),
+            *TRAIN,
+            "--data",
+            str(text),
+            "--out",
+            str(OUT / "train"),
+        ],
+        "train.py start: raw": [
+            py,
+            "train.py",
+            *TRAIN,
+            "--data",
+            str(text),
+            "--out",
+            str(OUT / "train"),
+        ],
+        "train.py start: prepared": [
+            py,
+            "train.py",
+            *TRAIN,
+            "--data",
+            str(corpus),
+            "--out",
+            str(OUT / "train"),
+        ],
     }
 
 
@@ -137,13 +206,19 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     if not (OUT / "today").is_dir():
         (OUT / "today").mkdir()
-        subprocess.run(f"git archive {TODAY} data.py train.py tokenizer.py model.py pose.py rope.py"
-                       f" | tar -x -C {OUT / 'today'}", shell=True, cwd=ROOT, check=True)
+        subprocess.run(
+            f"git archive {TODAY} data.py train.py tokenizer.py model.py pose.py rope.py"
+            f" | tar -x -C {OUT / 'today'}",
+            shell=True,
+            cwd=ROOT,
+            check=True,
+        )
     path = OUT / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results = {k: v for k, v in results.items() if not (args.redo and k.startswith(args.redo))}
-    results["machine"] = (f"{os.cpu_count()} CPUs, {os.uname().machine}, "
-                          f"Python {sys.version.split()[0]}")
+    results["machine"] = (
+        f"{os.cpu_count()} CPUs, {os.uname().machine}, Python {sys.version.split()[0]}"
+    )
     tokenizer = load_tokenizer(ROOT / "demo" / "base")
     sizes = [int(s) for s in args.sizes.split(",")]
     for size in sizes:
@@ -151,18 +226,22 @@ def main():
         generate(text, size * 10**6, tokenizer)
         for name, command in commands(size, text, corpus).items():
             key = f"{size}M {name}"
-            if key in results or (size < max(sizes) and name.startswith("tokenize")
-                                  and "2 processes" not in name):  # throughput: the largest only
+            if key in results or (
+                size < max(sizes) and name.startswith("tokenize") and "2 processes" not in name
+            ):  # throughput: the largest only
                 continue
             stale = [OUT / "scratch", OUT / "scratch.partial"]
             if "2 processes" in name:
                 stale += [corpus, corpus.with_name(corpus.name + ".partial")]
             subprocess.run(["rm", "-rf", *map(str, stale)], check=True)
-            results[key] = measure(command, cwd=OUT / "today" if name == "tokenize: today" else ROOT)
+            results[key] = measure(
+                command, cwd=OUT / "today" if name == "tokenize: today" else ROOT
+            )
             if name.startswith("tokenize"):  # the same text and tokenizer: the corpus's count
                 tokens = json.loads((corpus / "corpus.json").read_text())["tokens"]
-                results[key].update(tokens=tokens,
-                                    tokens_per_s=round(tokens / results[key]["seconds"]))
+                results[key].update(
+                    tokens=tokens, tokens_per_s=round(tokens / results[key]["seconds"])
+                )
             print(key, results[key], flush=True)
             path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

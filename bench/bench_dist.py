@@ -18,6 +18,7 @@ the first step's batch), save (the checkpoint), export (final/); and the wall ti
 of the read. The checkpoint's files and their sizes are listed; load_sum_over_fp32 is the load
 peaks summed over the ranks, each less its runtime, over the model's fp32 bytes.
 """
+
 import argparse
 import json
 import os
@@ -48,10 +49,23 @@ def make_model(directory, dim, layers, dtype):
     if (directory / "config.json").exists():
         return
     torch.manual_seed(0)
-    args = ModelArgs(dim=dim, n_layers=layers, n_heads=dim // 128, n_kv_heads=dim // 128,
-                     vocab_size=32000, hidden_dim=int(dim * 2.7) // 128 * 128, max_seq_len=64)
-    tokenizer = Tokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257},
-                          GPT2_PATTERN, bos_id=256, eos_id=257, add_bos=False)
+    args = ModelArgs(
+        dim=dim,
+        n_layers=layers,
+        n_heads=dim // 128,
+        n_kv_heads=dim // 128,
+        vocab_size=32000,
+        hidden_dim=int(dim * 2.7) // 128 * 128,
+        max_seq_len=64,
+    )
+    tokenizer = Tokenizer(
+        {bytes([i]): i for i in range(256)},
+        {"<s>": 256, "</s>": 257},
+        GPT2_PATTERN,
+        bos_id=256,
+        eos_id=257,
+        add_bos=False,
+    )
     Transformer(args).to(getattr(torch, dtype)).save_pretrained(directory, tokenizer=tokenizer)
     (directory.parent / "data").mkdir(exist_ok=True)
     for i in range(4):
@@ -78,13 +92,29 @@ def worker(args):
             result = function(*a, **k)
             report[f"{name}_s"], report[f"{name}_gib"] = time.perf_counter() - start, hwm_gib()
             return result
+
         return run
 
     train.draw_batch, train.save_checkpoint = first_draw, measured("save", save)
     train.save_final, train.load_checkpoint = measured("export", final), measured("read", load)
-    common = ["--model", str(args.work / f"model-{args.dtype}"), "--data", str(args.work / "data"),
-              "--train_len", "32", "--target_len", "128", "--batch_size", "2", "--steps", "1",
-              "--peak_tflops", "1", "--out", str(args.work / "out")]
+    common = [
+        "--model",
+        str(args.work / f"model-{args.dtype}"),
+        "--data",
+        str(args.work / "data"),
+        "--train_len",
+        "32",
+        "--target_len",
+        "128",
+        "--batch_size",
+        "2",
+        "--steps",
+        "1",
+        "--peak_tflops",
+        "1",
+        "--out",
+        str(args.work / "out"),
+    ]
     train.main(common + (["--resume"] if args.resume else ["--overwrite"]))
     phase = "resume" if args.resume else "train"
     Path(args.work / f"rank{rank}-{phase}.json").write_text(json.dumps(report))
@@ -96,8 +126,12 @@ def main():
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_dist")
     p.add_argument("--dim", type=int, default=1280)
     p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="the dtype of the checkpoint's safetensors")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the dtype of the checkpoint's safetensors",
+    )
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
@@ -110,28 +144,53 @@ def main():
     # the worker's `import train` finds --repo's train.py (and the modules it imports) first
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(args.repo)}
     for resume in (False, True):
-        run = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", __file__, "--worker", "--repo", str(args.repo),
-               "--work", str(args.work), "--dtype", args.dtype, *(["--resume"] if resume else [])]
+        run = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            __file__,
+            "--worker",
+            "--repo",
+            str(args.repo),
+            "--work",
+            str(args.work),
+            "--dtype",
+            args.dtype,
+            *(["--resume"] if resume else []),
+        ]
         subprocess.run(run, cwd=args.repo, env=env, check=True, stdout=subprocess.DEVNULL)
     out = args.work / "out"
-    files = sorted(p for p in out.rglob("*")
-                   if p.is_file() and "final" not in p.parts and p.suffix != ".jsonl")
-    result = {"repo": str(args.repo), "params": None, "ranks": [], "checkpoint_files": {
-        str(p.relative_to(out)): p.stat().st_size for p in files}}
+    files = sorted(
+        p for p in out.rglob("*") if p.is_file() and "final" not in p.parts and p.suffix != ".jsonl"
+    )
+    result = {
+        "repo": str(args.repo),
+        "params": None,
+        "ranks": [],
+        "checkpoint_files": {str(p.relative_to(out)): p.stat().st_size for p in files},
+    }
     config = json.loads((args.work / f"model-{args.dtype}" / "config.json").read_text())
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     n = config["num_hidden_layers"]
     result["params"] = 2 * v * d + n * (4 * d * d + 3 * d * f + 2 * d) + d
     for rank in (0, 1):
-        r = {**json.loads((args.work / f"rank{rank}-train.json").read_text()),
-             **{k: v for k, v in json.loads((args.work / f"rank{rank}-resume.json").read_text())
-                .items() if k.startswith("read")}}
+        r = {
+            **json.loads((args.work / f"rank{rank}-train.json").read_text()),
+            **{
+                k: v
+                for k, v in json.loads((args.work / f"rank{rank}-resume.json").read_text()).items()
+                if k.startswith("read")
+            },
+        }
         r["load_over_runtime_gib"] = r["load_gib"] - r["runtime_gib"]
         result["ranks"].append(r)
     result["dtype"], result["fp32_gib"] = args.dtype, result["params"] * 4 / 2**30
-    result["load_sum_over_fp32"] = sum(r["load_over_runtime_gib"] for r in result["ranks"]) / \
-        result["fp32_gib"]
+    result["load_sum_over_fp32"] = (
+        sum(r["load_over_runtime_gib"] for r in result["ranks"]) / result["fp32_gib"]
+    )
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

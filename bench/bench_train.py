@@ -30,6 +30,7 @@ the ratio to transformers, and MFU: training FLOPs (ModelArgs.flops_per_token: 6
 second over the machine's matmul ceiling, the fastest n x n matmul in the same dtype and thread count, measured in
 the same run.
 """
+
 import argparse
 import contextlib
 import json
@@ -71,13 +72,21 @@ def setup_step(impl, model_dir, batch, dtype, micro_batch_size=1, checkpointing=
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(
+            model_dir, attn_implementation="sdpa", dtype=torch.float32
+        )
         if checkpointing:
             model.gradient_checkpointing_enable()
 
         def summed_loss(x, p, y):
-            out = model(input_ids=x, position_ids=p, attention_mask=torch.ones_like(x), labels=y, shift_labels=y,
-                        use_cache=False)
+            out = model(
+                input_ids=x,
+                position_ids=p,
+                attention_mask=torch.ones_like(x),
+                labels=y,
+                shift_labels=y,
+                use_cache=False,
+            )
             return out.loss * (y != -100).sum()  # its loss is the mean over y's targets
     else:
         from model import Transformer
@@ -91,11 +100,16 @@ def setup_step(impl, model_dir, batch, dtype, micro_batch_size=1, checkpointing=
         def summed_loss(x, p, y):
             if impl == "ours-logits":
                 logits = model(x, p)  # (B, T, vocab)
-                return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+                return F.cross_entropy(
+                    logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"
+                )
             return model(x, p, targets=y) * (y != -100).sum()
+
     harness.resident(model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    autocast = torch.autocast("cpu", torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cpu", torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    )
 
     def step(n_tokens=None, profile=False):
         """n_tokens: the first n of every example only (a cheap warm-up that creates AdamW's state).
@@ -125,8 +139,11 @@ def setup_step(impl, model_dir, batch, dtype, micro_batch_size=1, checkpointing=
         if profile:
             result["operators"] = dict.fromkeys(OPERATOR_GROUPS, 0.0)
             for event in profiler.key_averages():
-                if event.key.startswith("aten::"):  # self time: nested operators are not counted twice
-                    result["operators"][operator_group(event.key)] += event.self_cpu_time_total / 1e6
+                # self time: nested operators are not counted twice
+                if event.key.startswith("aten::"):
+                    result["operators"][operator_group(event.key)] += (
+                        event.self_cpu_time_total / 1e6
+                    )
         return result
 
     return step
@@ -134,16 +151,33 @@ def setup_step(impl, model_dir, batch, dtype, micro_batch_size=1, checkpointing=
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, required=True, help="torch / OpenMP threads of every process")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                    help="compute dtype; bf16 is autocast over fp32 weights, as train.py does")
+    ap.add_argument(
+        "--threads", type=int, required=True, help="torch / OpenMP threads of every process"
+    )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype; bf16 is autocast over fp32 weights, as train.py does",
+    )
     ap.add_argument("--train_len", type=int, default=2048, help="Lc, tokens per example")
-    ap.add_argument("--target_len", type=int, default=16384, help="Lt: positions drawn from 0..Lt-1, RoPE scaled")
+    ap.add_argument(
+        "--target_len",
+        type=int,
+        default=16384,
+        help="Lt: positions drawn from 0..Lt-1, RoPE scaled",
+    )
     ap.add_argument("--batch_size", type=int, default=1, help="examples per step")
     ap.add_argument("--micro_batch_size", type=int, default=1, help="examples per forward pass")
-    ap.add_argument("--repeats", type=int, default=3, help="timed steps per implementation, after one warm-up")
-    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {', '.join(IMPLS)}")
-    ap.add_argument("--profile", action="store_true", help="then one profiled step each: where the time goes")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timed steps per implementation, after one warm-up"
+    )
+    ap.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {', '.join(IMPLS)}"
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="then one profiled step each: where the time goes"
+    )
     ap.add_argument("--json", default=None, help="also write every record to this file")
     a = ap.parse_args(argv)
     impls = a.impls.split(",")
@@ -161,9 +195,12 @@ def main(argv=None):
     batch = harness.pose_batch(doc, "pose", a.batch_size, a.train_len, a.target_len)
     n_tokens = batch[0].numel()
     flops_per_step = args.flops_per_token(a.train_len) * n_tokens
-    print(f"SmolLM2-135M, PoSE Lc={a.train_len} -> Lt={a.target_len} (RoPE {args.rope_scaling or 'unscaled'}), "
-          f"{a.batch_size} x {a.train_len} tokens per step (micro batch {a.micro_batch_size}), {a.dtype}, "
-          f"{flops_per_step / 1e12:.2f} TFLOP per step", flush=True)
+    print(
+        f"SmolLM2-135M, PoSE Lc={a.train_len} -> Lt={a.target_len} (RoPE {args.rope_scaling or 'unscaled'}), "
+        f"{a.batch_size} x {a.train_len} tokens per step (micro batch {a.micro_batch_size}), {a.dtype}, "
+        f"{flops_per_step / 1e12:.2f} TFLOP per step",
+        flush=True,
+    )
 
     # the ceiling first, in its own process with the same threads; again at the end, and the faster one counts
     sizes = (512, 1024, 2048)
@@ -171,24 +208,47 @@ def main(argv=None):
 
     workers, warm_ups = {}, {}
     for impl in impls:  # one at a time, so that a model's load does not slow another's warm-up
-        workers[impl] = harness.Worker(setup_step, a.threads, impl=impl, model_dir=str(model_dir), batch=batch,
-                                       dtype=a.dtype, micro_batch_size=a.micro_batch_size)
+        workers[impl] = harness.Worker(
+            setup_step,
+            a.threads,
+            impl=impl,
+            model_dir=str(model_dir),
+            batch=batch,
+            dtype=a.dtype,
+            micro_batch_size=a.micro_batch_size,
+        )
         warm = workers[impl].run()
         workers[impl].reset_peak()
         warm_ups[impl] = warm
-        print(f"  {impl:<13} warm-up step {warm.get('seconds', float('nan')):7.1f} s (load {warm.get('load', 0):.1f})"
-              + (f"  ERROR {warm['error']}" if "error" in warm else f", loss {warm['result']['loss']:.5f}"), flush=True)
+        print(
+            f"  {impl:<13} warm-up step {warm.get('seconds', float('nan')):7.1f} s (load {warm.get('load', 0):.1f})"
+            + (
+                f"  ERROR {warm['error']}"
+                if "error" in warm
+                else f", loss {warm['result']['loss']:.5f}"
+            ),
+            flush=True,
+        )
     records = {impl: [] for impl in impls}
     for r in range(a.repeats):
-        order = impls[r % len(impls):] + impls[:r % len(impls)]  # rotate, so no one always follows the same
+        # rotate, so no one always follows the same
+        order = impls[r % len(impls) :] + impls[: r % len(impls)]
         for impl in order:
             record = workers[impl].run()
             records[impl].append(record)
-            print(f"  round {r + 1} {impl:<13} {record.get('seconds', float('nan')):7.1f} s  load "
-                  f"{record.get('load', 0):4.1f}" + (f"  ERROR {record['error']}" if "error" in record
-                                                     else f"  loss {record['result']['loss']:.5f}"), flush=True)
+            print(
+                f"  round {r + 1} {impl:<13} {record.get('seconds', float('nan')):7.1f} s  load "
+                f"{record.get('load', 0):4.1f}"
+                + (
+                    f"  ERROR {record['error']}"
+                    if "error" in record
+                    else f"  loss {record['result']['loss']:.5f}"
+                ),
+                flush=True,
+            )
     profiles = {}
-    if a.profile:  # one more step each, under torch.profiler (slower than the timed ones: not counted in them)
+    # one more step each, under torch.profiler (slower than the timed ones: not counted in them)
+    if a.profile:
         for impl in impls:
             record = workers[impl].run(None, True)
             if "error" not in record:
@@ -198,13 +258,17 @@ def main(argv=None):
     ceilings.append(harness.matmul_ceiling(a.dtype, a.threads, sizes))
     ceiling = max(max(c.values()) for c in ceilings)
 
-    print(f"\nmatmul ceiling ({a.dtype}, {a.threads} thread(s), GFLOP/s, measured at the start and at the end):")
+    print(
+        f"\nmatmul ceiling ({a.dtype}, {a.threads} thread(s), GFLOP/s, measured at the start and at the end):"
+    )
     for key in ceilings[0]:
         print(f"  {key:<16} " + " / ".join(f"{c[key] / 1e9:6.1f}" for c in ceilings))
     print(f"  ceiling = the fastest: {ceiling / 1e9:.1f} GFLOP/s")
     print(harness.load_average())
-    header = (f"{'implementation':<14} {'best s/step':>11} {'median':>7} {'tokens/s':>9} {'vs transformers':>15} "
-              f"{'peak mem':>9} {'mem vs tf':>9} {'GFLOP/s':>8} {'MFU':>6} {'loads':>14} {'loss step 1':>12}")
+    header = (
+        f"{'implementation':<14} {'best s/step':>11} {'median':>7} {'tokens/s':>9} {'vs transformers':>15} "
+        f"{'peak mem':>9} {'mem vs tf':>9} {'GFLOP/s':>8} {'MFU':>6} {'loads':>14} {'loss step 1':>12}"
+    )
     print(header)
     summary = {}
     tf = records.get("transformers")
@@ -219,34 +283,71 @@ def main(argv=None):
         median = statistics.median(r["seconds"] for r in ok)
         mem = max(r["peak_mib"] for r in ok)
         flops = flops_per_step / best
-        summary[impl] = {"best_s": best, "median_s": median, "tokens_per_s": n_tokens / best, "peak_mib": mem,
-                         "gflops": flops / 1e9, "mfu": flops / ceiling, "loads": [r["load"] for r in ok],
-                         "loss": warm_ups[impl]["result"]["loss"], "warm_up_s": warm_ups[impl]["seconds"],
-                         "speedup_vs_transformers": tf_best / best if tf_best else None,
-                         "mem_vs_transformers": mem / tf_mem if tf_mem else None}
+        summary[impl] = {
+            "best_s": best,
+            "median_s": median,
+            "tokens_per_s": n_tokens / best,
+            "peak_mib": mem,
+            "gflops": flops / 1e9,
+            "mfu": flops / ceiling,
+            "loads": [r["load"] for r in ok],
+            "loss": warm_ups[impl]["result"]["loss"],
+            "warm_up_s": warm_ups[impl]["seconds"],
+            "speedup_vs_transformers": tf_best / best if tf_best else None,
+            "mem_vs_transformers": mem / tf_mem if tf_mem else None,
+        }
         s = summary[impl]
         speedup = f"{tf_best / best:.2f}x" if tf_best else "n/a"
         mem_ratio = f"{mem / tf_mem:.2f}x" if tf_mem else "n/a"
         loads = "/".join(f"{x:.1f}" for x in s["loads"])
-        print(f"{impl:<14} {best:>11.2f} {median:>7.2f} {s['tokens_per_s']:>9.1f} {speedup:>15} "
-              f"{harness.fmt_mib(mem):>9} {mem_ratio:>9} {flops / 1e9:>8.1f} {flops / ceiling:>6.1%} {loads:>14} "
-              f"{s['loss']:>12.6f}")
-        s["phases_of_best"] = {k: v for k, v in min(ok, key=lambda r: r["seconds"])["result"].items() if k != "loss"}
-    print("\nthe best step by phase (s): " + "; ".join(
-        f"{impl} " + ", ".join(f"{k} {v:.2f}" for k, v in s["phases_of_best"].items()) for impl, s in summary.items()))
+        print(
+            f"{impl:<14} {best:>11.2f} {median:>7.2f} {s['tokens_per_s']:>9.1f} {speedup:>15} "
+            f"{harness.fmt_mib(mem):>9} {mem_ratio:>9} {flops / 1e9:>8.1f} {flops / ceiling:>6.1%} {loads:>14} "
+            f"{s['loss']:>12.6f}"
+        )
+        s["phases_of_best"] = {
+            k: v for k, v in min(ok, key=lambda r: r["seconds"])["result"].items() if k != "loss"
+        }
+    print(
+        "\nthe best step by phase (s): "
+        + "; ".join(
+            f"{impl} " + ", ".join(f"{k} {v:.2f}" for k, v in s["phases_of_best"].items())
+            for impl, s in summary.items()
+        )
+    )
     if profiles:
-        print("\none profiled step, self time of torch's operators by group (s, share of the step):")
-        print(f"{'implementation':<14} {'step':>7} " + " ".join(f"{g:>20}" for g in OPERATOR_GROUPS))
+        print(
+            "\none profiled step, self time of torch's operators by group (s, share of the step):"
+        )
+        print(
+            f"{'implementation':<14} {'step':>7} " + " ".join(f"{g:>20}" for g in OPERATOR_GROUPS)
+        )
         for impl, prof in profiles.items():
             step_s = sum(prof[k] for k in ("forward", "backward", "optimizer"))
-            print(f"{impl:<14} {step_s:>7.2f} " + " ".join(
-                f"{prof['operators'][g]:>11.2f} ({prof['operators'][g] / step_s:>5.1%})" for g in OPERATOR_GROUPS))
+            print(
+                f"{impl:<14} {step_s:>7.2f} "
+                + " ".join(
+                    f"{prof['operators'][g]:>11.2f} ({prof['operators'][g] / step_s:>5.1%})"
+                    for g in OPERATOR_GROUPS
+                )
+            )
             summary[impl]["profile"] = prof
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"args": vars(a), "machine": harness.machine(a.threads),
-                                            "ceilings": ceilings, "summary": summary,
-                                            "records": records, "time": time.ctime()}, indent=1, default=str))
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(a),
+                    "machine": harness.machine(a.threads),
+                    "ceilings": ceilings,
+                    "summary": summary,
+                    "records": records,
+                    "time": time.ctime(),
+                },
+                indent=1,
+                default=str,
+            )
+        )
     return summary
 
 

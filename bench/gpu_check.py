@@ -29,6 +29,7 @@ flash_attn is optional and reported. Exit status 0 when every check passed; goal
 Each section is a module of bench/gpucheck/ (a_correctness.py ... e_evaluation.py); what they share
 (the sizes, the run, the summary, the training step of c and d) is bench/gpucheck/common.py.
 """
+
 import argparse
 import shutil
 import sys
@@ -45,13 +46,21 @@ from bench.gpucheck.e_evaluation import section_e
 
 def main(argv=None):
     head, rest = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=head, epilog=rest,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="directory for gpu_check.json and summary.txt")
-    p.add_argument("--dry", action="store_true",
-                   help="CPU, tiny sizes: every step of the GPU run, to catch rot (a few minutes)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole run (default: 450; dry: 3000, never cut short)")
+    p.add_argument(
+        "--dry",
+        action="store_true",
+        help="CPU, tiny sizes: every step of the GPU run, to catch rot (a few minutes)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run (default: 450; dry: 3000, never cut short)",
+    )
     p.add_argument("--sections", default="abcde", help="which sections to run, e.g. ab")
     a = p.parse_args(argv)
     if not a.dry and not torch.cuda.is_available():

@@ -9,6 +9,7 @@ gradients and every temporary included); `reset_peak()` after a warm-up leaves o
 After each run the worker hands its freed heap back (malloc_trim), so idle workers stay small. The parent only
 orders the runs, so two workers can alternate back to back without ever running at the same time.
 """
+
 import gc
 import multiprocessing as mp
 import os
@@ -30,7 +31,9 @@ def set_threads(threads):
 
 
 def _status_kib(key):
-    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+    return int(
+        re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)
+    )
 
 
 def release():
@@ -38,6 +41,7 @@ def release():
     gc.collect()
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -63,11 +67,16 @@ def _serve(conn, setup, threads, kwargs):
         base = reset_peak()
         conn.send({"setup_s": setup_s, "base_mib": base})
     except BaseException as e:  # noqa: BLE001 — reported to the parent as one line
-        conn.send({"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"})
+        conn.send(
+            {
+                "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            }
+        )
         return
     while (message := conn.recv())[0] != "stop":
         command, args = message
-        if command == "reset":  # forget the warm-up's peak (torch.compile's work, say); the baseline stays
+        # forget the warm-up's peak (torch.compile's work, say); the baseline stays
+        if command == "reset":
             reset_peak()
             continue
         load = os.getloadavg()[0]
@@ -75,13 +84,26 @@ def _serve(conn, setup, threads, kwargs):
             start = time.perf_counter()
             result = run(*args)
             seconds = time.perf_counter() - start
-            conn.send({"seconds": seconds, "result": result, "load": load, "peak_mib": peak_mib() - base,
-                       "base_mib": base})
-            release()  # every run starts from the same heap, and waiting workers do not crowd the machine
+            conn.send(
+                {
+                    "seconds": seconds,
+                    "result": result,
+                    "load": load,
+                    "peak_mib": peak_mib() - base,
+                    "base_mib": base,
+                }
+            )
+            # every run starts from the same heap, and waiting workers do not crowd the machine
+            release()
         except BaseException as e:  # noqa: BLE001
             traceback.print_exc()
-            conn.send({"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                       "load": load, "peak_mib": peak_mib() - base})
+            conn.send(
+                {
+                    "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                    "load": load,
+                    "peak_mib": peak_mib() - base,
+                }
+            )
             return
 
 
@@ -91,16 +113,21 @@ class Worker:
     def __init__(self, setup, threads, **kwargs):
         context = mp.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, setup, threads, kwargs), daemon=True)
+        self.process = context.Process(
+            target=_serve, args=(child, setup, threads, kwargs), daemon=True
+        )
         self.process.start()
         self.info = self._receive()
 
     def _receive(self):
         try:
             return self.conn.recv()
-        except EOFError:  # the process died without a word: the kernel's out-of-memory killer, most likely
+        # the process died without a word: the kernel's out-of-memory killer, most likely
+        except EOFError:
             self.process.join()
-            return {"error": f"the process was killed (exit code {self.process.exitcode}: out of memory?)"}
+            return {
+                "error": f"the process was killed (exit code {self.process.exitcode}: out of memory?)"
+            }
 
     def run(self, *args):
         if "error" in self.info:
@@ -128,6 +155,7 @@ class Worker:
 
 # ---- the machine ----------------------------------------------------------------------------------------------
 
+
 def cpu_model():
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -139,18 +167,26 @@ def machine(threads):
     import transformers
 
     flags = Path("/proc/cpuinfo").read_text()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", flags)]
-    return (f"{cpu_model()}, {os.cpu_count()} cores ({'/'.join(isa)}; torch kernels: "
-            f"{torch.backends.cpu.get_cpu_capability()}), {threads} thread(s), "
-            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
+    isa = [
+        f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", flags)
+    ]
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores ({'/'.join(isa)}; torch kernels: "
+        f"{torch.backends.cpu.get_cpu_capability()}), {threads} thread(s), "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
+    )
 
 
 def load_average():
     return "load average {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min)".format(*os.getloadavg())
 
 
-LAYOUTS = {"a @ b": lambda a, b: a @ b, "a @ b.T": lambda a, b: a @ b.T, "a.T @ b": lambda a, b: a.T @ b}
+LAYOUTS = {
+    "a @ b": lambda a, b: a @ b,
+    "a @ b.T": lambda a, b: a @ b.T,
+    "a.T @ b": lambda a, b: a.T @ b,
+}
 
 
 def setup_ceiling(dtype, sizes, seconds):
@@ -166,7 +202,8 @@ def setup_ceiling(dtype, sizes, seconds):
             for layout, product in LAYOUTS.items():
                 product(a, b)  # warm-up
                 fastest, begin = float("inf"), time.perf_counter()
-                while time.perf_counter() - begin < seconds:  # the fastest burst: load only ever slows one down
+                # the fastest burst: load only ever slows one down
+                while time.perf_counter() - begin < seconds:
                     start = time.perf_counter()
                     product(a, b)
                     fastest = min(fastest, time.perf_counter() - start)
@@ -186,6 +223,7 @@ def matmul_ceiling(dtype, threads, sizes=(512, 1024, 2048), seconds=1.0):
 
 # ---- the same model, batch and weights for us and for transformers ---------------------------------------------
 
+
 def resident(model):
     """Copy every weight into ordinary memory: safetensors maps the file, so untouched weights would not count in
     the baseline yet would in the peak. -> model"""
@@ -204,8 +242,17 @@ def smollm2_for(target_len):
     model, tokenizer = load("smollm2")
     lo = model.args.original_max_seq_len
     if target_len > lo:
-        args = replace(with_scaling(model.args, {"rope_type": "linear", "factor": target_len / lo,
-                                                 "original_max_position_embeddings": lo}), max_seq_len=target_len)
+        args = replace(
+            with_scaling(
+                model.args,
+                {
+                    "rope_type": "linear",
+                    "factor": target_len / lo,
+                    "original_max_position_embeddings": lo,
+                },
+            ),
+            max_seq_len=target_len,
+        )
         state = model.state_dict()
         with torch.device("meta"):
             model = Transformer(args)
@@ -229,7 +276,9 @@ def long_text_tokens(tokenizer, n_tokens):
         ids += tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
         if len(ids) >= n_tokens:
             return torch.tensor(ids)
-    raise ValueError(f"Shakespeare's plays hold only {len(ids)} tokens, fewer than the {n_tokens} asked for.")
+    raise ValueError(
+        f"Shakespeare's plays hold only {len(ids)} tokens, fewer than the {n_tokens} asked for."
+    )
 
 
 def pose_batch(doc, method, batch_size, train_len, target_len, seed=0):
@@ -237,10 +286,17 @@ def pose_batch(doc, method, batch_size, train_len, target_len, seed=0):
     import pose
 
     g = torch.Generator().manual_seed(seed)
-    examples = [pose.make_example(method, len(doc), train_len, target_len, generator=g) for _ in range(batch_size)]
+    examples = [
+        pose.make_example(method, len(doc), train_len, target_len, generator=g)
+        for _ in range(batch_size)
+    ]
     token_index = torch.stack([t for t, _ in examples])
     tokens = doc[token_index]
-    return tokens, torch.stack([p for _, p in examples]), pose.next_token_targets(tokens, token_index)
+    return (
+        tokens,
+        torch.stack([p for _, p in examples]),
+        pose.next_token_targets(tokens, token_index),
+    )
 
 
 def fmt_mib(mib):

@@ -4,6 +4,7 @@ notation, and the coverage of relative distances over K examples (desideratum 1)
     python demo/figure1.py --train_len 2048 --target_len 32768 --chunks 2 --samples 2000 \
         --plot pose.png
 """
+
 import argparse
 import sys
 
@@ -53,21 +54,27 @@ def runs(token_index, position_ids):
 
 @exit_on_user_error
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Print examples in Figure 1's notation and the "
-                                 "coverage of relative distances over K examples (desideratum 1).")
+    ap = argparse.ArgumentParser(
+        description="Print examples in Figure 1's notation and the "
+        "coverage of relative distances over K examples (desideratum 1)."
+    )
     ap.add_argument("--train_len", type=int, default=2048, help="Lc, tokens per training example")
     ap.add_argument("--target_len", type=int, default=32768, help="Lt, the context window to reach")
     ap.add_argument("--chunks", type=int, default=2, help="N, chunks per example (paper: 2)")
-    ap.add_argument("--content", default="random", choices=CONTENTS,
-                    help="v_i: Eq. 5 or Appendix A")
-    ap.add_argument("--method", default="pose", choices=METHODS,
-                    help="PoSE or a baseline of the paper")
-    ap.add_argument("--doc_len", type=int, default=None,
-                    help="Lx, document length (default: target_len)")
+    ap.add_argument(
+        "--content", default="random", choices=CONTENTS, help="v_i: Eq. 5 or Appendix A"
+    )
+    ap.add_argument(
+        "--method", default="pose", choices=METHODS, help="PoSE or a baseline of the paper"
+    )
+    ap.add_argument(
+        "--doc_len", type=int, default=None, help="Lx, document length (default: target_len)"
+    )
     ap.add_argument("--samples", type=int, default=2000, help="K, examples for the coverage count")
     ap.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator")
-    ap.add_argument("--plot", default=None,
-                    help="FILE.png: a Figure-1-style picture and the coverage")
+    ap.add_argument(
+        "--plot", default=None, help="FILE.png: a Figure-1-style picture and the coverage"
+    )
     a = ap.parse_args(argv)
     lx, lc, lt = a.doc_len or a.target_len, a.train_len, a.target_len
     try:
@@ -77,8 +84,10 @@ def main(argv=None):
     except ImportError:
         sys.exit("error: --plot needs matplotlib, which is not installed: pip install matplotlib")
     g = torch.Generator().manual_seed(a.seed)
-    examples = [make_example(a.method, lx, lc, lt, chunks=a.chunks, content=a.content, generator=g)
-                for _ in range(max(a.samples, 8))]
+    examples = [
+        make_example(a.method, lx, lc, lt, chunks=a.chunks, content=a.content, generator=g)
+        for _ in range(max(a.samples, 8))
+    ]
     name = f"{a.method}: Lc={lc} -> Lt={lt}"
     if a.method == "pose":
         name += f", N={a.chunks}, content={a.content}"
@@ -91,20 +100,26 @@ def main(argv=None):
             inside = f", relative 1..{e - s} inside" if e > s else ""
             first, last = chunks[i - 1]
             across = f", {pos[s] - pos[last]}..{pos[e] - pos[first]} to chunk {i - 1}"
-            print(f"  chunk {i}: positions {pos[s]}..{pos[e]} (u={pos[s] - s}), "
-                  f"text x[{tok[s]}:{tok[e] + 1}]" + inside + across * (i > 0))
+            print(
+                f"  chunk {i}: positions {pos[s]}..{pos[e]} (u={pos[s] - s}), "
+                f"text x[{tok[s]}:{tok[e] + 1}]" + inside + across * (i > 0)
+            )
         if len(chunks) > 4:
             print(f"  ... {len(chunks) - 4} more")
     counts = distance_counts(torch.stack([pos for _, pos in examples[: a.samples]]), lt)
     missing = (counts[1:] == 0).nonzero().flatten() + 1
     seen = f"{lt - 1 - len(missing)} of {lt - 1} relative distances 1..Lt-1 seen"
     percent = 100 * (1 - len(missing) / (lt - 1))
-    print(f"coverage after K={a.samples} examples: {seen} ({percent:.4g}%; "
-          "exact pair counts, from chunk ranges or by FFT)")
+    print(
+        f"coverage after K={a.samples} examples: {seen} ({percent:.4g}%; "
+        "exact pair counts, from chunk ranges or by FFT)"
+    )
     if len(missing):
         print(f"  never seen: {len(missing)} distance(s) from {missing[0]} to {missing[-1]}")
-    print(f"  pairs at distance 1 per example: {counts[1] / a.samples:.1f} of Lc-1={lc - 1} "
-          "(pre-training's local structure, desideratum 2)")
+    print(
+        f"  pairs at distance 1 per example: {counts[1] / a.samples:.1f} of Lc-1={lc - 1} "
+        "(pre-training's local structure, desideratum 2)"
+    )
     if not a.plot:
         return
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5))
@@ -112,12 +127,20 @@ def main(argv=None):
         spans = [(int(pos[s]), int(pos[e] - pos[s] + 1)) for s, e in runs(tok, pos)]
         colours = [f"C{i % 10}" for i in range(len(spans))]
         top.broken_barh(spans, (n - 0.35, 0.7), facecolors=colours)
-    top.set(ylim=(7.6, -0.6), ylabel="example", xlabel="position id (dashed: Lc)",
-            title=f"{name}: one colour per chunk")
+    top.set(
+        ylim=(7.6, -0.6),
+        ylabel="example",
+        xlabel="position id (dashed: Lc)",
+        title=f"{name}: one colour per chunk",
+    )
     bottom.fill_between(range(lt), counts.float(), step="mid", lw=0)
     bottom.plot(missing, torch.ones(len(missing)), "|", color="red")
-    bottom.set(yscale="log", xlabel="relative distance d (dashed: Lc)", ylabel="query/key pairs",
-               title=f"K={a.samples} examples: {seen}" + " (red: never)" * (len(missing) > 0))
+    bottom.set(
+        yscale="log",
+        xlabel="relative distance d (dashed: Lc)",
+        ylabel="query/key pairs",
+        title=f"K={a.samples} examples: {seen}" + " (red: never)" * (len(missing) > 0),
+    )
     for ax in (top, bottom):
         ax.axvline(lc, color="gray", ls="--", lw=1)
         ax.set_xlim(0, lt)

@@ -8,6 +8,7 @@ key stated earlier in the episode; ln 10 = 2.303 is a uniform guess over the dig
 copy gain: NLL of the first copy minus the second copy of a run of 20 random words written twice; > 0 only if the
 model looks back and copies (an induction head).
 """
+
 import json
 import math
 import random
@@ -49,11 +50,13 @@ def main(path, config=None, tokenizer="demo/base"):
     for _ in range(10):
         run = tok.encode(" ".join(rng.choice(words) for _ in range(20)) + "\n")
         losses = nll(model, run + run)
-        first += losses[:len(run) - 1]
-        second += losses[len(run):]
+        first += losses[: len(run) - 1]
+        second += losses[len(run) :]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    print(f"{path}: answer loss {mean(answer):.3f} (ln 10 = {math.log(10):.3f}), "
-          f"copy gain {mean(first) - mean(second):.2f} (first copy {mean(first):.2f}, second {mean(second):.2f})")
+    print(
+        f"{path}: answer loss {mean(answer):.3f} (ln 10 = {math.log(10):.3f}), "
+        f"copy gain {mean(first) - mean(second):.2f} (first copy {mean(first):.2f}, second {mean(second):.2f})"
+    )
 
 
 if __name__ == "__main__":

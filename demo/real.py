@@ -25,6 +25,7 @@ before it runs. A finished stage is skipped; a cut training run continues throug
 a cut evaluation from its results file. After every stage results.json, results.md and results.png
 are rewritten with what exists, the rest marked pending.
 """
+
 import argparse
 import json
 import subprocess
@@ -41,22 +42,42 @@ HELD_OUT_PLAY = "alls_well_that_ends_well_gut.txt"
 TEXTS = ("play", "austen")  # the held-out texts, as the results name them
 DEPTHS = "0,0.25,0.5,0.75,1"
 TRAINING_FREE = {"none": None, "linear": "linear", "ntk": "ntk", "yarn": "yarn"}  # --rope_scaling
-TRAINED = {"pose-yarn": ["--method", "pose", "--scaling", "yarn"],  # -> train.py's arguments
-           "noskip": ["--method", "noskip"],
-           "pose-linear": ["--method", "pose", "--scaling", "linear"],
-           "pose-ntk": ["--method", "pose", "--scaling", "ntk"]}
+TRAINED = {
+    "pose-yarn": ["--method", "pose", "--scaling", "yarn"],  # -> train.py's arguments
+    "noskip": ["--method", "noskip"],
+    "pose-linear": ["--method", "pose", "--scaling", "linear"],
+    "pose-ntk": ["--method", "pose", "--scaling", "ntk"],
+}
 MODELS = ["none", "linear", "ntk", "yarn", "pose-linear", "pose-ntk", "pose-yarn", "noskip"]
 # the most telling results first (PoSE-YaRN against its same-data control), cheap baselines early;
 # each trained model evaluated right after its training, so that a run cut short (a session's end)
 # leaves finished rows, not a checkpoint that waits for its evaluations
-STAGES = [("ppl", "none"), ("train", "pose-yarn"), ("ppl", "pose-yarn"), ("passkey", "pose-yarn"),
-          ("train", "noskip"), ("ppl", "noskip"), ("passkey", "noskip"), ("passkey", "none"),
-          ("ppl", "yarn"), ("passkey", "yarn"), ("train", "pose-linear"), ("ppl", "pose-linear"),
-          ("passkey", "pose-linear"), ("ppl", "linear"), ("ppl", "ntk"), ("passkey", "linear"),
-          ("passkey", "ntk"), ("train", "pose-ntk"), ("ppl", "pose-ntk"), ("passkey", "pose-ntk")]
+STAGES = [
+    ("ppl", "none"),
+    ("train", "pose-yarn"),
+    ("ppl", "pose-yarn"),
+    ("passkey", "pose-yarn"),
+    ("train", "noskip"),
+    ("ppl", "noskip"),
+    ("passkey", "noskip"),
+    ("passkey", "none"),
+    ("ppl", "yarn"),
+    ("passkey", "yarn"),
+    ("train", "pose-linear"),
+    ("ppl", "pose-linear"),
+    ("passkey", "pose-linear"),
+    ("ppl", "linear"),
+    ("ppl", "ntk"),
+    ("passkey", "linear"),
+    ("passkey", "ntk"),
+    ("train", "pose-ntk"),
+    ("ppl", "pose-ntk"),
+    ("passkey", "pose-ntk"),
+]
 
 
 # ---- data ------------------------------------------------------------------------------------
+
 
 def prepare_data(out):
     """out/train.jsonl (every Shakespeare text but the held-out play, a document each) and
@@ -81,6 +102,7 @@ def prepare_data(out):
 
 # ---- stages ----------------------------------------------------------------------------------
 
+
 def run(*args):
     print("$ " + " ".join(map(str, args)), flush=True)
     if subprocess.run([sys.executable, *map(str, args)], cwd=ROOT).returncode != 0:
@@ -98,7 +120,8 @@ def evaluated(name, args):
     """Every evaluation of a model finished: its checkpoint is no longer needed, so results carried
     to another machine without the checkpoints (e.g. docs/real/) are not trained again."""
     return complete(args.out / f"{name}_passkey.json", args.passkey_lengths) and all(
-        complete(args.out / f"{name}_ppl_{text}.json", args.ppl_lengths) for text in TEXTS)
+        complete(args.out / f"{name}_ppl_{text}.json", args.ppl_lengths) for text in TEXTS
+    )
 
 
 def trained(name, args):
@@ -123,43 +146,99 @@ def stage(kind, name, args, train_data, held):
             return
         extent = [] if name == "noskip" else ["--target_len", args.target_len]
         resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-        run("train.py", "--model", args.model, "--data", train_data, *TRAINED[name],
-            "--train_len", args.train_len, *extent, "--steps", args.steps,
-            "--batch_size", args.batch_size, "--lr", args.lr, "--warmup", args.warmup,
-            "--dtype", args.dtype, *(["--compile"] if args.compile else []),
-            "--save_every", args.save_every, "--out", run_dir, *resume)
+        run(
+            "train.py",
+            "--model",
+            args.model,
+            "--data",
+            train_data,
+            *TRAINED[name],
+            "--train_len",
+            args.train_len,
+            *extent,
+            "--steps",
+            args.steps,
+            "--batch_size",
+            args.batch_size,
+            "--lr",
+            args.lr,
+            "--warmup",
+            args.warmup,
+            "--dtype",
+            args.dtype,
+            *(["--compile"] if args.compile else []),
+            "--save_every",
+            args.save_every,
+            "--out",
+            run_dir,
+            *resume,
+        )
     elif kind == "ppl":
         for text in TEXTS:
             path = out / f"{name}_ppl_{text}.json"
             if not complete(path, args.ppl_lengths):
-                run("eval_ppl.py", *model_args(name, args), "--data", held[text], "--docs", 1,
-                    "--max_tokens", max(args.ppl_lengths), "--stride", args.stride,
-                    "--lengths", ",".join(map(str, args.ppl_lengths)), *dtype, "--out", path)
+                run(
+                    "eval_ppl.py",
+                    *model_args(name, args),
+                    "--data",
+                    held[text],
+                    "--docs",
+                    1,
+                    "--max_tokens",
+                    max(args.ppl_lengths),
+                    "--stride",
+                    args.stride,
+                    "--lengths",
+                    ",".join(map(str, args.ppl_lengths)),
+                    *dtype,
+                    "--out",
+                    path,
+                )
     else:
         path = out / f"{name}_passkey.json"
         if not complete(path, args.passkey_lengths):
-            run("eval_passkey.py", *model_args(name, args),
-                "--lengths", ",".join(map(str, args.passkey_lengths)), "--trials", args.trials,
-                "--depths", DEPTHS, "--seed", 0, *dtype, "--out", path)
+            run(
+                "eval_passkey.py",
+                *model_args(name, args),
+                "--lengths",
+                ",".join(map(str, args.passkey_lengths)),
+                "--trials",
+                args.trials,
+                "--depths",
+                DEPTHS,
+                "--seed",
+                0,
+                *dtype,
+                "--out",
+                path,
+            )
 
 
 # ---- tables ----------------------------------------------------------------------------------
+
 
 def training_record(run_dir, done):
     """Steps, tokens seen, wall time (the sum of the step times: loading and compilation excluded),
     peak memory (GiB) and the last loss, from train.py's log; None before the first step."""
     try:
-        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
-               if line.strip()]
+        log = [
+            json.loads(line)
+            for line in (run_dir / "log.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
     except (OSError, ValueError):
         return None
     if not log:
         return None
     per_step = log[0]["tokens"] / log[0]["step"]
-    return {"steps": log[-1]["step"], "tokens": log[-1]["tokens"], "final_loss": log[-1]["loss"],
-            "wall_s": sum(per_step / r["tokens_per_s"] for r in log),
-            "peak_gib": max(r["mem"] for r in log),
-            "done": done}
+    return {
+        "steps": log[-1]["step"],
+        "tokens": log[-1]["tokens"],
+        "final_loss": log[-1]["loss"],
+        "wall_s": sum(per_step / r["tokens_per_s"] for r in log),
+        "peak_gib": max(r["mem"] for r in log),
+        "done": done,
+    }
 
 
 def lengths_of(path):
@@ -173,17 +252,27 @@ def summary(args):
     """-> {"settings", "training": {run: record}, "ppl": {text: {model: {L: ppl}}},
     "passkey": {model: {L: accuracy}}, "passkey_answers": {model: {L: [answer, ...]}}}."""
     models = args.models
-    ppl = {text: {m: lengths_of(args.out / f"{m}_ppl_{text}.json") for m in models}
-           for text in TEXTS}
+    ppl = {
+        text: {m: lengths_of(args.out / f"{m}_ppl_{text}.json") for m in models} for text in TEXTS
+    }
     passkey = {m: lengths_of(args.out / f"{m}_passkey.json") for m in models}
-    return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "training": {name: training_record(args.out / name, trained(name, args))
-                         for name in TRAINED if name in models},
-            "ppl": {text: {m: {int(L): r["ppl"] for L, r in by_model[m].items()} for m in models}
-                    for text, by_model in ppl.items()},
-            "passkey": {m: {int(L): r["accuracy"] for L, r in passkey[m].items()} for m in models},
-            "passkey_answers": {m: {int(L): [t["answer"] for t in r["trials"]]
-                                    for L, r in passkey[m].items()} for m in models}}
+    return {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "training": {
+            name: training_record(args.out / name, trained(name, args))
+            for name in TRAINED
+            if name in models
+        },
+        "ppl": {
+            text: {m: {int(L): r["ppl"] for L, r in by_model[m].items()} for m in models}
+            for text, by_model in ppl.items()
+        },
+        "passkey": {m: {int(L): r["accuracy"] for L, r in passkey[m].items()} for m in models},
+        "passkey_answers": {
+            m: {int(L): [t["answer"] for t in r["trials"]] for L, r in passkey[m].items()}
+            for m in models
+        },
+    }
 
 
 def markdown(table, args):
@@ -197,36 +286,54 @@ def markdown(table, args):
 
     lines = []
     for text in TEXTS:
-        lines += [f"Perplexity, held-out {text} (first {max(args.ppl_lengths):,} tokens, "
-                  f"stride {args.stride})", "", header(args.ppl_lengths)]
-        lines += [row(m, table["ppl"][text][m], args.ppl_lengths, "{:.2f}".format)
-                  for m in args.models]
+        lines += [
+            f"Perplexity, held-out {text} (first {max(args.ppl_lengths):,} tokens, "
+            f"stride {args.stride})",
+            "",
+            header(args.ppl_lengths),
+        ]
+        lines += [
+            row(m, table["ppl"][text][m], args.ppl_lengths, "{:.2f}".format) for m in args.models
+        ]
         lines += [""]
-    lines += [f"Passkey accuracy ({args.trials} trials a length, depths {DEPTHS})", "",
-              header(args.passkey_lengths)]
-    lines += [row(m, table["passkey"][m], args.passkey_lengths, "{:.0%}".format)
-              for m in args.models]
-    lines += ["", "Training (wall time = sum of step times)", "",
-              "| run | steps | tokens seen | wall time | peak memory | final loss |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        f"Passkey accuracy ({args.trials} trials a length, depths {DEPTHS})",
+        "",
+        header(args.passkey_lengths),
+    ]
+    lines += [
+        row(m, table["passkey"][m], args.passkey_lengths, "{:.0%}".format) for m in args.models
+    ]
+    lines += [
+        "",
+        "Training (wall time = sum of step times)",
+        "",
+        "| run | steps | tokens seen | wall time | peak memory | final loss |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in table["training"].items():
         if r is None:
             lines.append(f"| {name} | pending | | | | |")
         else:
             steps = f"{r['steps']}" + ("" if r["done"] else f" of {args.steps} (running)")
-            lines.append(f"| {name} | {steps} | {r['tokens']:,} | {r['wall_s'] / 60:.0f} min | "
-                         f"{r['peak_gib']:.1f} GiB | {r['final_loss']:.3f} |")
+            lines.append(
+                f"| {name} | {steps} | {r['tokens']:,} | {r['wall_s'] / 60:.0f} min | "
+                f"{r['peak_gib']:.1f} GiB | {r['final_loss']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def report(args):
     """Rewrite results.json, results.md and results.png with what exists."""
     table = summary(args)
-    for path, text in ((args.out / "results.json", json.dumps(table, indent=1)),
-                       (args.out / "results.md", markdown(table, args))):
+    for path, text in (
+        (args.out / "results.json", json.dumps(table, indent=1)),
+        (args.out / "results.md", markdown(table, args)),
+    ):
         path.with_suffix(".tmp").write_text(text)
         path.with_suffix(".tmp").replace(path)
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -253,8 +360,10 @@ def report(args):
     for ax in axes[:2]:
         ax.set_yscale("log")
     axes[2].set_ylim(-5, 105)
-    fig.suptitle(f"{Path(args.model).name}: Lc {args.train_len} -> Lt {args.target_len} "
-                 f"(s = {args.factor:g}); pending models are missing")
+    fig.suptitle(
+        f"{Path(args.model).name}: Lc {args.train_len} -> Lt {args.target_len} "
+        f"(s = {args.factor:g}); pending models are missing"
+    )
     fig.tight_layout()
     fig.savefig(args.out / "results.png", dpi=110)
     plt.close(fig)
@@ -269,18 +378,25 @@ def parse_models(text):
     names = text.split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown model {unknown[0]!r}; the models are "
-                                         f"{', '.join(MODELS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown model {unknown[0]!r}; the models are {', '.join(MODELS)}"
+        )
     return [m for m in MODELS if m in names]
 
 
 @exit_on_user_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "real",
-                   help="every result, training run and log; the same --out resumes")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "runs" / "real",
+        help="every result, training run and log; the same --out resumes",
+    )
     p.add_argument("--model", default="smollm2", help="the checkpoint to extend (Lo = its context)")
     p.add_argument("--train_len", type=int, default=2048, help="Lc, tokens per training example")
     p.add_argument("--target_len", type=int, default=16384, help="Lt; RoPE is scaled by s = Lt/Lo")
@@ -290,23 +406,51 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (then linear decay)")
     p.add_argument("--warmup", type=int, default=10, help="steps of linear warm-up")
     p.add_argument("--save_every", type=int, default=10, help="steps between checkpoints")
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
-                   help="training and evaluation (bf16 is fast on CPUs with AVX512-BF16 or AMX)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile the blocks in training (--no-compile for tiny models)")
-    p.add_argument("--ppl_lengths", type=parse_lengths, default=[2048, 4096, 8192, 16384],
-                   help="perplexity windows; the largest is also the tokens scored per text")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("float32", "bfloat16"),
+        help="training and evaluation (bf16 is fast on CPUs with AVX512-BF16 or AMX)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile the blocks in training (--no-compile for tiny models)",
+    )
+    p.add_argument(
+        "--ppl_lengths",
+        type=parse_lengths,
+        default=[2048, 4096, 8192, 16384],
+        help="perplexity windows; the largest is also the tokens scored per text",
+    )
     p.add_argument("--stride", type=int, default=1024, help="tokens between perplexity windows")
-    p.add_argument("--passkey_lengths", type=parse_lengths, default=[4096, 8192, 12288, 16384],
-                   help="passkey prompt lengths in tokens")
+    p.add_argument(
+        "--passkey_lengths",
+        type=parse_lengths,
+        default=[4096, 8192, 12288, 16384],
+        help="passkey prompt lengths in tokens",
+    )
     p.add_argument("--trials", type=int, default=10, help="passkey trials per length")
-    p.add_argument("--models", type=parse_models, default=MODELS,
-                   help=f"the models to train and evaluate, in the tables' order (default: "
-                   f"{','.join(MODELS)}); e.g. none,yarn,pose-yarn toward 32k")
-    p.add_argument("--stages", type=int, default=len(STAGES),
-                   help="run only the first N stages of those models (then the tables)")
-    p.add_argument("--smoke", action="store_true", help="for CI: demo/base (Lo 256) from "
-                   "Lc 64 to Lt 512, 2 steps of 2 examples, lengths up to 512, 2 trials, fp32")
+    p.add_argument(
+        "--models",
+        type=parse_models,
+        default=MODELS,
+        help=f"the models to train and evaluate, in the tables' order (default: "
+        f"{','.join(MODELS)}); e.g. none,yarn,pose-yarn toward 32k",
+    )
+    p.add_argument(
+        "--stages",
+        type=int,
+        default=len(STAGES),
+        help="run only the first N stages of those models (then the tables)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="for CI: demo/base (Lo 256) from "
+        "Lc 64 to Lt 512, 2 steps of 2 examples, lengths up to 512, 2 trials, fp32",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.train_len, args.target_len = str(ROOT / "demo" / "base"), 64, 512
@@ -314,9 +458,12 @@ def main(argv=None):
         args.dtype, args.compile, args.stride = "float32", False, 64
         args.ppl_lengths = [128, 256, 512]
         args.passkey_lengths, args.trials = [256, 512], 2
-    if not 1 <= args.stride < min(args.ppl_lengths):  # eval_ppl's rule, checked before hours of training
-        p.error(f"--stride {args.stride} must be at least 1 and smaller than every --ppl_lengths "
-                f"(the smallest is {min(args.ppl_lengths)})")
+    # eval_ppl's rule, checked before hours of training
+    if not 1 <= args.stride < min(args.ppl_lengths):
+        p.error(
+            f"--stride {args.stride} must be at least 1 and smaller than every --ppl_lengths "
+            f"(the smallest is {min(args.ppl_lengths)})"
+        )
     args.out = args.out.resolve()  # results files record their paths: the same from any directory
     args.out.mkdir(parents=True, exist_ok=True)
     try:
@@ -324,15 +471,17 @@ def main(argv=None):
     except (OSError, RuntimeError, UserError) as e:
         sys.exit(f"error: preparing the data failed: {e}")
     stages = [(kind, name) for kind, name in STAGES if name in args.models]
-    for number, (kind, name) in enumerate(stages[:args.stages], 1):
+    for number, (kind, name) in enumerate(stages[: args.stages], 1):
         started = time.time()
         print(f"\n== stage {number}/{len(stages)}: {kind} {name}", flush=True)
         stage(kind, name, args, train_data, held)
         print(f"== stage {number} done in {time.time() - started:.0f} s", flush=True)
         report(args)
     print("\n" + markdown(summary(args), args))
-    print(f"tables: {args.out / 'results.md'}, {args.out / 'results.json'}; "
-          f"figure: {args.out / 'results.png'}")
+    print(
+        f"tables: {args.out / 'results.md'}, {args.out / 'results.json'}; "
+        f"figure: {args.out / 'results.png'}"
+    )
 
 
 if __name__ == "__main__":

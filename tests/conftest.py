@@ -6,6 +6,7 @@ tests/test_cuda.py is the separate GPU check: POSE_TEST_CUDA=1 python -m pytest 
 Fixtures and helpers shared by the test files live here (`from conftest import byte_tokenizer`).
 Tests marked slow (pyproject.toml) take minutes; `python -m pytest -m "not slow"` is the edit-and-rerun
 loop, `make test` runs everything."""
+
 import os
 import random
 
@@ -18,7 +19,9 @@ import torch  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from machinery.tokenizer import GPT2_PATTERN, Tokenizer  # noqa: E402
 
-WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back again".split()
+WORDS = (
+    "the grass is green the sky is blue the sun is yellow here we go there and back again".split()
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +37,23 @@ def one_thread():
 def byte_tokenizer(add_bos=False):
     """256 byte tokens and BOS/EOS, no merges: a real byte-level BPE, small enough for tiny models,
     in which every character of ASCII text is one token."""
-    return Tokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257}, GPT2_PATTERN,
-                     bos_id=256, eos_id=257, add_bos=add_bos)
+    return Tokenizer(
+        {bytes([i]): i for i in range(256)},
+        {"<s>": 256, "</s>": 257},
+        GPT2_PATTERN,
+        bos_id=256,
+        eos_id=257,
+        add_bos=add_bos,
+    )
 
 
 def save_tiny_model(directory, seed=0, add_bos=False, **overrides):
     """A random 2-layer LLaMA with Lo = 32 (ModelArgs `overrides` change it) and the byte tokenizer,
     saved as a Hugging Face directory; -> the model."""
     torch.manual_seed(seed)
-    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, hidden_dim=64,
-                max_seq_len=32)
+    args = dict(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, hidden_dim=64, max_seq_len=32
+    )
     model = Transformer(ModelArgs(**{**args, **overrides}))
     model.save_pretrained(directory, tokenizer=byte_tokenizer(add_bos))
     return model
@@ -54,5 +64,7 @@ def write_documents(directory, n=6):
     rng = random.Random(0)
     directory.mkdir()
     for i in range(n):
-        (directory / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(12 + 30 * i)))
+        (directory / f"doc{i}.txt").write_text(
+            " ".join(rng.choice(WORDS) for _ in range(12 + 30 * i))
+        )
     return directory

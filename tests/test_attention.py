@@ -1,6 +1,7 @@
 """attend()'s kernel choice: on CUDA no path may reach SDPA's math kernel (fp32 T×S scores per head),
 so the plan is checked for every case with the device decision mocked, and the CUDA plan's arithmetic
 (copied KV heads, the lower-right causal bias) is run on the CPU against the plain path."""
+
 import itertools
 
 import pytest
@@ -10,8 +11,14 @@ import torch.nn.functional as F
 import model
 from model import attend, sdpa_plan
 
-CASES = list(itertools.product(("cuda", "cpu"), (torch.float32, torch.bfloat16, torch.float16),
-                               ((9, 9), (1, 9), (4, 9)), (True, False)))
+CASES = list(
+    itertools.product(
+        ("cuda", "cpu"),
+        (torch.float32, torch.bfloat16, torch.float16),
+        ((9, 9), (1, 9), (4, 9)),
+        (True, False),
+    )
+)
 
 
 @pytest.mark.parametrize("device, dtype, shape, gqa", CASES)
@@ -21,11 +28,17 @@ def test_the_plan_on_cuda_only_asks_what_the_linear_memory_kernels_take(device, 
     is the lower-right causal bias, never a (T, S) tensor."""
     T, S = shape
     copies, mask = sdpa_plan(device, dtype, T, S, gqa)
-    assert mask == ("causal" if T == S else None if T == 1 else "lower_right" if device == "cuda" else "bool")
+    assert mask == (
+        "causal" if T == S else None if T == 1 else "lower_right" if device == "cuda" else "bool"
+    )
     shared_gqa = gqa and not copies
     if device == "cuda":
-        assert not (shared_gqa and dtype == torch.float32), "fp32 GQA without copies: the math kernel"
-        assert not (shared_gqa and mask is not None and mask != "causal"), "GQA under a mask: the math kernel"
+        assert not (shared_gqa and dtype == torch.float32), (
+            "fp32 GQA without copies: the math kernel"
+        )
+        assert not (shared_gqa and mask is not None and mask != "causal"), (
+            "GQA under a mask: the math kernel"
+        )
         assert mask != "bool"
     else:
         assert not copies  # the CPU flash kernel takes masks, fp32 and GQA as they are
@@ -34,15 +47,19 @@ def test_the_plan_on_cuda_only_asks_what_the_linear_memory_kernels_take(device, 
 def test_cuda_runs_sdpa_with_the_math_kernel_excluded(monkeypatch):
     """attend() restricts SDPA to the flash, memory-efficient and cuDNN kernels on CUDA (mocked here)."""
     seen = []
-    monkeypatch.setattr(model, "sdpa_kernel", lambda backends: seen.append(backends) or torch.no_grad())
+    monkeypatch.setattr(
+        model, "sdpa_kernel", lambda backends: seen.append(backends) or torch.no_grad()
+    )
     q = torch.randn(1, 5, 4, 8)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     monkeypatch.setattr(model, "use_flash_attn", lambda q: False)
     attend(q, torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8))
     assert seen and torch.nn.attention.SDPBackend.MATH not in seen[0]
-    assert set(seen[0]) == {torch.nn.attention.SDPBackend.FLASH_ATTENTION,
-                            torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
-                            torch.nn.attention.SDPBackend.CUDNN_ATTENTION}
+    assert set(seen[0]) == {
+        torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+        torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+        torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
+    }
 
 
 @pytest.mark.parametrize("T, S", [(9, 9), (1, 9), (4, 9)])
@@ -51,15 +68,22 @@ def test_the_cuda_plan_gives_the_cpu_plans_attention(T, S, dtype, monkeypatch):
     """Copied KV heads and the lower-right causal bias compute what the CPU path computes (and what the
     reference, a dense causal mask aligned bottom-right over repeated KV heads, computes)."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, T, 4, 8, dtype=dtype), torch.randn(2, S, 2, 8, dtype=dtype), \
-        torch.randn(2, S, 2, 8, dtype=dtype)
+    q, k, v = (
+        torch.randn(2, T, 4, 8, dtype=dtype),
+        torch.randn(2, S, 2, 8, dtype=dtype),
+        torch.randn(2, S, 2, 8, dtype=dtype),
+    )
     cpu = attend(q, k, v)
     plan = sdpa_plan
     monkeypatch.setattr(model, "sdpa_plan", lambda _, *a: plan("cuda", *a))
     cuda_plan = attend(q, k, v)
     mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2),
-                                         v.repeat_interleave(2, 2).transpose(1, 2), attn_mask=mask)
+    ref = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.repeat_interleave(2, 2).transpose(1, 2),
+        v.repeat_interleave(2, 2).transpose(1, 2),
+        attn_mask=mask,
+    )
     tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(cuda_plan, cpu, **tol)
     torch.testing.assert_close(cpu, ref.transpose(1, 2), **tol)
@@ -73,7 +97,8 @@ def test_flash_attn_only_where_its_limits_hold(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     assert model.use_flash_attn(torch.zeros(1, 1, 1, 128, dtype=torch.bfloat16))
     assert not model.use_flash_attn(torch.zeros(1, 1, 1, 128))  # fp32
-    assert not model.use_flash_attn(torch.zeros(1, 1, 1, 96 + 4, dtype=torch.bfloat16))  # not a multiple of 8
+    # not a multiple of 8
+    assert not model.use_flash_attn(torch.zeros(1, 1, 1, 96 + 4, dtype=torch.bfloat16))
     assert not model.use_flash_attn(torch.zeros(1, 1, 1, 512, dtype=torch.bfloat16))  # > 256
     capability[0] = (7, 5)  # a T4
     assert not model.use_flash_attn(torch.zeros(1, 1, 1, 128, dtype=torch.bfloat16))

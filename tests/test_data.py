@@ -3,6 +3,7 @@ exactly the tokens the raw path tokenizes (so train.py draws the same batches fo
 killed prepare leaves no corpus that looks whole and resumes to the same bytes, another tokenizer's
 corpus is refused, and damaged input is counted and named, never a traceback. A byte-level
 tokenizer and documents of a few hundred bytes: seconds on a CPU."""
+
 import gzip
 import json
 import os
@@ -54,8 +55,10 @@ def corpus(tmp_path):
     mixed.mkdir()
     (mixed / "a.jsonl").write_bytes(jsonl({"text": t, "id": i} for i, t in enumerate(docs[:10])))
     (mixed / "b.jsonl.gz").write_bytes(gzip.compress(jsonl({"text": t} for t in docs[10:20])))
-    frames = [zstandard.ZstdCompressor().compress(jsonl({"text": t} for t in part))
-              for part in (docs[20:30], docs[30:])]
+    frames = [
+        zstandard.ZstdCompressor().compress(jsonl({"text": t} for t in part))
+        for part in (docs[20:30], docs[30:])
+    ]
     (mixed / "c.jsonl.zst").write_bytes(b"".join(frames))
     return tmp_path, docs
 
@@ -75,8 +78,16 @@ def test_every_format_reads_the_same_documents(corpus):
 def test_batches_hold_every_line_once_and_resume_at_any_line(tmp_path):
     """read_batches cuts raw bytes at line ends: the lines, their numbers and every resume point
     must be those of bytes.split(b"\\n") (a final line end starts no line), whatever the batch."""
-    for n, content in enumerate([b"a\nbb\n\nccc\ndddd\n", b"a\nbb\n\nccc\ndddd", b"\n", b"x",
-                                 b"", b"\n\n\nlong line here\n\n"]):
+    for n, content in enumerate(
+        [
+            b"a\nbb\n\nccc\ndddd\n",
+            b"a\nbb\n\nccc\ndddd",
+            b"\n",
+            b"x",
+            b"",
+            b"\n\n\nlong line here\n\n",
+        ]
+    ):
         path = tmp_path / f"{n}.jsonl"
         path.write_bytes(content)
         lines = content.split(b"\n")[:-1] if content.endswith(b"\n") else content.split(b"\n")
@@ -121,8 +132,14 @@ def test_a_vocabulary_beyond_uint16_is_stored_as_uint32():
 def test_ids_beyond_uint16_are_prepared_whole(corpus, tmp_path):
     """BOS = 70000 in every document: stored as uint16 it would wrap to 4464."""
     root, docs = corpus
-    tokenizer = Tokenizer({bytes([i]): i for i in range(256)}, {"<s>": 70000, "</s>": 70001},
-                          GPT2_PATTERN, bos_id=70000, eos_id=70001, add_bos=True)
+    tokenizer = Tokenizer(
+        {bytes([i]): i for i in range(256)},
+        {"<s>": 70000, "</s>": 70001},
+        GPT2_PATTERN,
+        bos_id=70000,
+        eos_id=70001,
+        add_bos=True,
+    )
     prepare.prepare([root / "mixed"], tokenizer, tmp_path / "big", workers=2, **QUIET)
     store, raw = (data.load_corpus(p, tokenizer) for p in (tmp_path / "big", root / "mixed"))
     assert store.tokens.dtype == np.uint32 and store.tokens.max() == 70000
@@ -130,16 +147,24 @@ def test_ids_beyond_uint16_are_prepared_whole(corpus, tmp_path):
     assert [list(d) for d in store] == [tokenizer.encode(t) for t in docs]
 
 
-def test_batches_from_a_prepared_corpus_equal_todays_for_the_same_documents_and_seed(corpus,
-                                                                                     tmp_path):
+def test_batches_from_a_prepared_corpus_equal_todays_for_the_same_documents_and_seed(
+    corpus, tmp_path
+):
     root, docs = corpus
     tokenizer = byte_tokenizer()
     prepare.prepare([root / "mixed"], tokenizer, tmp_path / "c", workers=2, batch_bytes=700)
     lengths = sorted(len(tokenizer.encode(t)) for t in docs)
     train_len, target_len = lengths[10], lengths[25]  # documents of exactly these lengths qualify
     for method, content in (("pose", "random"), ("pose", "aligned"), ("full", "random")):
-        cfg = config.Config(data=str(tmp_path / "c"), train_len=train_len, target_len=target_len,
-                           batch_size=16, seed=3, method=method, content=content)
+        cfg = config.Config(
+            data=str(tmp_path / "c"),
+            train_len=train_len,
+            target_len=target_len,
+            batch_size=16,
+            seed=3,
+            method=method,
+            content=content,
+        )
         need = target_len if method == "full" or content == "aligned" else train_len
         kept = train.load_documents(cfg, tokenizer, rank=0)
         reference = today(docs, tokenizer, need)
@@ -153,14 +178,48 @@ def test_batches_from_a_prepared_corpus_equal_todays_for_the_same_documents_and_
 def test_training_on_the_prepared_corpus_equals_training_on_the_raw_files(corpus, tmp_path):
     root, _ = corpus
     base = tiny_model(tmp_path / "base")
-    subprocess.run([sys.executable, "-m", "machinery.prepare", "--data", str(root / "txt"),
-                    "--tokenizer", str(base), "--out", str(tmp_path / "c"), "--workers", "2"],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "machinery.prepare",
+            "--data",
+            str(root / "txt"),
+            "--tokenizer",
+            str(base),
+            "--out",
+            str(tmp_path / "c"),
+            "--workers",
+            "2",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     losses = {}
     for name, source in (("raw", root / "txt"), ("prepared", tmp_path / "c")):
-        train.main(["--model", str(base), "--data", str(source), "--target_len", "128", "--steps",
-                    "3", "--batch_size", "4", "--lr", "1e-3", "--warmup", "1", "--peak_tflops", "1",
-                    "--out", str(tmp_path / name)])
+        train.main(
+            [
+                "--model",
+                str(base),
+                "--data",
+                str(source),
+                "--target_len",
+                "128",
+                "--steps",
+                "3",
+                "--batch_size",
+                "4",
+                "--lr",
+                "1e-3",
+                "--warmup",
+                "1",
+                "--peak_tflops",
+                "1",
+                "--out",
+                str(tmp_path / name),
+            ]
+        )
         log = (tmp_path / name / "log.jsonl").read_text().splitlines()
         losses[name] = [json.loads(line)["loss"] for line in log]
     assert losses["raw"] == losses["prepared"] and len(losses["raw"]) == 3
@@ -168,23 +227,43 @@ def test_training_on_the_prepared_corpus_equals_training_on_the_raw_files(corpus
 
 def test_a_corpus_of_another_tokenizer_is_refused_with_a_sentence(corpus, tmp_path):
     root, _ = corpus
-    prepare.prepare([root / "txt"], byte_tokenizer(add_bos=True), tmp_path / "c",
-                    tokenizer_name="bytes+bos")
-    refusal = (r"prepared with another tokenizer \(bytes\+bos: 258 tokens, BOS added, sha256 "
-               r"\w{12}\) than the model's \(258 tokens, BOS not added")
+    prepare.prepare(
+        [root / "txt"], byte_tokenizer(add_bos=True), tmp_path / "c", tokenizer_name="bytes+bos"
+    )
+    refusal = (
+        r"prepared with another tokenizer \(bytes\+bos: 258 tokens, BOS added, sha256 "
+        r"\w{12}\) than the model's \(258 tokens, BOS not added"
+    )
     with pytest.raises(ValueError, match=refusal):
         data.load_corpus(tmp_path / "c", byte_tokenizer(add_bos=False))
     base = tiny_model(tmp_path / "base")
-    run = subprocess.run([sys.executable, "train.py", "--model", str(base), "--data",
-                          str(tmp_path / "c"), "--target_len", "128", "--steps", "1", "--out",
-                          str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--model",
+            str(base),
+            "--data",
+            str(tmp_path / "c"),
+            "--target_len",
+            "128",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "prepare it again with this model's tokenizer" in run.stderr.splitlines()[-1]
 
 
-def test_a_killed_prepare_leaves_no_corpus_and_a_rerun_resumes_to_the_same_bytes(corpus, tmp_path,
-                                                                                monkeypatch):
+def test_a_killed_prepare_leaves_no_corpus_and_a_rerun_resumes_to_the_same_bytes(
+    corpus, tmp_path, monkeypatch
+):
     root, _ = corpus
     tokenizer = byte_tokenizer()
     prepare.prepare([root / "mixed"], tokenizer, tmp_path / "whole", batch_bytes=300)
@@ -219,8 +298,9 @@ def test_a_killed_prepare_leaves_no_corpus_and_a_rerun_resumes_to_the_same_bytes
 
 
 @pytest.mark.parametrize("kill_before", [1, 2, 3, 4])
-def test_a_prepare_killed_while_finishing_ends_whole_on_rerun(corpus, tmp_path, monkeypatch,
-                                                              kill_before):
+def test_a_prepare_killed_while_finishing_ends_whole_on_rerun(
+    corpus, tmp_path, monkeypatch, kill_before
+):
     """finish() renames or removes 4 times (corpus.json, progress.json, ends.bin, OUT.partial ->
     OUT): a kill before any of them must leave a rerun that ends with the uninterrupted bytes."""
     root, _ = corpus
@@ -235,6 +315,7 @@ def test_a_prepare_killed_while_finishing_ends_whole_on_rerun(corpus, tmp_path, 
                 if len(steps) == kill_before:
                     raise KeyboardInterrupt
                 return real(*a, **k)
+
             return counted
 
         with monkeypatch.context() as m:
@@ -289,34 +370,55 @@ def test_damaged_input_is_counted_and_named_never_a_traceback(tmp_path):
     good = [{"text": t} for t in texts(6)]
     d = tmp_path / "damaged"
     d.mkdir()
-    (d / "a.jsonl").write_bytes(jsonl(good[:2]) + b"{oops\n" + jsonl([{"body": "x"}, {"text": 3}])
-                                + b"\n" + b'{"text": "caf\xe9 \xff"}\n')
+    (d / "a.jsonl").write_bytes(
+        jsonl(good[:2])
+        + b"{oops\n"
+        + jsonl([{"body": "x"}, {"text": 3}])
+        + b"\n"
+        + b'{"text": "caf\xe9 \xff"}\n'
+    )
     many = texts(3000, seed=1)  # 1 MB: zstd blocks of 128 KB, the first ones whole before the cut
     whole = zstandard.ZstdCompressor().compress(jsonl({"text": t} for t in many))
-    (d / "b.jsonl.zst").write_bytes(whole[:len(whole) // 2])  # cut mid-frame: a broken download
+    (d / "b.jsonl.zst").write_bytes(whole[: len(whole) // 2])  # cut mid-frame: a broken download
     (d / "c.jsonl.gz").write_bytes(gzip.compress(jsonl({"text": t} for t in many))[:-30])
     (d / "d.txt").write_bytes(b"\xef\xbf\xbd genuine, \xc3 not")
-    run = subprocess.run([sys.executable, "-m", "machinery.prepare", "--data", str(d), "--tokenizer",
-                          str(ROOT / "demo" / "base"), "--out", str(tmp_path / "c"), "--workers",
-                          "2"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "machinery.prepare",
+            "--data",
+            str(d),
+            "--tokenizer",
+            str(ROOT / "demo" / "base"),
+            "--out",
+            str(tmp_path / "c"),
+            "--workers",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("data: ")]
     kept = {name: data.read_documents(d / name, **QUIET) for name in ("b.jsonl.zst", "c.jsonl.gz")}
     assert lines == [
         f"data: 1 line(s) that are not valid JSON in 1 file(s) (first: {d / 'a.jsonl'}, line 3: "
         "not valid JSON (Expecting property name enclosed in double quotes)) were skipped",
-        f"data: 2 line(s) without a string \"text\" field in 1 file(s) (first: {d / 'a.jsonl'}, "
-        "line 4: expected an object with a string \"text\" field) were skipped",
+        f'data: 2 line(s) without a string "text" field in 1 file(s) (first: {d / "a.jsonl"}, '
+        'line 4: expected an object with a string "text" field) were skipped',
         f"data: 3 invalid UTF-8 byte sequence(s) in 2 file(s) (first: {d / 'a.jsonl'}) were "
         "replaced with U+FFFD",
         f"data: 2 file(s) cut short or corrupt in 2 file(s) (first: {d / 'b.jsonl.zst'}, after "
         f"line {len(kept['b.jsonl.zst'])}: EOFError: the file ends inside a zstd frame (cut "
-        "short)) were read up to the damage"], run.stdout
+        "short)) were read up to the damage",
+    ], run.stdout
     meta = json.loads((tmp_path / "c" / data.CORPUS_JSON).read_text())
     assert meta["damaged"]["counts"] == {"json": 1, "text": 2, "utf8": 3, "file": 2}
     assert meta["damaged"]["files"]["file"] == [str(d / "b.jsonl.zst"), str(d / "c.jsonl.gz")]
     for name, texts_kept in kept.items():  # the documents before the cut, and only those
-        assert 0 < len(texts_kept) < len(many) and texts_kept == many[:len(texts_kept)], name
+        assert 0 < len(texts_kept) < len(many) and texts_kept == many[: len(texts_kept)], name
     assert meta["documents"] == 2 + 1 + len(kept["b.jsonl.zst"]) + len(kept["c.jsonl.gz"]) + 1
 
 
@@ -324,13 +426,28 @@ def test_unusable_paths_are_one_sentence(tmp_path):
     (tmp_path / "x.csv").write_text("text\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "blank.txt").write_text("")
-    for path, message in ((tmp_path / "x.csv", "unsupported file type '.csv'"),
-                          (tmp_path / "missing", "does not exist"),
-                          (tmp_path / "empty", "holds no .txt, .jsonl, .jsonl.gz or .jsonl.zst"),
-                          (tmp_path / "blank.txt", "hold(s) no text")):
-        run = subprocess.run([sys.executable, "-m", "machinery.prepare", "--data", str(path),
-                              "--tokenizer", str(ROOT / "demo" / "base"), "--out",
-                              str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True)
+    for path, message in (
+        (tmp_path / "x.csv", "unsupported file type '.csv'"),
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path / "empty", "holds no .txt, .jsonl, .jsonl.gz or .jsonl.zst"),
+        (tmp_path / "blank.txt", "hold(s) no text"),
+    ):
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "machinery.prepare",
+                "--data",
+                str(path),
+                "--tokenizer",
+                str(ROOT / "demo" / "base"),
+                "--out",
+                str(tmp_path / "c"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         error = run.stderr.splitlines()[-1]  # after the progress bar, if reading began
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
         assert error.startswith("error: ") and message in error, run.stderr
@@ -339,8 +456,10 @@ def test_unusable_paths_are_one_sentence(tmp_path):
 
 def test_prepare_never_imports_torch(corpus, tmp_path):
     """Importing torch costs ~2 CPU seconds of one process before any work: a prepare needs none."""
-    code = (f"import sys; from machinery import prepare; prepare.main(['--data', {str(corpus[0] / 'txt')!r}, "
-            f"'--tokenizer', 'demo/base', '--out', {str(tmp_path / 'c')!r}, '--workers', '1']); "
-            "print('torch' in sys.modules)")
+    code = (
+        f"import sys; from machinery import prepare; prepare.main(['--data', {str(corpus[0] / 'txt')!r}, "
+        f"'--tokenizer', 'demo/base', '--out', {str(tmp_path / 'c')!r}, '--workers', '1']); "
+        "print('torch' in sys.modules)"
+    )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.splitlines()[-1] == "False", run.stderr[-2000:]

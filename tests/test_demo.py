@@ -7,6 +7,7 @@ Table 1 and Figure 2b in miniature. Seeds are fixed. At 40 trials a 90% threshol
 98%, a 60% threshold 2 below a true 75%, and a 50-point gap between two rates is > 5 standard errors from a true
 gap of 80 points. About 2.5 minutes on 2 cores.
 """
+
 import hashlib
 import json
 import os
@@ -27,8 +28,13 @@ pytestmark = pytest.mark.slow  # left out by pytest -m "not slow"; make test run
 def table(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    run = subprocess.run([sys.executable, "demo/run.py", "--trials", "40", "--out", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "demo/run.py", "--trials", "40", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     print(run.stdout[-1500:])
     return summary(out)
@@ -69,13 +75,21 @@ def test_the_faithful_mixture_never_holds_the_evaluations_prompt():
     plays included, holds one."""
     import random
 
-    from demo.build_base import faithful_mixture, name_pool, pieces, split_plays, template_free, varied_episode
+    from demo.build_base import (
+        faithful_mixture,
+        name_pool,
+        pieces,
+        split_plays,
+        template_free,
+        varied_episode,
+    )
     from machinery.texts import fetch_shakespeare
     from eval_passkey import build_prompt, filler
     from machinery.tokenizer import load_tokenizer
 
     assert not template_free(build_prompt(12345, 10, 10))
-    for sentence in build_prompt(12345, 20, 0).replace("?", ".").split(". ")[:-1]:  # each sentence alone, key or not
+    # each sentence alone, key or not
+    for sentence in build_prompt(12345, 20, 0).replace("?", ".").split(". ")[:-1]:
         assert not template_free(sentence.replace("12345 ", "") + "."), sentence
     assert not template_free(filler(20)) and not template_free("What is the PASS KEY?")
     tokenizer, rng = load_tokenizer(ROOT / "demo" / "base"), random.Random(0)
@@ -113,10 +127,17 @@ def test_a_rerun_never_reuses_a_run_made_otherwise(tmp_path):
     (stage / "final" / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no stage.json"):  # made before stage.json existed
         pretrain("stage 1", data, stage, ["--steps", "10"], ["--init", "c"])
-    (stage / "stage.json").write_text(json.dumps(
-        {"start": ["--init", "c"], "flags": ["--steps", "10"],
-         "data": hashlib.sha256(data.read_bytes()).hexdigest()}))
-    pretrain("stage 1", data, stage, ["--steps", "10"], ["--init", "c"])  # done: skipped, nothing runs
+    (stage / "stage.json").write_text(
+        json.dumps(
+            {
+                "start": ["--init", "c"],
+                "flags": ["--steps", "10"],
+                "data": hashlib.sha256(data.read_bytes()).hexdigest(),
+            }
+        )
+    )
+    # done: skipped, nothing runs
+    pretrain("stage 1", data, stage, ["--steps", "10"], ["--init", "c"])
     data.write_text('{"text": "b"}\n')
     with pytest.raises(UserError, match="other settings \\(data\\)"):
         pretrain("stage 1", data, stage, ["--steps", "10"], ["--init", "c"])

@@ -2,6 +2,7 @@
 its own slices, no rank building the whole model, and the sharded model holds exactly the weights one process
 loads, whatever the checkpoint's dtype and however its files are split; Meta checkpoints and --init, which rank 0
 builds whole and broadcasts, too."""
+
 import json
 import os
 import re
@@ -51,20 +52,36 @@ os._exit(0)  # as train.py: gloo's threads can abort the interpreter's teardown 
 
 
 def byte_tokenizer():
-    return Tokenizer({bytes([i]): i for i in range(256)}, {"<s>": 256, "</s>": 257}, GPT2_PATTERN,
-                     bos_id=256, eos_id=257, add_bos=False)
+    return Tokenizer(
+        {bytes([i]): i for i in range(256)},
+        {"<s>": 256, "</s>": 257},
+        GPT2_PATTERN,
+        bos_id=256,
+        eos_id=257,
+        add_bos=False,
+    )
 
 
 def hf_checkpoint(directory, dtype, sharded, tied):
     """A tiny LLaMA (Lo = 32) as a Hugging Face directory; 259 vocabulary rows and 3 heads, so that the rows of
     most tensors do not split evenly over two ranks. Tied: the lm_head copy is stored too, as some do."""
     torch.manual_seed(0)
-    args = ModelArgs(dim=24, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=259, hidden_dim=40,
-                     max_seq_len=32, tie_word_embeddings=tied)
+    args = ModelArgs(
+        dim=24,
+        n_layers=2,
+        n_heads=3,
+        n_kv_heads=1,
+        vocab_size=259,
+        hidden_dim=40,
+        max_seq_len=32,
+        tie_word_embeddings=tied,
+    )
     Transformer(args).save_pretrained(directory, tokenizer=byte_tokenizer())
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "torch_dtype": str(dtype)[6:]}))
-    state = {k: v.to(dtype).contiguous() for k, v in load_file(directory / "model.safetensors").items()}
+    state = {
+        k: v.to(dtype).contiguous() for k, v in load_file(directory / "model.safetensors").items()
+    }
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
     (directory / "model.safetensors").unlink()
@@ -72,26 +89,34 @@ def hf_checkpoint(directory, dtype, sharded, tied):
         save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
         return
     names, weight_map = sorted(state), {}
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
         file = f"model-{i + 1:05d}-of-00002.safetensors"
         save_file({k: state[k] for k in part}, directory / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, file))
-    index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in state.values())},
+        "weight_map": weight_map,
+    }
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def meta_checkpoint(directory):
     """The tiny model as a Meta directory: params.json and one consolidated.00.pth, q/k rows interleaved."""
     torch.manual_seed(1)
-    args = ModelArgs(dim=24, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=259, hidden_dim=40, max_seq_len=32)
+    args = ModelArgs(
+        dim=24, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=259, hidden_dim=40, max_seq_len=32
+    )
     state = Transformer(args).state_dict()
     for name in [k for k in state if k.endswith(("wq.weight", "wk.weight"))]:
         w, heads = state[name], args.n_heads if "wq" in name else args.n_kv_heads
-        rows, cols = w.shape  # our half layout -> Meta's interleaved pairs (weights.interleaved_to_half undone)
+        # our half layout -> Meta's interleaved pairs (weights.interleaved_to_half undone)
+        rows, cols = w.shape
         state[name] = w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
     directory.mkdir()
     torch.save(state, directory / "consolidated.00.pth")
-    params = {k: v for k, v in asdict(args).items() if k not in ("rope_scaling", "tie_word_embeddings")}
+    params = {
+        k: v for k, v in asdict(args).items() if k not in ("rope_scaling", "tie_word_embeddings")
+    }
     (directory / "params.json").write_text(json.dumps(params))
     byte_tokenizer().save(directory)
 
@@ -102,8 +127,12 @@ def test_two_ranks_hold_exactly_what_one_process_loads(tmp_path):
     untied or tied, is built on the meta device by every rank, which fills its FSDP2 shards from its own rows of
     the files; a Meta checkpoint and --init are built whole by rank 0 alone and broadcast. Either way the gathered
     weights equal the single-process load bit for bit (bf16 -> fp32 is exact), RoPE scaling included."""
-    hf = {"fp32-single": (torch.float32, False, False), "bf16-sharded": (torch.bfloat16, True, True),
-          "bf16-single": (torch.bfloat16, False, False), "fp32-sharded-tied": (torch.float32, True, True)}
+    hf = {
+        "fp32-single": (torch.float32, False, False),
+        "bf16-sharded": (torch.bfloat16, True, True),
+        "bf16-single": (torch.bfloat16, False, False),
+        "fp32-sharded-tied": (torch.float32, True, True),
+    }
     cases = {}  # name -> (settings, built on the meta device by rank 0 and rank 1)
     for name, (dtype, sharded, tied) in hf.items():
         hf_checkpoint(tmp_path / name, dtype, sharded, tied)
@@ -111,14 +140,31 @@ def test_two_ranks_hold_exactly_what_one_process_loads(tmp_path):
     meta_checkpoint(tmp_path / "meta")
     cases["meta"] = {"model": str(tmp_path / "meta"), "target_len": 128}, [False, True]
     init = json.dumps({"dim": 24, "n_layers": 1, "n_heads": 3, "hidden_dim": 40, "max_seq_len": 32})
-    cases["init"] = {"init": init, "tokenizer": str(tmp_path / "meta"), "target_len": 128, "seed": 3}, [False, True]
+    cases["init"] = (
+        {"init": init, "tokenizer": str(tmp_path / "meta"), "target_len": 128, "seed": 3},
+        [False, True],
+    )
     argv = []
     for name, (settings, _) in cases.items():
         argv += [json.dumps(settings), str(tmp_path / f"{name}.pt")]
     (tmp_path / "worker.py").write_text(WORKER)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(tmp_path / "worker.py"), *argv], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "worker.py"),
+            *argv,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for name, (settings, built_on_meta) in cases.items():
         sharded = torch.load(tmp_path / f"{name}.pt", weights_only=True)
@@ -127,7 +173,10 @@ def test_two_ranks_hold_exactly_what_one_process_loads(tmp_path):
         assert sharded["args"] == asdict(one.args) and one.args.rope_scaling["factor"] == 4, name
         assert sharded["state"].keys() == one.state_dict().keys(), name
         for key, tensor in one.state_dict().items():
-            assert tensor.dtype == torch.float32 and torch.equal(sharded["state"][key], tensor), (name, key)
+            assert tensor.dtype == torch.float32 and torch.equal(sharded["state"][key], tensor), (
+                name,
+                key,
+            )
 
 
 @pytest.fixture
@@ -159,11 +208,19 @@ def test_slices_of_a_checkpoint_that_does_not_match_are_refused_by_name(tmp_path
     for key, tensor in one.state_dict().items():
         assert torch.equal(model.state_dict()[key].full_tensor(), tensor), key
     state = load_file(tmp_path / "ok" / "model.safetensors")
-    broken = {"missing": {k: v for k, v in state.items() if k != "model.norm.weight"},
-              "unexpected": {**state, "model.layers.9.mlp.up_proj.weight": state["model.norm.weight"].clone()},
-              "shape": {**state, "model.norm.weight": state["model.norm.weight"][:-1].clone()}}
-    said = {"missing": "missing ['norm.weight']", "unexpected": "unexpected ['layers.9.feed_forward.w3.weight']",
-            "shape": "norm.weight has shape (23,), the config implies (24,)"}
+    broken = {
+        "missing": {k: v for k, v in state.items() if k != "model.norm.weight"},
+        "unexpected": {
+            **state,
+            "model.layers.9.mlp.up_proj.weight": state["model.norm.weight"].clone(),
+        },
+        "shape": {**state, "model.norm.weight": state["model.norm.weight"][:-1].clone()},
+    }
+    said = {
+        "missing": "missing ['norm.weight']",
+        "unexpected": "unexpected ['layers.9.feed_forward.w3.weight']",
+        "shape": "norm.weight has shape (23,), the config implies (24,)",
+    }
     for name, tensors in broken.items():
         save_file(tensors, tmp_path / "ok" / "model.safetensors", metadata={"format": "pt"})
         with pytest.raises(ValueError, match=re.escape(said[name])):

@@ -1,5 +1,6 @@
 """bench/gpu_check.py's dry mode: every step of the one-GPU check runs on the CPU at tiny sizes and
 passes, so the script does not rot between the rare runs on a GPU."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_dry_run_runs_every_section_and_passes_every_check(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--dry", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     summary = (tmp_path / "summary.txt").read_text()
     assert done.returncode == 0, summary + done.stderr[-3000:]

@@ -1,5 +1,6 @@
 """model.py against transformers' LlamaForCausalLM: loading every format, every scaling, PoSE positions,
 the export round trip, the KV cache, and the errors users get for bad checkpoints."""
+
 import json
 import os
 
@@ -16,23 +17,37 @@ SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
     "dynamic": {"rope_type": "dynamic", "factor": 4.0},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 256},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+    },
 }
 
 
 def hf_model(tmp_path, *, kv_heads=2, tie=False, scaling=None, seed=0, vocab=320):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                         rms_norm_eps=1e-5, tie_word_embeddings=tie,
-                         rope_parameters={"rope_theta": 10000.0, **(scaling or {"rope_type": "default"})})
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        rope_parameters={"rope_theta": 10000.0, **(scaling or {"rope_type": "default"})},
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:  # away from 1, so a mixed-up norm weight cannot pass
                 p.uniform_(0.5, 1.5)
-            if "q_proj" in name or "k_proj" in name:  # sharp attention, so positions matter to the logits
+            # sharp attention, so positions matter to the logits
+            if "q_proj" in name or "k_proj" in name:
                 p.mul_(8)
     directory = tmp_path / "hf"
     model.save_pretrained(directory)
@@ -60,8 +75,9 @@ def assert_same_logits(ours, theirs, position_ids=None, atol=1e-4):
 def test_hf_directory_gives_transformers_logits(tmp_path, kind, kv_heads, tie):
     theirs, directory = hf_model(tmp_path, kv_heads=kv_heads, tie=tie, scaling=SCALINGS[kind])
     ours = Transformer.from_pretrained(directory)
-    assert ours.args.rope_scaling == (None if kind == "none" else {
-        "original_max_position_embeddings": 256, **SCALINGS[kind]})
+    assert ours.args.rope_scaling == (
+        None if kind == "none" else {"original_max_position_embeddings": 256, **SCALINGS[kind]}
+    )
     assert_same_logits(ours, theirs)
     # PoSE-style jumps: 0..99 then 5000..5099 (transformers' float32 angles are ~3e-4 rad off at 5k)
     assert_same_logits(ours, theirs, pose_positions())
@@ -81,7 +97,8 @@ def to_meta(state, args, directory, shards=1, vocab_parallel=False):
         if name.endswith(("wq.weight", "wk.weight")):
             heads = args.n_heads if "wq" in name else args.n_kv_heads
             hd = args.head_dim
-            w = w.view(heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)  # inverse of interleaved_to_half
+            # inverse of interleaved_to_half
+            w = w.view(heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)
         meta[name] = w
     meta["rope.freqs"] = torch.zeros(args.head_dim // 2)  # present in real Llama 1/2 files
     for rank in range(shards):
@@ -95,9 +112,18 @@ def to_meta(state, args, directory, shards=1, vocab_parallel=False):
                     split = 1
                 part[name] = w.chunk(shards, dim=split)[rank].clone()
         torch.save(part, directory / f"consolidated.{rank:02d}.pth")
-    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-              "vocab_size": -1, "multiple_of": 32, "ffn_dim_multiplier": 0.57, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "max_seq_len": args.max_seq_len}
+    params = {
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.n_kv_heads,
+        "vocab_size": -1,
+        "multiple_of": 32,
+        "ffn_dim_multiplier": 0.57,
+        "norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "max_seq_len": args.max_seq_len,
+    }
     (directory / "params.json").write_text(json.dumps(params))
 
 
@@ -107,14 +133,18 @@ def test_meta_checkpoint_gives_transformers_logits(tmp_path, shards, vocab_paral
     ours = Transformer.from_pretrained(directory)
     to_meta(ours.state_dict(), ours.args, tmp_path / "meta", shards, vocab_parallel)
     from_meta = Transformer.from_pretrained(tmp_path / "meta")
-    assert from_meta.args.hidden_dim == 96  # Meta's rule: int(0.57 · int(2/3 · 4 · 64)) = 96, a multiple of 32
+    # Meta's rule: int(0.57 · int(2/3 · 4 · 64)) = 96, a multiple of 32
+    assert from_meta.args.hidden_dim == 96
     assert_same_logits(from_meta, theirs, pose_positions())
 
 
 def test_meta_ffn_width_rule():
     # Llama-2-7B: 4096 → 11008; Llama-3-8B: multiplier 1.3, multiple_of 1024 → 14336
     assert ModelArgs(dim=4096, multiple_of=256).hidden_dim == 11008
-    assert ModelArgs(dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3, n_kv_heads=8).hidden_dim == 14336
+    assert (
+        ModelArgs(dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3, n_kv_heads=8).hidden_dim
+        == 14336
+    )
 
 
 def test_use_scaled_rope_means_llama31():
@@ -131,7 +161,7 @@ def test_interleaved_to_half_rotates_the_same_pairs():
     inter = (w @ x).view(heads, hd)
     # channel pair j of the interleaved layout is (2j, 2j+1); of the half layout (j, j + hd/2)
     torch.testing.assert_close(half[:, : hd // 2], inter[:, 0::2])
-    torch.testing.assert_close(half[:, hd // 2:], inter[:, 1::2])
+    torch.testing.assert_close(half[:, hd // 2 :], inter[:, 1::2])
 
 
 @pytest.mark.parametrize("kind", ["linear", "yarn", "ntk", "llama3"])
@@ -145,10 +175,13 @@ def test_export_round_trip_through_transformers(tmp_path, kind):
     ours.save_pretrained(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     if kind == "ntk":  # no ntk rope_type in transformers: exactly a larger base
-        assert config["rope_scaling"] is None and config["rope_theta"] == pytest.approx(10000 * 8 ** (16 / 14))
+        assert config["rope_scaling"] is None and config["rope_theta"] == pytest.approx(
+            10000 * 8 ** (16 / 14)
+        )
     else:
         assert config["rope_scaling"]["factor"] == 8.0
-        where = config if kind == "linear" else config["rope_scaling"]  # transformers' linear takes no Lo
+        # transformers' linear takes no Lo
+        where = config if kind == "linear" else config["rope_scaling"]
         assert where["original_max_position_embeddings"] == 256
         assert config["max_position_embeddings"] == 2048
     theirs = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -163,7 +196,9 @@ def test_scaling_changes_logits_at_long_positions(tmp_path):
     """A guard for the tests above: if scaling were ignored everywhere, they would still agree."""
     _, directory = hf_model(tmp_path)
     plain = Transformer.from_pretrained(directory)
-    scaled = Transformer.from_pretrained(directory, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    scaled = Transformer.from_pretrained(
+        directory, rope_scaling={"rope_type": "linear", "factor": 4.0}
+    )
     x, pos = tokens(), pose_positions()
     with torch.no_grad():
         assert (plain(x, pos) - scaled(x, pos)).abs().max() > 0.1  # ≫ the 1e-4 tolerance above
@@ -188,8 +223,14 @@ def test_cache_prefill_in_pieces_equals_one_pass(tmp_path):
     x = tokens(length=50)
     cache = model.make_cache(2, 50)
     with torch.no_grad():
-        pieces = torch.cat([model(x[:, :20], cache=cache), model(x[:, 20:45], cache=cache),
-                            model(x[:, 45:], cache=cache)], dim=1)
+        pieces = torch.cat(
+            [
+                model(x[:, :20], cache=cache),
+                model(x[:, 20:45], cache=cache),
+                model(x[:, 45:], cache=cache),
+            ],
+            dim=1,
+        )
         whole = model(x)
     torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-5)
 
@@ -222,7 +263,9 @@ def test_loss_is_next_token_cross_entropy_with_ignored_labels(tmp_path):
     targets[:, -1] = -100
     with torch.no_grad():
         logits = model(x)
-        expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        expected = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()
+        )
         assert model(x, targets=targets).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -243,7 +286,9 @@ def test_chunked_loss_equals_the_plain_cross_entropy_and_its_gradients(tmp_path,
             loss = model(x, pose_positions(), targets=targets)
         else:
             logits = model(x, pose_positions())
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
+            )
         loss.backward()
         runs.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
     (plain, plain_grads), (chunked, chunked_grads) = runs
@@ -291,6 +336,7 @@ def test_bf16_is_close_to_fp32(tmp_path):
 
 # ---- bad input: one sentence naming the file and what was expected --------------------------------------
 
+
 def test_missing_path(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         Transformer.from_pretrained(tmp_path / "nope")
@@ -306,7 +352,9 @@ def test_shape_mismatch_names_the_weight(tmp_path):
     config = json.loads((directory / "config.json").read_text())
     config["intermediate_size"] = 128
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"feed_forward.w1.weight has shape \(96, 64\).*\(128, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"feed_forward.w1.weight has shape \(96, 64\).*\(128, 64\)"
+    ):
         Transformer.from_pretrained(directory)
 
 
@@ -358,14 +406,24 @@ def test_unknown_params_key(tmp_path):
     params = {"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 8, "bogus": 1}
     (directory / "params.json").write_text(json.dumps(params))
     torch.save({}, directory / "consolidated.00.pth")  # the settings are checked before the weights
-    with pytest.raises(ValueError, match="params.json has keys ModelArgs does not know: \\['bogus'\\]"):
+    with pytest.raises(
+        ValueError, match="params.json has keys ModelArgs does not know: \\['bogus'\\]"
+    ):
         Transformer.from_pretrained(directory)
 
 
-@pytest.mark.parametrize("params,guess", [({"rope_theta": 1000000.0}, 16384),  # Code Llama
-                                          ({"norm_eps": 1e-6}, 2048), ({"norm_eps": 1e-5}, 4096),
-                                          ({"rope_theta": 500000.0}, 8192)])
-def test_meta_context_is_a_guess_said_out_loud_and_the_user_can_state_it(tmp_path, capsys, params, guess):
+@pytest.mark.parametrize(
+    "params,guess",
+    [
+        ({"rope_theta": 1000000.0}, 16384),  # Code Llama
+        ({"norm_eps": 1e-6}, 2048),
+        ({"norm_eps": 1e-5}, 4096),
+        ({"rope_theta": 500000.0}, 8192),
+    ],
+)
+def test_meta_context_is_a_guess_said_out_loud_and_the_user_can_state_it(
+    tmp_path, capsys, params, guess
+):
     _, directory = hf_model(tmp_path, kv_heads=2)
     ours = Transformer.from_pretrained(directory)
     to_meta(ours.state_dict(), ours.args, tmp_path / "meta")

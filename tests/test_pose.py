@@ -3,6 +3,7 @@ coverage counter and the Figure-1 command line of demo/figure1.py.
 
     python -m pytest -q tests/test_pose.py
 """
+
 import math
 
 import pytest
@@ -18,10 +19,16 @@ SETTINGS = [(n, c) for n in (1, 2, 3, 16, LC) for c in pose.CONTENTS]  # (chunks
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def draws(n, *, chunks=2, content="random", seed=0, doc_len=LX, train_len=LC, target_len=LT, method="pose"):
+def draws(
+    n, *, chunks=2, content="random", seed=0, doc_len=LX, train_len=LC, target_len=LT, method="pose"
+):
     g = torch.Generator().manual_seed(seed)
-    return [pose.make_example(method, doc_len, train_len, target_len, chunks=chunks, content=content,
-                              generator=g) for _ in range(n)]
+    return [
+        pose.make_example(
+            method, doc_len, train_len, target_len, chunks=chunks, content=content, generator=g
+        )
+        for _ in range(n)
+    ]
 
 
 def breaks(x):  # how many times x does not step by exactly 1
@@ -68,7 +75,8 @@ def test_target_len_equal_to_train_len_gives_plain_positions():
 
 def test_one_chunk_gives_plain_positions():
     for tok, pos in draws(20, chunks=1):
-        assert torch.equal(pos, torch.arange(LC)) and torch.equal(tok, torch.arange(LC))  # u_0 = v_0 = 0
+        # u_0 = v_0 = 0
+        assert torch.equal(pos, torch.arange(LC)) and torch.equal(tok, torch.arange(LC))
 
 
 def test_chunks_equal_to_train_len_follow_eq_4():
@@ -85,14 +93,19 @@ def test_skip_bias_content_offset_and_cut_point_are_uniform():
     """Eq. 4 and 5 at N=2: u_1 ~ U{0..Lt-Lc}, v_1 ~ U{0..Lx-Lc}; the cut l_0 ~ U{1..Lc-1}."""
     train_len, target_len, doc_len, n = 16, 35, 40, 4000
     examples = draws(n, train_len=train_len, target_len=target_len, doc_len=doc_len, seed=1)
-    skip = [int(pos[-1]) - (train_len - 1) for _, pos in examples]  # the last position is u_1 + Lc - 1
+    # the last position is u_1 + Lc - 1
+    skip = [int(pos[-1]) - (train_len - 1) for _, pos in examples]
     offset = [int(tok[-1]) - (train_len - 1) for tok, _ in examples]
     # l_0 shows where positions break; u_1 is independent of it, so keeping u_1 > 0 keeps it uniform
     cut = [int((pos.diff() != 1).nonzero()[0]) + 1 for _, pos in examples if breaks(pos)]
-    for values, support in [(skip, range(target_len - train_len + 1)), (offset, range(doc_len - train_len + 1)),
-                            (cut, range(1, train_len))]:
+    for values, support in [
+        (skip, range(target_len - train_len + 1)),
+        (offset, range(doc_len - train_len + 1)),
+        (cut, range(1, train_len)),
+    ]:
         assert chi2(values, support) < chi2_critical(len(support) - 1)
-    assert chi2([min(v, 9) for v in skip], range(20)) > chi2_critical(19)  # a skewed law is rejected
+    # a skewed law is rejected
+    assert chi2([min(v, 9) for v in skip], range(20)) > chi2_critical(19)
 
 
 def test_every_relative_distance_is_covered():
@@ -109,14 +122,18 @@ def test_randpos_covers_distances_too_but_pose_keeps_the_chunks_contiguous():
     """Both satisfy desideratum 1; only PoSE keeps pre-training's local structure (desideratum 2):
     it has at least Lc - N adjacent positions per example, RandPos about Lc(Lc-1)/Lt."""
     k, target_len = 400, 256  # distance Lt-1 needs positions 0 and Lt-1: 1 in 16 RandPos examples
-    pose_counts = figure1.distance_counts(torch.stack([p for _, p in draws(k, target_len=target_len)]), target_len)
+    pose_counts = figure1.distance_counts(
+        torch.stack([p for _, p in draws(k, target_len=target_len)]), target_len
+    )
     randpos = draws(k, target_len=target_len, method="randpos")
     rand_counts = figure1.distance_counts(torch.stack([p for _, p in randpos]), target_len)
-    assert bool((rand_counts[1:] > 0).all())  # PoSE's coverage: test_every_relative_distance_is_covered
+    # PoSE's coverage: test_every_relative_distance_is_covered
+    assert bool((rand_counts[1:] > 0).all())
     assert pose_counts[1] >= k * (LC - 2)
     expected = k * LC * (LC - 1) / target_len  # pairs of consecutive positions both drawn
     assert abs(float(rand_counts[1]) - expected) < 0.1 * expected
-    assert all(breaks(tok) == 0 for tok, _ in randpos)  # its text is contiguous: all labels are true
+    # its text is contiguous: all labels are true
+    assert all(breaks(tok) == 0 for tok, _ in randpos)
 
 
 @pytest.mark.parametrize("method,chunks", [("pose", 3), ("randpos", 2)])
@@ -125,7 +142,9 @@ def test_distance_counts_equal_brute_force(method, chunks):
     examples = draws(5, method=method, chunks=chunks, train_len=train_len, target_len=target_len)
     batch = torch.stack([pos for _, pos in examples])
     d = batch[:, None, :] - batch[:, :, None]  # (K, L, L): key to query distances
-    assert torch.equal(figure1.distance_counts(batch, target_len), torch.bincount(d[d > 0], minlength=target_len))
+    assert torch.equal(
+        figure1.distance_counts(batch, target_len), torch.bincount(d[d > 0], minlength=target_len)
+    )
 
 
 @pytest.mark.parametrize("chunks", [2, 16])  # few chunks and many
@@ -142,7 +161,8 @@ def test_same_seed_same_samples_and_every_call_draws_afresh():
     first, again = draws(20, seed=7), draws(20, seed=7)
     assert all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(first, again))
     assert len({tuple(pos.tolist()) for _, pos in first}) == 20  # never a cached or frozen example
-    with torch.random.fork_rng():  # generator=None: PyTorch's default generator, torch.manual_seed rules
+    # generator=None: PyTorch's default generator, torch.manual_seed rules
+    with torch.random.fork_rng():
         torch.manual_seed(3)
         a = pose.sample(LX, LC, LT)
         torch.manual_seed(3)
@@ -162,7 +182,8 @@ def test_targets_are_the_documents_next_tokens_or_masked():
     for tok, _ in draws(50, chunks=3):
         targets = pose.next_token_targets(doc[tok], tok)
         kept = targets != -100
-        assert targets[-1] == -100 and torch.equal(targets[kept], doc[tok[kept] + 1])  # true text only
+        # true text only
+        assert targets[-1] == -100 and torch.equal(targets[kept], doc[tok[kept] + 1])
         assert int((~kept[:-1]).sum()) == breaks(tok) <= 2  # one label per text jump, nothing else
         masked += breaks(tok)
         kept_all = pose.next_token_targets(doc[tok], tok, keep_boundary=True)  # the authors' choice
@@ -179,24 +200,36 @@ def test_every_method_gives_increasing_positions_below_target_len(method):
 
 
 def test_baselines():
-    assert all(torch.equal(pos, torch.arange(LT)) and breaks(tok) == 0 for tok, pos in draws(5, method="full"))
-    assert all(torch.equal(pos, torch.arange(LC)) and breaks(tok) == 0 for tok, pos in draws(5, method="noskip"))
+    assert all(
+        torch.equal(pos, torch.arange(LT)) and breaks(tok) == 0
+        for tok, pos in draws(5, method="full")
+    )
+    assert all(
+        torch.equal(pos, torch.arange(LC)) and breaks(tok) == 0
+        for tok, pos in draws(5, method="noskip")
+    )
     starts = {int(tok[0]) for tok, _ in draws(20, method="noskip")}
     assert len(starts) > 10  # the text run starts at a random offset
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(pose.make_example("pose", LX, LC, LT, generator=g1)[1], pose.sample(LX, LC, LT, generator=g2)[1])
+    assert torch.equal(
+        pose.make_example("pose", LX, LC, LT, generator=g1)[1],
+        pose.sample(LX, LC, LT, generator=g2)[1],
+    )
 
 
-@pytest.mark.parametrize("args,kwargs,message", [
-    (("pose", LC - 1, LC, LT), {}, "drop shorter documents or lower train_len"),
-    (("pose", LT - 1, LC, LT), {"content": "aligned"}, "lower target_len"),
-    (("full", LT - 1, LC, LT), {}, "needs at least target_len"),
-    (("pose", LX, LC, LC - 1), {}, "raise target_len"),
-    (("pose", LX, LC, LT), {"chunks": 0}, "chunks must be between 1"),
-    (("pose", LX, LC, LT), {"chunks": LC + 1}, "chunks must be between 1"),
-    (("pose", LX, LC, LT), {"content": "shuffled"}, "choose one of random"),
-    (("yarn", LX, LC, LT), {}, "choose one of pose"),
-])
+@pytest.mark.parametrize(
+    "args,kwargs,message",
+    [
+        (("pose", LC - 1, LC, LT), {}, "drop shorter documents or lower train_len"),
+        (("pose", LT - 1, LC, LT), {"content": "aligned"}, "lower target_len"),
+        (("full", LT - 1, LC, LT), {}, "needs at least target_len"),
+        (("pose", LX, LC, LC - 1), {}, "raise target_len"),
+        (("pose", LX, LC, LT), {"chunks": 0}, "chunks must be between 1"),
+        (("pose", LX, LC, LT), {"chunks": LC + 1}, "chunks must be between 1"),
+        (("pose", LX, LC, LT), {"content": "shuffled"}, "choose one of random"),
+        (("yarn", LX, LC, LT), {}, "choose one of pose"),
+    ],
+)
 def test_bad_input_raises_a_value_error_that_says_what_to_do(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pose.make_example(*args, **kwargs)

@@ -3,6 +3,7 @@ tiny demo/base (Lo 256, Lc 64 -> Lt 512, 2 steps), the tables with the rest pend
 skips what is done (also where only the results were kept, not the checkpoints), held-out texts
 never trained on, and the reader of R data that gives the second held-out text (fetched once from
 Debian into data/austen)."""
+
 import json
 import shutil
 import struct
@@ -21,8 +22,16 @@ pytestmark = pytest.mark.slow  # left out by pytest -m "not slow"; make test run
 
 
 def smoke(out, stages="4", *extra, code=0):
-    command = [sys.executable, "demo/real.py", "--smoke", "--stages", stages, "--out", str(out),
-               *extra]
+    command = [
+        sys.executable,
+        "demo/real.py",
+        "--smoke",
+        "--stages",
+        stages,
+        "--out",
+        str(out),
+        *extra,
+    ]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == code, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout + run.stderr
@@ -75,8 +84,11 @@ def test_models_choose_the_stages_and_the_tables_rows(tmp_path):
     """--models none,yarn (as the runs toward 32k take a few models): their stages only, in order,
     and tables with their rows only; a name that is not a model is refused in one sentence."""
     out = smoke(tmp_path, "3", "--models", "yarn,none")
-    assert [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("== stage") and
-            ": " in line] == ["ppl none", "passkey none", "ppl yarn"]
+    assert [
+        line.split(": ", 1)[1]
+        for line in out.splitlines()
+        if line.startswith("== stage") and ": " in line
+    ] == ["ppl none", "passkey none", "ppl yarn"]
     table = json.loads((tmp_path / "results.json").read_text())
     assert list(table["ppl"]["play"]) == ["none", "yarn"] and table["ppl"]["play"]["yarn"]
     assert list(table["passkey"]) == ["none", "yarn"] and not table["passkey"]["yarn"]
@@ -88,10 +100,21 @@ def test_models_choose_the_stages_and_the_tables_rows(tmp_path):
 
 def test_a_stride_no_evaluation_accepts_is_refused_before_training(tmp_path):
     """eval_ppl refuses a stride >= its smallest length; real.py says so at once, not after the training."""
-    command = [sys.executable, "demo/real.py", "--out", str(tmp_path / "r"), "--stride", "4096",
-               "--ppl_lengths", "2048,8192"]
+    command = [
+        sys.executable,
+        "demo/real.py",
+        "--out",
+        str(tmp_path / "r"),
+        "--stride",
+        "4096",
+        "--ppl_lengths",
+        "2048,8192",
+    ]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "smaller than every --ppl_lengths (the smallest is 2048)" in run.stderr
+    assert (
+        run.returncode == 2
+        and "smaller than every --ppl_lengths (the smallest is 2048)" in run.stderr
+    )
     assert "Traceback" not in run.stderr and not (tmp_path / "r").exists()
 
 

@@ -3,6 +3,7 @@ input that never runs code, and every bad input in the catalogue of docs/RELIABI
 non-zero exit and every file as it was. Rows already covered in test_train.py, test_eval.py and test_model.py are
 named in that table, not repeated here. Tiny models, CPU fp32, one thread: the whole file takes about 80 s on a
 busy 2-core machine, most of it starting processes to kill."""
+
 import errno
 import json
 import os
@@ -53,10 +54,33 @@ def tiny(tmp_path_factory):
 
 
 def argv(tiny, out, *extra):
-    return ["--model", str(tiny / "base"), "--data", str(tiny / "data"), "--train_len", "16", "--target_len", "128",
-            "--steps", str(STEPS), "--batch_size", "2", "--lr", "1e-3", "--warmup", "2", "--save_every",
-            str(SAVE_EVERY), "--peak_tflops", "1", "--save_dtype", "float32",
-            "--out", str(out), *extra]
+    return [
+        "--model",
+        str(tiny / "base"),
+        "--data",
+        str(tiny / "data"),
+        "--train_len",
+        "16",
+        "--target_len",
+        "128",
+        "--steps",
+        str(STEPS),
+        "--batch_size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--save_every",
+        str(SAVE_EVERY),
+        "--peak_tflops",
+        "1",
+        "--save_dtype",
+        "float32",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def losses(out):
@@ -65,7 +89,10 @@ def losses(out):
 
 def assert_equals_the_uninterrupted_run(tiny, out):
     assert losses(out) == losses(tiny / "whole")  # each step logged once, with the same loss
-    whole, resumed = load_file(tiny / "whole" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    whole, resumed = (
+        load_file(tiny / "whole" / "final" / "model.safetensors"),
+        load_file(out / "final" / "model.safetensors"),
+    )
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(resumed[name], whole[name]), name  # bitwise: CPU fp32, one process
@@ -93,8 +120,14 @@ def start(out, *args, env=ENV):
     OUT/stderr.txt."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "stdout.txt", "ab") as stdout, open(out / "stderr.txt", "ab") as stderr:
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=stdout,
-                                stderr=stderr, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
 
 
 def process_tree(pid):
@@ -122,8 +155,12 @@ def kill_when(process, ready, out, after=0.0, tree=False, timeout=120):
     time.sleep(after if reached else 0)
     for pid in process_tree(process.pid) if tree else [process.pid]:
         os.kill(pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, f"ended before the kill:\n{(out / 'stderr.txt').read_text()[-3000:]}"
-    assert reached, f"timed out waiting for the moment to kill:\n{(out / 'stderr.txt').read_text()[-3000:]}"
+    assert process.wait() == -signal.SIGKILL, (
+        f"ended before the kill:\n{(out / 'stderr.txt').read_text()[-3000:]}"
+    )
+    assert reached, (
+        f"timed out waiting for the moment to kill:\n{(out / 'stderr.txt').read_text()[-3000:]}"
+    )
 
 
 def error_of(main, args, capsys):
@@ -132,7 +169,8 @@ def error_of(main, args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     code, err = exit_info.value.code, capsys.readouterr().err
-    text = code if isinstance(code, str) else err  # eval scripts: sys.exit(message); train.py: print + exit 1
+    # eval scripts: sys.exit(message); train.py: print + exit 1
+    text = code if isinstance(code, str) else err
     assert code not in (0, None) and "Traceback" not in err
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, text
@@ -141,11 +179,13 @@ def error_of(main, args, capsys):
 
 # ---- 1. kill anywhere, resume, end where an uninterrupted run ends -------------------------------------------------
 
+
 def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tiny, tmp_path):
     # each checkpoint follows its step's log line, so the first is on disk once step SAVE_EVERY + 1 is logged;
     # several steps remain to be killed in
     kill_after = random.randint(SAVE_EVERY + 1, STEPS - 3)
-    delay = random.uniform(0, 0.05)  # and then anywhere in the next step: forward, backward, update or checkpoint
+    # and then anywhere in the next step: forward, backward, update or checkpoint
+    delay = random.uniform(0, 0.05)
     print(f"killed {delay:.3f} s after step {kill_after} was logged")  # shown if the test fails
     run = start(tmp_path, "train.py", *argv(tiny, tmp_path))
     kill_when(run, lambda: logged_steps(tmp_path) >= kill_after, tmp_path, after=delay)
@@ -161,25 +201,49 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny, tmp_pat
     checkpoint): checkpoint.pt is still the previous step's, whole; the resumed run ends equal to the uninterrupted,
     and holds no mapping of the checkpoint it resumed from once that is replaced (its disk space is given back)."""
     ckpt, tmp = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.pt.tmp"
-    for attempt in range(5):  # the kill lands a little late now and then, after the rename: try the next save
-        run = start(tmp_path, "train.py", *argv(tiny, tmp_path, "--save_every", "1", *(["--resume"] if attempt else [])))
+    # the kill lands a little late now and then, after the rename: try the next save
+    for attempt in range(5):
+        run = start(
+            tmp_path,
+            "train.py",
+            *argv(tiny, tmp_path, "--save_every", "1", *(["--resume"] if attempt else [])),
+        )
         kill_when(run, lambda: ckpt.exists() and tmp.exists(), tmp_path)
         if tmp.exists():
             break
     assert tmp.exists(), "five kills all landed after the rename"
-    assert checkpoint_step(tmp_path) == logged_steps(tmp_path) - 1  # killed writing step s's: checkpoint.pt holds s - 1
+    # killed writing step s's: checkpoint.pt holds s - 1
+    assert checkpoint_step(tmp_path) == logged_steps(tmp_path) - 1
     save, held = train.save_checkpoint, []
-    monkeypatch.setattr(train, "save_checkpoint", lambda *a, **k: save(*a, **k) or held.extend(
-        line for line in Path("/proc/self/maps").read_text().splitlines() if "checkpoint.pt" in line))
+    monkeypatch.setattr(
+        train,
+        "save_checkpoint",
+        lambda *a, **k: (
+            save(*a, **k)
+            or held.extend(
+                line
+                for line in Path("/proc/self/maps").read_text().splitlines()
+                if "checkpoint.pt" in line
+            )
+        ),
+    )
     train.main(argv(tiny, tmp_path, "--save_every", "1", "--resume"))
-    assert held == []  # torch.load(mmap=True) on resume: nothing may stay a view of the replaced file
+    # torch.load(mmap=True) on resume: nothing may stay a view of the replaced file
+    assert held == []
     assert not tmp.exists()  # the next save replaced the partial file
     assert_equals_the_uninterrupted_run(tiny, tmp_path)
 
 
 def torchrun(*extra):  # --standalone: torchrun picks a free port itself
-    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra,
-            "train.py"]
+    return [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *extra,
+        "train.py",
+    ]
 
 
 def assert_within_1e5_of_the_uninterrupted_run(tiny, out):
@@ -199,6 +263,7 @@ def test_sigkill_then_resume_on_any_world_size_equals_one_process(tiny, tmp_path
     2: 2 ranks write a DCP checkpoint (each its own part), 1 a plain checkpoint.pt; either is read
     on either world size, and the run ends within 1e-5 of the single-process uninterrupted run.
     The data of a step do not depend on the world size."""
+
     def command(world):
         return torchrun() if world == 2 else ["train.py"]
 
@@ -208,8 +273,14 @@ def test_sigkill_then_resume_on_any_world_size_equals_one_process(tiny, tmp_path
     kill_when(run, lambda: logged_steps(tmp_path) >= kill_after, tmp_path, tree=True)
     step = checkpoint_step(tmp_path)
     assert step % SAVE_EVERY == 0 and (tmp_path / "checkpoints").exists() == (killed == 2)
-    again = subprocess.run([sys.executable, *command(resumed), *argv(tiny, tmp_path, "--resume")],
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, *command(resumed), *argv(tiny, tmp_path, "--resume")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"after step {step}" in again.stdout and f"world {resumed}" in again.stdout
     assert_within_1e5_of_the_uninterrupted_run(tiny, tmp_path)
@@ -223,8 +294,12 @@ def test_a_worker_killed_under_torchrun_max_restarts_is_restarted_and_resumes(ti
     the uninterrupted run, each step logged once."""
     kill_after, victim = random.randint(SAVE_EVERY + 1, STEPS - 3), str(random.randint(0, 1))
     print(f"rank {victim} killed after step {kill_after} was logged")  # shown if the test fails
-    run = start(tmp_path, *torchrun("--max-restarts", "1"), *argv(tiny, tmp_path, "--auto_resume"),
-                env=RESTARTABLE)
+    run = start(
+        tmp_path,
+        *torchrun("--max-restarts", "1"),
+        *argv(tiny, tmp_path, "--auto_resume"),
+        env=RESTARTABLE,
+    )
     deadline = time.monotonic() + 120
     while logged_steps(tmp_path) < kill_after and run.poll() is None:
         assert time.monotonic() < deadline, "timed out waiting for the step to kill after"
@@ -254,6 +329,7 @@ def test_a_worker_killed_under_torchrun_max_restarts_is_restarted_and_resumes(ti
 
 # ---- 2. evaluations keep every finished length --------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def eval_model(tmp_path_factory):
     """Lo = 256, a byte tokenizer; and four pseudo-English documents of 300-450 words as .jsonl."""
@@ -268,35 +344,72 @@ def eval_model(tmp_path_factory):
 def assert_a_rerun_skips_finished_lengths(script, work, args, monkeypatch, capsys):
     """What the interrupted run left in --out is kept as it is; a rerun with the same arguments computes only the
     missing lengths (`work`, whose 3rd argument tells the length, is called for no other)."""
-    out, lengths = Path(args[args.index("--out") + 1]), [int(n) for n in args[args.index("--lengths") + 1].split(",")]
+    out, lengths = (
+        Path(args[args.index("--out") + 1]),
+        [int(n) for n in args[args.index("--lengths") + 1].split(",")],
+    )
     kept = json.loads(out.read_text())["lengths"]
     assert str(lengths[0]) in kept and len(kept) < len(lengths)
     calls, original = [], getattr(script, work)
-    monkeypatch.setattr(script, work, lambda *a, **k: calls.append(a[2]["length"] if isinstance(a[2], dict) else a[2])
-                        or original(*a, **k))
+    monkeypatch.setattr(
+        script,
+        work,
+        lambda *a, **k: (
+            calls.append(a[2]["length"] if isinstance(a[2], dict) else a[2]) or original(*a, **k)
+        ),
+    )
     results = script.main(args)
     assert f"already holds lengths {[int(n) for n in kept]}: skipped" in capsys.readouterr().out
     assert set(calls) == set(lengths) - {int(n) for n in kept}
     for n, record in kept.items():
         assert results["lengths"][n] == record  # untouched, timings included
-    assert list(results["lengths"]) == [str(n) for n in lengths] and json.loads(out.read_text()) == results
+    assert (
+        list(results["lengths"]) == [str(n) for n in lengths]
+        and json.loads(out.read_text()) == results
+    )
 
 
-def test_a_killed_passkey_evaluation_keeps_finished_lengths_and_a_rerun_skips_them(eval_model, tmp_path, monkeypatch,
-                                                                                   capsys):
+def test_a_killed_passkey_evaluation_keeps_finished_lengths_and_a_rerun_skips_them(
+    eval_model, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "passkey.json"
-    args = ["--model", str(eval_model / "model"), "--lengths", "400,1200,1600", "--trials", "4", "--out", str(out)]
+    args = [
+        "--model",
+        str(eval_model / "model"),
+        "--lengths",
+        "400,1200,1600",
+        "--trials",
+        "4",
+        "--out",
+        str(out),
+    ]
     run = start(tmp_path, "eval_passkey.py", *args)
-    kill_when(run, out.exists, tmp_path)  # SIGKILL once the first length is written (temp file + rename)
+    # SIGKILL once the first length is written (temp file + rename)
+    kill_when(run, out.exists, tmp_path)
     assert_a_rerun_skips_finished_lengths(eval_passkey, "run_trial", args, monkeypatch, capsys)
 
 
-def test_an_interrupted_perplexity_evaluation_keeps_finished_lengths_and_a_rerun_skips_them(eval_model, tmp_path,
-                                                                                            monkeypatch, capsys):
+def test_an_interrupted_perplexity_evaluation_keeps_finished_lengths_and_a_rerun_skips_them(
+    eval_model, tmp_path, monkeypatch, capsys
+):
     """In-process, stopped by an exception in the second length (eval_ppl shares eval_passkey's results file code,
     which the SIGKILL test above runs in a real process): every finished length stays."""
-    args = ["--model", str(eval_model / "model"), "--data", str(eval_model / "docs.jsonl"), "--lengths", "256,384,512",
-            "--stride", "128", "--min_tokens", "1000", "--docs", "2", "--out", str(tmp_path / "ppl.json")]
+    args = [
+        "--model",
+        str(eval_model / "model"),
+        "--data",
+        str(eval_model / "docs.jsonl"),
+        "--lengths",
+        "256,384,512",
+        "--stride",
+        "128",
+        "--min_tokens",
+        "1000",
+        "--docs",
+        "2",
+        "--out",
+        str(tmp_path / "ppl.json"),
+    ]
     document_nll = eval_ppl.document_nll
 
     def killed_at_384(model, ids, length, stride, **kwargs):
@@ -313,8 +426,10 @@ def test_an_interrupted_perplexity_evaluation_keeps_finished_lengths_and_a_rerun
 
 # ---- 3. the catalogue: one sentence, a non-zero exit, nothing lost --------------------------------------------------
 
+
 class Exploit:
     """A pickle that runs a shell command when loaded without weights_only."""
+
     def __init__(self, marker):
         self.marker = marker
 
@@ -324,9 +439,22 @@ class Exploit:
 
 def meta_dir(path, params=None, weights=None):
     path.mkdir()
-    (path / "params.json").write_text(params if isinstance(params, str) else json.dumps(
-        params or {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 258, "hidden_dim": 64,
-                   "max_seq_len": 32}))
+    (path / "params.json").write_text(
+        params
+        if isinstance(params, str)
+        else json.dumps(
+            params
+            or {
+                "dim": 32,
+                "n_layers": 2,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "vocab_size": 258,
+                "hidden_dim": 64,
+                "max_seq_len": 32,
+            }
+        )
+    )
     if weights is not None:
         torch.save(weights, path / "consolidated.00.pth")
     return path
@@ -342,7 +470,7 @@ def bad_model(case, tmp_path):
     if case == "cut safetensors":
         save_model(path)
         weights = path / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         return path, f"{weights} is not a readable safetensors file"
     if case == "params.json without n_heads":
         state = save_model(tmp_path / "hf").state_dict()
@@ -356,12 +484,21 @@ def bad_model(case, tmp_path):
         return path, f"{path} has params.json but no consolidated.*.pth weights."
     if case == "vocabulary larger than the embedding":
         save_model(path, vocab_size=200)  # the byte tokenizer has 258 tokens
-        return path, f"{path}: the tokenizer has 258 tokens but the embedding only 200 rows; they do not belong together."
+        return (
+            path,
+            f"{path}: the tokenizer has 258 tokens but the embedding only 200 rows; they do not belong together.",
+        )
     raise KeyError(case)
 
 
-MODEL_CASES = ["no weights", "cut safetensors", "params.json without n_heads", "cut params.json", "no .pth",
-               "vocabulary larger than the embedding"]
+MODEL_CASES = [
+    "no weights",
+    "cut safetensors",
+    "params.json without n_heads",
+    "cut params.json",
+    "no .pth",
+    "vocabulary larger than the embedding",
+]
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
@@ -370,8 +507,11 @@ def test_a_model_that_cannot_load_is_one_sentence(case, tiny, tmp_path, capsys):
     error = error_of(train.main, argv(tiny, tmp_path / "out", "--model", str(model)), capsys)
     assert error.startswith("error: " + expected), error
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
-    error = error_of(eval_passkey.main, ["--model", str(model), "--lengths", "400", "--out", str(tmp_path / "p.json")],
-                     capsys)  # the evaluations say the same sentence inside theirs
+    error = error_of(
+        eval_passkey.main,
+        ["--model", str(model), "--lengths", "400", "--out", str(tmp_path / "p.json")],
+        capsys,
+    )  # the evaluations say the same sentence inside theirs
     assert error.startswith(f"error: could not load the model {model}") and expected in error, error
     assert not (tmp_path / "p.json").exists()
 
@@ -381,7 +521,9 @@ def test_a_malicious_pickle_in_the_weights_is_refused_and_never_runs(tiny, tmp_p
     marker = tmp_path / "PWNED"
     model = meta_dir(tmp_path / "model", weights={"tok_embeddings.weight": Exploit(marker)})
     error = error_of(train.main, argv(tiny, tmp_path / "out", "--model", str(model)), capsys)
-    assert error.startswith(f"error: {model}: could not load 1 consolidated.*.pth as plain tensors (UnpicklingError: "), error
+    assert error.startswith(
+        f"error: {model}: could not load 1 consolidated.*.pth as plain tensors (UnpicklingError: "
+    ), error
     assert not marker.exists()
 
 
@@ -394,20 +536,23 @@ def test_a_bad_checkpoint_on_resume_is_refused_and_never_runs(case, tiny, tmp_pa
         torch.save({"model": Exploit(marker), "step": 3, "config": {}}, ckpt)
     elif case == "cut file":
         torch.save(torch.load(tiny / "whole" / "checkpoint.pt", weights_only=True), ckpt)
-        ckpt.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 3])
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
     else:  # the settings match, so the metadata is read
         ckpt = tmp_path / "checkpoints" / "step-000003"
         ckpt.mkdir(parents=True)
         config = checkpoint.read_info(tiny / "whole" / "checkpoint.pt")[1]
         (ckpt / "train_state.json").write_text(json.dumps({"step": 3, "config": config}))
         (ckpt / ".metadata").write_bytes(pickle.dumps(Exploit(marker)))
+
     def contents():
         files = [ckpt] if ckpt.is_file() else ckpt.iterdir()
         return sorted((p.name, p.read_bytes()) for p in files)
 
     before = contents()
     error = error_of(train.main, argv(tiny, tmp_path, "--resume"), capsys)
-    assert error.startswith(f"error: --resume: {ckpt} is not a checkpoint of plain tensors written by train.py ("), error
+    assert error.startswith(
+        f"error: --resume: {ckpt} is not a checkpoint of plain tensors written by train.py ("
+    ), error
     assert ("Error" if case == "cut file" else "UnpicklingError") in error
     if case == "malicious DCP metadata":
         assert "posix.system is not part of a checkpoint's metadata" in error
@@ -417,43 +562,73 @@ def test_a_bad_checkpoint_on_resume_is_refused_and_never_runs(case, tiny, tmp_pa
 
 def test_empty_data_is_one_sentence(tiny, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
-    error = error_of(train.main, argv(tiny, tmp_path / "out", "--data", str(tmp_path / "empty.txt")), capsys)
-    assert error == f"error: {tmp_path / 'empty.txt'} holds no text (1 file(s), 1 empty document(s))."
+    error = error_of(
+        train.main, argv(tiny, tmp_path / "out", "--data", str(tmp_path / "empty.txt")), capsys
+    )
+    assert (
+        error == f"error: {tmp_path / 'empty.txt'} holds no text (1 file(s), 1 empty document(s))."
+    )
     (tmp_path / "dir").mkdir()
-    error = error_of(train.main, argv(tiny, tmp_path / "out", "--data", str(tmp_path / "dir")), capsys)
-    assert error == f"error: {tmp_path / 'dir'} holds no .txt, .jsonl, .jsonl.gz or .jsonl.zst files."
+    error = error_of(
+        train.main, argv(tiny, tmp_path / "out", "--data", str(tmp_path / "dir")), capsys
+    )
+    assert (
+        error == f"error: {tmp_path / 'dir'} holds no .txt, .jsonl, .jsonl.gz or .jsonl.zst files."
+    )
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
 
 def test_no_document_as_long_as_train_len_is_one_sentence(tiny, tmp_path, capsys):
     """Eq. 5 needs Lx >= Lc (test_train covers Lx >= Lt for full-length and aligned content)."""
-    longest = max(len(byte_tokenizer(add_bos=True).encode(doc.read_text())) for doc in (tiny / "data").iterdir())
-    error = error_of(train.main, argv(tiny, tmp_path, "--train_len", "1000", "--target_len", "4000"), capsys)
-    assert error == (f"error: no document in {tiny / 'data'} has the 1000 tokens an example needs: 6 document(s), "
-                     f"the longest has {longest} tokens.")
+    longest = max(
+        len(byte_tokenizer(add_bos=True).encode(doc.read_text()))
+        for doc in (tiny / "data").iterdir()
+    )
+    error = error_of(
+        train.main, argv(tiny, tmp_path, "--train_len", "1000", "--target_len", "4000"), capsys
+    )
+    assert error == (
+        f"error: no document in {tiny / 'data'} has the 1000 tokens an example needs: 6 document(s), "
+        f"the longest has {longest} tokens."
+    )
 
 
 def test_text_that_is_not_utf8_is_replaced_counted_and_trained_on(tiny, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     (data / "ok.txt").write_text((tiny / "data" / "doc5.txt").read_text())
-    (data / "latin1.txt").write_bytes((tiny / "data" / "doc4.txt").read_text().encode() + b" caf\xe9 \xff\xfe")  # 3
-    train.main(argv(tiny, tmp_path / "out", "--data", str(data), "--steps", "2"))  # no exception, no exit
+    # 3
+    (data / "latin1.txt").write_bytes(
+        (tiny / "data" / "doc4.txt").read_text().encode() + b" caf\xe9 \xff\xfe"
+    )
+    # no exception, no exit
+    train.main(argv(tiny, tmp_path / "out", "--data", str(data), "--steps", "2"))
     out = capsys.readouterr().out
-    assert f"data: 3 invalid UTF-8 byte sequence(s) in 1 file(s) (first: {data / 'latin1.txt'}) were replaced with " \
-           "U+FFFD" in out and "data: 2 of 2 documents" in out
-    assert checkpoint_step(tmp_path / "out") == 2 and (tmp_path / "out" / "final" / "model.safetensors").is_file()
+    assert (
+        f"data: 3 invalid UTF-8 byte sequence(s) in 1 file(s) (first: {data / 'latin1.txt'}) were replaced with "
+        "U+FFFD"
+        in out
+        and "data: 2 of 2 documents" in out
+    )
+    assert (
+        checkpoint_step(tmp_path / "out") == 2
+        and (tmp_path / "out" / "final" / "model.safetensors").is_file()
+    )
 
 
-def test_a_passkey_length_shorter_than_the_template_leaves_results_untouched(eval_model, tmp_path, capsys):
+def test_a_passkey_length_shorter_than_the_template_leaves_results_untouched(
+    eval_model, tmp_path, capsys
+):
     """test_eval checks the sentence; here: it comes before any work, so a results file keeps what it holds."""
     out = tmp_path / "passkey.json"
     common = ["--model", str(eval_model / "model"), "--trials", "1", "--out", str(out)]
     eval_passkey.main([*common, "--lengths", "400"])
     before = out.read_bytes()
     error = error_of(eval_passkey.main, [*common, "--lengths", "100,400"], capsys)
-    assert error.startswith("error: length 100 is shorter than the prompt without filler (") and "tokens); ask for a " \
-           "longer length." in error
+    assert (
+        error.startswith("error: length 100 is shorter than the prompt without filler (")
+        and "tokens); ask for a longer length." in error
+    )
     assert out.read_bytes() == before
 
 
@@ -462,18 +637,35 @@ def test_nan_weights_stop_at_step_one_without_writing_anything(tiny, tmp_path, c
     with torch.no_grad():
         model.norm.weight[0] = float("nan")
     model.save_pretrained(tmp_path / "model", tokenizer=byte_tokenizer(add_bos=True))
-    error = error_of(train.main, argv(tiny, tmp_path / "out", "--model", str(tmp_path / "model")), capsys)
-    assert error == ("error: the loss is nan (gradient norm nan) at step 1; stopped before the update and no checkpoint "
-                     "was written yet: lower --lr or use --dtype float32.")
-    assert not (tmp_path / "out" / "checkpoint.pt").exists() and not (tmp_path / "out" / "final").exists()
+    error = error_of(
+        train.main, argv(tiny, tmp_path / "out", "--model", str(tmp_path / "model")), capsys
+    )
+    assert error == (
+        "error: the loss is nan (gradient norm nan) at step 1; stopped before the update and no checkpoint "
+        "was written yet: lower --lr or use --dtype float32."
+    )
+    assert (
+        not (tmp_path / "out" / "checkpoint.pt").exists()
+        and not (tmp_path / "out" / "final").exists()
+    )
 
 
 def test_a_nan_loss_keeps_the_last_good_checkpoint_whole(tiny, tmp_path, capsys):
     """test_train checks the sentence; here the file it names: that step, whole, plain tensors, finite."""
-    error = error_of(train.main, argv(tiny, tmp_path, "--lr", "1e30", "--warmup", "0", "--save_every", "1"), capsys)
-    assert error.startswith("error: the loss is ") and f"the last good checkpoint {tmp_path / 'checkpoint.pt'} (step " in error
+    error = error_of(
+        train.main,
+        argv(tiny, tmp_path, "--lr", "1e30", "--warmup", "0", "--save_every", "1"),
+        capsys,
+    )
+    assert (
+        error.startswith("error: the loss is ")
+        and f"the last good checkpoint {tmp_path / 'checkpoint.pt'} (step " in error
+    )
     step = int(error.split("(step ")[1].split(")")[0])
-    assert checkpoint_step(tmp_path) == step == logged_steps(tmp_path) and not (tmp_path / "final").exists()
+    assert (
+        checkpoint_step(tmp_path) == step == logged_steps(tmp_path)
+        and not (tmp_path / "final").exists()
+    )
 
 
 def no_space(fail_on_call):
@@ -483,31 +675,47 @@ def no_space(fail_on_call):
     def save(obj, f, *args, **kwargs):
         calls.append(f)
         if len(calls) == fail_on_call:
-            f.write(b"PK\x03\x04 part of a checkpoint") if hasattr(f, "write") else Path(f).write_bytes(b"PK")
+            f.write(b"PK\x03\x04 part of a checkpoint") if hasattr(f, "write") else Path(
+                f
+            ).write_bytes(b"PK")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(obj, f, *args, **kwargs)
+
     return save
 
 
 def test_no_space_left_for_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, monkeypatch, capsys):
-    ckpt, events = tmp_path / "checkpoint.pt", []  # and the good one was on disk (fsync) before its rename
+    # and the good one was on disk (fsync) before its rename
+    ckpt, events = tmp_path / "checkpoint.pt", []
     fsync, replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or replace(a, b))
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd),
+    )
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: events.append(("replace", str(a))) or replace(a, b)
+    )
     monkeypatch.setattr(torch, "save", no_space(fail_on_call=2))  # the checkpoint of step 6
     error = error_of(train.main, argv(tiny, tmp_path), capsys)
-    assert error == (f"error: could not write the checkpoint of step 6 to {ckpt}.tmp (No space left on device); the "
-                     f"previous checkpoint {ckpt} (step 3) is intact: free space, then rerun with --resume.")
-    assert checkpoint_step(tmp_path) == 3 and not Path(f"{ckpt}.tmp").exists()  # the partial file is removed
+    assert error == (
+        f"error: could not write the checkpoint of step 6 to {ckpt}.tmp (No space left on device); the "
+        f"previous checkpoint {ckpt} (step 3) is intact: free space, then rerun with --resume."
+    )
+    # the partial file is removed
+    assert checkpoint_step(tmp_path) == 3 and not Path(f"{ckpt}.tmp").exists()
     assert events == [("fsync", f"{ckpt}.tmp"), ("replace", f"{ckpt}.tmp")]
     monkeypatch.undo()
-    with (tmp_path / "log.jsonl").open("a") as log:  # a full disk may cut the log's last line as well
+    # a full disk may cut the log's last line as well
+    with (tmp_path / "log.jsonl").open("a") as log:
         log.write('{"step": 6, "lo')
     train.main(argv(tiny, tmp_path, "--resume"))
     assert_equals_the_uninterrupted_run(tiny, tmp_path)
 
 
-def test_no_space_left_for_the_final_model_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+def test_no_space_left_for_the_final_model_keeps_the_last_checkpoint(
+    tiny, tmp_path, monkeypatch, capsys
+):
     import safetensors.torch
 
     def full(*args, **kwargs):
@@ -515,9 +723,11 @@ def test_no_space_left_for_the_final_model_keeps_the_last_checkpoint(tiny, tmp_p
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     error = error_of(train.main, argv(tiny, tmp_path), capsys)
-    assert error == (f"error: could not write {tmp_path / 'final.tmp'} (No space left on device); "
-                     f"{tmp_path / 'checkpoint.pt'} holds the last step: free space, then rerun with --resume to write "
-                     "the final model.")
+    assert error == (
+        f"error: could not write {tmp_path / 'final.tmp'} (No space left on device); "
+        f"{tmp_path / 'checkpoint.pt'} holds the last step: free space, then rerun with --resume to write "
+        "the final model."
+    )
     assert checkpoint_step(tmp_path) == STEPS and not (tmp_path / "final.tmp").exists()
     monkeypatch.undo()
     train.main(argv(tiny, tmp_path, "--resume"))  # no step left to train: writes final/
@@ -525,6 +735,7 @@ def test_no_space_left_for_the_final_model_keeps_the_last_checkpoint(tiny, tmp_p
 
 
 # ---- 4. a user's mistake is one sentence; a bug keeps its traceback ----------------------------------------------
+
 
 def a_bug(*args, **kwargs):
     raise ValueError("a bug, not the user's mistake")
@@ -538,17 +749,26 @@ def mains():
     """name -> (main, arguments it accepts, a function it calls with them, to break)."""
     from demo import figure1, wavelengths
     from machinery import prepare
+
     evals = ["--model", "m", "--lengths", "2048", "--out", "r.json"]
-    return {"eval_passkey": (eval_passkey.main, evals, "machinery.evaluation.load"),  # inside Session's catch
-            "eval_ppl": (eval_ppl.main, [*evals, "--data", "d"], "machinery.evaluation.load"),
-            "prepare": (prepare.main, ["--data", "d", "--tokenizer", "t", "--out", "o"], "machinery.prepare.resolve"),
-            "figure1": (figure1.main, ["--samples", "1"], "demo.figure1.make_example"),
-            "wavelengths": (wavelengths.main, ["--scaling", "yarn:4"], "rope.inv_freq")}
+    # inside Session's catch
+    return {
+        "eval_passkey": (eval_passkey.main, evals, "machinery.evaluation.load"),
+        "eval_ppl": (eval_ppl.main, [*evals, "--data", "d"], "machinery.evaluation.load"),
+        "prepare": (
+            prepare.main,
+            ["--data", "d", "--tokenizer", "t", "--out", "o"],
+            "machinery.prepare.resolve",
+        ),
+        "figure1": (figure1.main, ["--samples", "1"], "demo.figure1.make_example"),
+        "wavelengths": (wavelengths.main, ["--scaling", "yarn:4"], "rope.inv_freq"),
+    }
 
 
 @pytest.mark.parametrize("name", ["eval_passkey", "eval_ppl", "prepare", "figure1", "wavelengths"])
-def test_a_main_says_a_users_mistake_in_one_sentence_and_lets_a_bugs_value_error_through(name, tmp_path,
-                                                                                           monkeypatch, capsys):
+def test_a_main_says_a_users_mistake_in_one_sentence_and_lets_a_bugs_value_error_through(
+    name, tmp_path, monkeypatch, capsys
+):
     main, args, target = mains()[name]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d").write_text("a document")  # eval_ppl checks --data before loading the model
@@ -559,9 +779,18 @@ def test_a_main_says_a_users_mistake_in_one_sentence_and_lets_a_bugs_value_error
         main(args)
 
 
-def test_the_wavelength_table_divides_what_a_scaling_divides_and_refuses_an_odd_head_in_one_sentence(capsys):
+def test_the_wavelength_table_divides_what_a_scaling_divides_and_refuses_an_odd_head_in_one_sentence(
+    capsys,
+):
     from demo import wavelengths
-    assert all(w1 / w0 == pytest.approx(4) for _, w0, w1 in wavelengths.main(["--scaling", "linear:4"]))
-    rows = wavelengths.main(["--scaling", "yarn:16", "--head_dim", "64"])  # fast pairs kept, slow ones / s
+
+    assert all(
+        w1 / w0 == pytest.approx(4) for _, w0, w1 in wavelengths.main(["--scaling", "linear:4"])
+    )
+    # fast pairs kept, slow ones / s
+    rows = wavelengths.main(["--scaling", "yarn:16", "--head_dim", "64"])
     assert rows[0][2] == rows[0][1] and rows[-1][2] / rows[-1][1] == pytest.approx(16)
-    assert error_of(wavelengths.main, ["--head_dim", "7"], capsys) == "error: RoPE needs an even head dimension, got 7."
+    assert (
+        error_of(wavelengths.main, ["--head_dim", "7"], capsys)
+        == "error: RoPE needs an even head dimension, got 7."
+    )

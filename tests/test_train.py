@@ -1,6 +1,7 @@
 """train.py as a specification: the data of a step do not depend on the world size or on earlier steps, FSDP2 on
 two processes trains exactly what one process trains, a resumed run ends where an uninterrupted one does, the final
 checkpoint loads as the extended model, and user mistakes end in one sentence, not a traceback."""
+
 import json
 import math
 import os
@@ -35,9 +36,29 @@ def tiny(tmp_path_factory):
 
 
 def argv(tiny, out, *extra):
-    return ["--model", str(tiny / "base"), "--data", str(tiny / "data"), "--target_len", "128", "--steps", "4",
-            "--batch_size", "4", "--lr", "1e-3", "--warmup", "2", "--peak_tflops", "1",
-            "--save_dtype", "float32", "--out", str(out), *extra]
+    return [
+        "--model",
+        str(tiny / "base"),
+        "--data",
+        str(tiny / "data"),
+        "--target_len",
+        "128",
+        "--steps",
+        "4",
+        "--batch_size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--peak_tflops",
+        "1",
+        "--save_dtype",
+        "float32",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def losses(out):
@@ -50,11 +71,19 @@ def weights(out):
 
 def run_script(*args, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          **kwargs)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 # ---- the data of a step ------------------------------------------------------------------------------------------
+
 
 def cfg_for(**kw):
     return config.Config(**{"train_len": 16, "target_len": 256, "batch_size": 8, **kw})
@@ -68,10 +97,10 @@ def test_pose_draws_are_fresh_every_step_and_reproducible():
     assert not torch.equal(p1, p2) and not torch.equal(t1, t2)  # nothing cached per document
     assert len({tuple(p.tolist()) for p in p1}) == 8  # nor per example within a step
     again = train.draw_batch(docs, cfg, step=1)
-    assert torch.equal(again[0], t1) and torch.equal(again[1], p1)  # a function of (seed, step) alone
+    # a function of (seed, step) alone
+    assert torch.equal(again[0], t1) and torch.equal(again[1], p1)
     assert not torch.equal(train.draw_batch(docs, cfg_for(seed=1), step=1)[1], p1)
     assert (p1.diff(dim=1) > 0).all() and p1.max() < cfg.target_len and t1.shape == (8, 16)
-
 
 
 def test_any_seed_and_step_draw_their_own_batch_and_recorded_runs_draw_as_before():
@@ -81,18 +110,23 @@ def test_any_seed_and_step_draw_their_own_batch_and_recorded_runs_draw_as_before
     assert train.step_seed(3, 5) == 3 << 20 | 5  # the draw of every run in docs/RESULTS.md
     pairs = [(seed, step) for seed in (0, 1, 4095, 4096, 2**40) for step in (1, 2**20 - 1, 2**20)]
     assert len({train.step_seed(*pair) for pair in pairs}) == len(pairs)
-    positions = [train.draw_batch(docs, cfg_for(seed=seed), step)[1] for seed, step in
-                 ((0, 1), (4096, 1), (0, 2**20 + 1), (2**40, 1))]
+    positions = [
+        train.draw_batch(docs, cfg_for(seed=seed), step)[1]
+        for seed, step in ((0, 1), (4096, 1), (0, 2**20 + 1), (2**40, 1))
+    ]
     assert all(not torch.equal(positions[0], other) for other in positions[1:])
+
 
 def test_targets_are_next_tokens_with_chunk_boundaries_masked():
     docs = [torch.arange(1000, dtype=torch.int32)]  # token value = its index in the document
     tokens, _, targets = train.draw_batch(docs, cfg_for(), step=3)
     kept = targets[:, :-1] != train.IGNORE
-    assert torch.equal(targets[:, :-1][kept], (tokens[:, :-1] + 1)[kept])  # only true next tokens are labels
+    # only true next tokens are labels
+    assert torch.equal(targets[:, :-1][kept], (tokens[:, :-1] + 1)[kept])
     assert (targets[:, -1] == train.IGNORE).all()
     masked = (~kept).sum(dim=1)
-    assert ((masked == 0) | (masked == 1)).all() and masked.sum() > 0  # N=2: at most one boundary label each
+    # N=2: at most one boundary label each
+    assert ((masked == 0) | (masked == 1)).all() and masked.sum() > 0
 
 
 def test_keep_boundary_reaches_the_labels():
@@ -101,14 +135,17 @@ def test_keep_boundary_reaches_the_labels():
     docs = [torch.arange(1000, dtype=torch.int32)]
     tokens, _, targets = train.draw_batch(docs, cfg_for(keep_boundary=True), step=3)
     assert torch.equal(targets[:, :-1], tokens[:, 1:]) and (targets[:, -1] == train.IGNORE).all()
-    assert (tokens[:, 1:] != tokens[:, :-1] + 1).any()  # there were jumps to mask, so the flag had work to do
+    # there were jumps to mask, so the flag had work to do
+    assert (tokens[:, 1:] != tokens[:, :-1] + 1).any()
 
 
 def test_ranks_train_contiguous_blocks_of_the_same_global_batch_in_order():
     """train.rank_rows: rank r of W trains rows r·B/W..(r+1)·B/W of the one global batch, so the data ignore W."""
     for world in (1, 2, 4, 8):
         rows = [list(range(64))[train.rank_rows(64, world, r)] for r in range(world)]
-        assert [i for part in rows for i in part] == list(range(64)) and len({len(p) for p in rows}) == 1
+        assert [i for part in rows for i in part] == list(range(64)) and len(
+            {len(p) for p in rows}
+        ) == 1
 
 
 def test_the_process_sees_no_gpu():
@@ -119,12 +156,42 @@ def test_the_process_sees_no_gpu():
 
 
 def test_flags_keep_their_types():
-    cfg = config.parse_args(["--micro_batch_size", "2", "--save_every", "0", "--weight_decay", "0.1", "--train_len",
-                            "64", "--peak_tflops", "1.5", "--no-lr_decay", "--checkpointing"])
-    assert (cfg.micro_batch_size, cfg.save_every, cfg.weight_decay, cfg.train_len) == (2, 0, 0.1, 64)
-    assert cfg.peak_tflops == 1.5 and cfg.lr_decay is False and cfg.checkpointing is True and cfg.dtype is None
-    assert config.parse_args([]) == config.Config()  # the paper's defaults: 1,000 steps, batch 64, lr 2e-5, warm-up 10
-    assert (config.Config.steps, config.Config.batch_size, config.Config.lr, config.Config.warmup) == (1000, 64, 2e-5, 10)
+    cfg = config.parse_args(
+        [
+            "--micro_batch_size",
+            "2",
+            "--save_every",
+            "0",
+            "--weight_decay",
+            "0.1",
+            "--train_len",
+            "64",
+            "--peak_tflops",
+            "1.5",
+            "--no-lr_decay",
+            "--checkpointing",
+        ]
+    )
+    assert (cfg.micro_batch_size, cfg.save_every, cfg.weight_decay, cfg.train_len) == (
+        2,
+        0,
+        0.1,
+        64,
+    )
+    assert (
+        cfg.peak_tflops == 1.5
+        and cfg.lr_decay is False
+        and cfg.checkpointing is True
+        and cfg.dtype is None
+    )
+    # the paper's defaults: 1,000 steps, batch 64, lr 2e-5, warm-up 10
+    assert config.parse_args([]) == config.Config()
+    assert (
+        config.Config.steps,
+        config.Config.batch_size,
+        config.Config.lr,
+        config.Config.warmup,
+    ) == (1000, 64, 2e-5, 10)
 
 
 def test_log_warmup_is_deepspeeds_warmup_lr():
@@ -145,18 +212,33 @@ def test_lr_warms_up_linearly_then_decays_to_zero_or_stays():
 
 # ---- training runs -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
     """torchrun, 2 CPU ranks, gloo, FSDP2 with activation checkpointing vs a plain single process: same losses,
     same gradient norms (clip_grad_norm_ over DTensor gradients), same final weights."""
     run_script("train.py", *argv(tiny, tmp_path / "one", "--micro_batch_size", "1"), check=True)
-    two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                     "train.py", *argv(tiny, tmp_path / "two", "--micro_batch_size", "1", "--checkpointing"))
+    two = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "train.py",
+        *argv(tiny, tmp_path / "two", "--micro_batch_size", "1", "--checkpointing"),
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world 2" in two.stdout
-    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5)
-    norms = [[json.loads(line)["grad_norm"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
-             for d in ("one", "two")]
+    torch.testing.assert_close(
+        losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5
+    )
+    norms = [
+        [
+            json.loads(line)["grad_norm"]
+            for line in (tmp_path / d / "log.jsonl").read_text().splitlines()
+        ]
+        for d in ("one", "two")
+    ]
     assert norms[0][0] > 1.0  # clipping was active
     torch.testing.assert_close(norms[1], norms[0], rtol=1e-5, atol=0)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -182,8 +264,11 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
 def test_timeout_reaches_the_process_group(monkeypatch):
     """--timeout (minutes) is the collective timeout every rank's process group is made with."""
     seen = {}
-    monkeypatch.setattr(train.dist, "init_process_group",
-                        lambda backend, timeout: seen.update(backend=backend, timeout=timeout))
+    monkeypatch.setattr(
+        train.dist,
+        "init_process_group",
+        lambda backend, timeout: seen.update(backend=backend, timeout=timeout),
+    )
     for key, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(key, value)
     cfg = config.Config(timeout=90.0, batch_size=2, micro_batch_size=1)
@@ -206,9 +291,12 @@ def test_compiled_blocks_train_what_eager_blocks_train(tiny, tmp_path):
     torch._dynamo.reset()
     train.main(argv(tiny, tmp_path / "eager"))
     train.main(argv(tiny, tmp_path / "compiled", "--compile"))
-    torch.testing.assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=1e-5, atol=0
+    )
     eager, compiled = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
-    assert compiled.keys() == eager.keys()  # compiling in place keeps the parameter names of checkpoints
+    # compiling in place keeps the parameter names of checkpoints
+    assert compiled.keys() == eager.keys()
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=1e-5, msg=name)
 
@@ -219,7 +307,8 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path, mo
 
     draw = train.draw_batch
 
-    def killed_in_step_5(docs, cfg, step):  # the job dies mid-run, after the checkpoint of step 3 and one more step
+    # the job dies mid-run, after the checkpoint of step 3 and one more step
+    def killed_in_step_5(docs, cfg, step):
         if step == 5:
             raise KeyboardInterrupt
         return draw(docs, cfg, step)
@@ -248,7 +337,10 @@ def test_a_new_run_refuses_to_replace_an_existing_checkpoint(tiny, tmp_path, cap
     before = (tmp_path / "checkpoint.pt").read_bytes()
     with pytest.raises(SystemExit) as e:
         train.main(argv(tiny, tmp_path, "--steps", "1", "--seed", "1"))
-    assert e.value.code == 1 and "add --resume to continue it, or --overwrite" in capsys.readouterr().err
+    assert (
+        e.value.code == 1
+        and "add --resume to continue it, or --overwrite" in capsys.readouterr().err
+    )
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     train.main(argv(tiny, tmp_path, "--steps", "1", "--seed", "1", "--overwrite"))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["seed"] == 1
@@ -266,9 +358,14 @@ def test_final_checkpoint_loads_as_the_extended_model(tiny, tmp_path, scaling):
     ours = Transformer.from_pretrained(tmp_path / "final")
     assert ours.args.max_seq_len == 128
     if scaling == "ntk":
-        assert config["rope_scaling"] is None and config["rope_theta"] == pytest.approx(10000 * 4 ** (8 / 6))
+        assert config["rope_scaling"] is None and config["rope_theta"] == pytest.approx(
+            10000 * 4 ** (8 / 6)
+        )
     else:
-        assert config["rope_scaling"]["rope_type"] == scaling and config["rope_scaling"]["factor"] == 4.0
+        assert (
+            config["rope_scaling"]["rope_type"] == scaling
+            and config["rope_scaling"]["factor"] == 4.0
+        )
         # transformers takes no Lo in a linear rope_scaling: it is kept beside it, as Phi-3 does
         where = config if scaling == "linear" else config["rope_scaling"]
         assert where["original_max_position_embeddings"] == 32
@@ -278,7 +375,9 @@ def test_final_checkpoint_loads_as_the_extended_model(tiny, tmp_path, scaling):
     x = torch.randint(0, 258, (1, 40), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(20), torch.arange(100, 120)])[None]
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, positions), theirs(x, position_ids=positions).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            ours(x, positions), theirs(x, position_ids=positions).logits, rtol=0, atol=1e-4
+        )
 
 
 def test_the_final_model_is_bf16_safetensors_shards_transformers_loads(tiny, tmp_path, monkeypatch):
@@ -297,8 +396,9 @@ def test_the_final_model_is_bf16_safetensors_shards_transformers_loads(tiny, tmp
     assert len(files) > 2 and not (final / "model.safetensors").exists()
     assert sorted(p.name for p in final.glob("*.safetensors")) == files
     shards = [load_file(final / f) for f in files]
-    assert all(sum(t.numel() * 2 for t in shard.values()) <= 30_000 or len(shard) == 1
-               for shard in shards)
+    assert all(
+        sum(t.numel() * 2 for t in shard.values()) <= 30_000 or len(shard) == 1 for shard in shards
+    )
     bf16, fp32 = {k: v for shard in shards for k, v in shard.items()}, weights(tmp_path / "fp32")
     assert bf16.keys() == fp32.keys() == index["weight_map"].keys()
     assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in bf16.values())
@@ -318,29 +418,67 @@ def test_the_final_model_is_bf16_safetensors_shards_transformers_loads(tiny, tmp
 def test_init_pretrains_from_scratch_without_touching_rope(tiny, tmp_path):
     byte_tokenizer().save(tmp_path / "tok")
     init = json.dumps({"dim": 32, "n_layers": 1, "n_heads": 4, "hidden_dim": 64, "max_seq_len": 24})
-    train.main(["--init", init, "--tokenizer", str(tmp_path / "tok"), "--method", "noskip", "--data",
-                str(tiny / "data"), "--steps", "2", "--batch_size", "2", "--peak_tflops", "1", "--out", str(tmp_path)])
+    train.main(
+        [
+            "--init",
+            init,
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--method",
+            "noskip",
+            "--data",
+            str(tiny / "data"),
+            "--steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--peak_tflops",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     config = json.loads((tmp_path / "final" / "config.json").read_text())
-    assert config["rope_scaling"] is None and config["max_position_embeddings"] == 24 and config["vocab_size"] == 258
+    assert (
+        config["rope_scaling"] is None
+        and config["max_position_embeddings"] == 24
+        and config["vocab_size"] == 258
+    )
     assert (tmp_path / "final" / "tokenizer.json").is_file()
 
 
 def test_the_optimizer_steps_with_the_logged_learning_rate(tiny, tmp_path, monkeypatch):
     used = []
     step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: used.append(self.param_groups[0]["lr"])
-                        or step(self, *a, **k))
+    monkeypatch.setattr(
+        torch.optim.AdamW,
+        "step",
+        lambda self, *a, **k: used.append(self.param_groups[0]["lr"]) or step(self, *a, **k),
+    )
     train.main(argv(tiny, tmp_path, "--steps", "4", "--warmup", "2"))
     logged = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert used == logged == [train.lr_at(s, config.parse_args(argv(tiny, tmp_path, "--steps", "4", "--warmup", "2")))
-                              for s in range(1, 5)] and len(set(used)) == 4
+    assert (
+        used
+        == logged
+        == [
+            train.lr_at(s, config.parse_args(argv(tiny, tmp_path, "--steps", "4", "--warmup", "2")))
+            for s in range(1, 5)
+        ]
+        and len(set(used)) == 4
+    )
 
 
 def test_bfloat16_autocasts_the_single_process_forward(tiny, tmp_path, monkeypatch):
     seen = []
     forward = Transformer.forward
-    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: seen.append(
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")) or forward(self, *a, **k))
+    monkeypatch.setattr(
+        Transformer,
+        "forward",
+        lambda self, *a, **k: (
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+            or forward(self, *a, **k)
+        ),
+    )
     train.main(argv(tiny, tmp_path / "bf16", "--steps", "1", "--dtype", "bfloat16"))
     train.main(argv(tiny, tmp_path / "fp32", "--steps", "1", "--dtype", "float32"))
     assert seen == [torch.bfloat16] * 4 + [False] * 4  # 4 micro batches each
@@ -351,10 +489,14 @@ def test_the_rope_factor_is_target_over_the_models_context_not_train_len(tiny, t
     """s = Lt / Lo (section 3.2), also when Lc < Lo: Lc 16, Lo 32, Lt 128 -> x4, not x8."""
     train.main(argv(tiny, tmp_path, "--steps", "1", "--train_len", "16"))
     config = json.loads((tmp_path / "final" / "config.json").read_text())
-    assert config["rope_scaling"]["factor"] == 4.0 and config["original_max_position_embeddings"] == 32
+    assert (
+        config["rope_scaling"]["factor"] == 4.0 and config["original_max_position_embeddings"] == 32
+    )
 
 
-@pytest.mark.parametrize("flags", [["--method", "randpos"], ["--method", "full"], ["--content", "aligned"]])
+@pytest.mark.parametrize(
+    "flags", [["--method", "randpos"], ["--method", "full"], ["--content", "aligned"]]
+)
 def test_baselines_and_aligned_content_train(tiny, tmp_path, flags):
     train.main(argv(tiny, tmp_path, "--steps", "2", "--save_every", "0", *flags))
     assert len(losses(tmp_path)) == 2 and all(math.isfinite(x) for x in losses(tmp_path))
@@ -373,44 +515,95 @@ def test_a_yarn_run_with_a_graded_ramp_loads_as_the_extended_model(tmp_path):
     between = ((theta < plain * (1 - 1e-9)) & (theta > plain / 4 * (1 + 1e-9))).sum()
     assert between >= 2
     torch.manual_seed(0)
-    Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=258, hidden_dim=64,
-                          max_seq_len=64)).save_pretrained(tmp_path / "base", tokenizer=byte_tokenizer())
+    Transformer(
+        ModelArgs(
+            dim=64,
+            n_layers=1,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=258,
+            hidden_dim=64,
+            max_seq_len=64,
+        )
+    ).save_pretrained(tmp_path / "base", tokenizer=byte_tokenizer())
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text(" ".join(WORDS * 40))
-    train.main(["--model", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--target_len", "256",
-                "--steps", "1", "--batch_size", "2", "--peak_tflops", "1", "--scaling", "yarn",
-                "--save_dtype", "float32", "--out", str(tmp_path / "out")])
+    train.main(
+        [
+            "--model",
+            str(tmp_path / "base"),
+            "--data",
+            str(tmp_path / "data"),
+            "--target_len",
+            "256",
+            "--steps",
+            "1",
+            "--batch_size",
+            "2",
+            "--peak_tflops",
+            "1",
+            "--scaling",
+            "yarn",
+            "--save_dtype",
+            "float32",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     config = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
-    assert config["rope_scaling"] == {"rope_type": "yarn", **{k: v for k, v in scaling.items() if k != "rope_type"}}
+    assert config["rope_scaling"] == {
+        "rope_type": "yarn",
+        **{k: v for k, v in scaling.items() if k != "rope_type"},
+    }
     ours = Transformer.from_pretrained(tmp_path / "out" / "final")
     theirs = LlamaForCausalLM.from_pretrained(tmp_path / "out" / "final").eval()
     x = torch.randint(0, 258, (1, 40), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(20), torch.arange(220, 240)])[None]
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, positions), theirs(x, position_ids=positions).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            ours(x, positions), theirs(x, position_ids=positions).logits, rtol=0, atol=1e-4
+        )
 
 
 # ---- bad input: one sentence on stderr, exit status 1, no traceback ------------------------------------------------
+
 
 def bad(tiny, out, case):
     return {
         "target_len <= train_len": argv(tiny, out, "--train_len", "32", "--target_len", "32"),
         "noskip with a target": argv(tiny, out, "--method", "noskip"),
-        "no document long enough": argv(tiny, out, "--data", str(tiny / "data" / "doc0.txt"), "--train_len", "30",
-                                        "--method", "full", "--target_len", "512"),
+        "no document long enough": argv(
+            tiny,
+            out,
+            "--data",
+            str(tiny / "data" / "doc0.txt"),
+            "--train_len",
+            "30",
+            "--method",
+            "full",
+            "--target_len",
+            "512",
+        ),
         "batch not divisible": argv(tiny, out, "--batch_size", "6", "--micro_batch_size", "4"),
         "model not loadable": argv(tiny, out, "--model", str(tiny / "data")),
-        "nan loss": argv(tiny, out, "--lr", "1e30", "--warmup", "0", "--save_every", "1", "--steps", "5"),
+        "nan loss": argv(
+            tiny, out, "--lr", "1e30", "--warmup", "0", "--save_every", "1", "--steps", "5"
+        ),
         "resume without checkpoint": argv(tiny, out, "--resume"),
         "fsdp without torchrun": argv(tiny, out, "--fsdp"),
     }[case]
 
 
-EXPECTED = {"target_len <= train_len": "must be larger than --train_len", "noskip with a target": "leave --target_len out",
-            "no document long enough": "the longest has", "batch not divisible": "must be divisible by world size",
-            "model not loadable": "neither a .gguf file", "nan loss": "the last good checkpoint",
-            "resume without checkpoint": "holds no checkpoint",
-            "fsdp without torchrun": "needs torchrun"}
+EXPECTED = {
+    "target_len <= train_len": "must be larger than --train_len",
+    "noskip with a target": "leave --target_len out",
+    "no document long enough": "the longest has",
+    "batch not divisible": "must be divisible by world size",
+    "model not loadable": "neither a .gguf file",
+    "nan loss": "the last good checkpoint",
+    "resume without checkpoint": "holds no checkpoint",
+    "fsdp without torchrun": "needs torchrun",
+}
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
@@ -422,7 +615,8 @@ def test_bad_input_exits_with_one_sentence(tiny, tmp_path, capsys, monkeypatch, 
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert e.value.code == 1 and len(errors) == 1 and EXPECTED[case] in errors[0], stderr[-2000:]
-    if case == "nan loss":  # stopped before writing the bad state: a checkpoint of an earlier step stays
+    # stopped before writing the bad state: a checkpoint of an earlier step stays
+    if case == "nan loss":
         assert "step 1)" in errors[0] or "step 2)" in errors[0]
         assert not (tmp_path / "out" / "final").exists()
 
@@ -452,29 +646,49 @@ def test_train_len_above_the_context_warns(tiny, tmp_path, capsys):
 
 # ---- data ---------------------------------------------------------------------------------------------------------
 
+
 def test_read_documents_jsonl_txt_and_directories(tmp_path):
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "x.jsonl").write_text('{"text": "first"}\n\n{"text": "second\\u2028line", "id": 3}\n')
+    (tmp_path / "b" / "x.jsonl").write_text(
+        '{"text": "first"}\n\n{"text": "second\\u2028line", "id": 3}\n'
+    )
     (tmp_path / "a.txt").write_text("a whole file\nis one document")
     (tmp_path / "notes.md").write_text("ignored in a directory")
     assert read_documents(tmp_path / "b" / "x.jsonl") == ["first", "second\u2028line"]
     assert read_documents(tmp_path / "a.txt") == ["a whole file\nis one document"]
-    assert read_documents(tmp_path) == ["a whole file\nis one document", "first", "second\u2028line"]  # sorted
+    # sorted
+    assert read_documents(tmp_path) == [
+        "a whole file\nis one document",
+        "first",
+        "second\u2028line",
+    ]
 
 
 def test_read_documents_counts_bytes_that_are_not_utf8(tmp_path):
-    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 \xff ok \xef\xbf\xbd")  # two bad bytes, one genuine U+FFFD
+    # two bad bytes, one genuine U+FFFD
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 \xff ok \xef\xbf\xbd")
     messages = []
-    assert read_documents(tmp_path / "bad.txt", log=messages.append) == ["caf\ufffd \ufffd ok \ufffd"]
+    assert read_documents(tmp_path / "bad.txt", log=messages.append) == [
+        "caf\ufffd \ufffd ok \ufffd"
+    ]
     assert len(messages) == 1 and messages[0].startswith("data: 2 invalid UTF-8")
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"text": "ok"}\n{"text": 3}\n', 'data: 1 line(s) without a string "text" field in 1 file(s) '
-     '(first: {}, line 2: expected an object with a string "text" field) were skipped'),
-    ('{"text": "ok"}\n\n{oops\n', "data: 1 line(s) that are not valid JSON in 1 file(s) (first: "
-     "{}, line 3: not valid JSON (Expecting property name enclosed in double quotes)) were skipped"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (
+            '{"text": "ok"}\n{"text": 3}\n',
+            'data: 1 line(s) without a string "text" field in 1 file(s) '
+            '(first: {}, line 2: expected an object with a string "text" field) were skipped',
+        ),
+        (
+            '{"text": "ok"}\n\n{oops\n',
+            "data: 1 line(s) that are not valid JSON in 1 file(s) (first: "
+            "{}, line 3: not valid JSON (Expecting property name enclosed in double quotes)) were skipped",
+        ),
+    ],
+)
 def test_read_documents_skips_bad_lines_and_names_file_and_line(tmp_path, content, message):
     (tmp_path / "x.jsonl").write_text(content)
     messages = []
@@ -482,11 +696,14 @@ def test_read_documents_skips_bad_lines_and_names_file_and_line(tmp_path, conten
     assert messages == [message.format(tmp_path / "x.jsonl")]
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("x.csv", "text\nhello\n", "unsupported file type '.csv'"),
-    ("x.txt", "", "holds no text"),
-    ("x.jsonl", "{oops\n", "holds no text (1 file(s), 0 empty document(s))"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("x.csv", "text\nhello\n", "unsupported file type '.csv'"),
+        ("x.txt", "", "holds no text"),
+        ("x.jsonl", "{oops\n", "holds no text (1 file(s), 0 empty document(s))"),
+    ],
+)
 def test_read_documents_errors_name_the_file(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError) as e:
@@ -508,9 +725,13 @@ def test_documents_shorter_than_an_example_are_skipped_and_counted(tiny, capsys)
     docs = train.load_documents(cfg, byte_tokenizer(), rank=0)
     assert all(len(d) >= 100 for d in docs) and 0 < len(docs) < 6
     assert f"{len(docs)} of 6 documents" in capsys.readouterr().out
-    aligned = train.load_documents(config.Config(data=str(tiny / "data"), train_len=100, target_len=400,
-                                                content="aligned"), byte_tokenizer(), rank=0)
-    assert all(len(d) >= 400 for d in aligned) and len(aligned) < len(docs)  # aligned reads text up to Lt
+    aligned = train.load_documents(
+        config.Config(data=str(tiny / "data"), train_len=100, target_len=400, content="aligned"),
+        byte_tokenizer(),
+        rank=0,
+    )
+    # aligned reads text up to Lt
+    assert all(len(d) >= 400 for d in aligned) and len(aligned) < len(docs)
 
 
 def test_sharded_checkpoints_are_published_whole_and_the_newest_is_found(tmp_path):
@@ -530,8 +751,10 @@ def test_sharded_checkpoints_are_published_whole_and_the_newest_is_found(tmp_pat
             path = checkpoint._save_sharded(tmp_path, model, optimizer, 4, config, None)
             assert checkpoint.read_info(path) == (4, config)
         assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004"]
-        assert checkpoint.save_checkpoint(tmp_path, model, optimizer, 6, {}) == \
-            tmp_path / "checkpoint.pt"  # world size 1: a plain file, and the DCP one goes
+        assert (
+            checkpoint.save_checkpoint(tmp_path, model, optimizer, 6, {})
+            == tmp_path / "checkpoint.pt"
+        )  # world size 1: a plain file, and the DCP one goes
         assert not list((tmp_path / "checkpoints").iterdir())
         assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
     finally:

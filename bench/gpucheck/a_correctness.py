@@ -1,4 +1,5 @@
 """Section a of bench/gpu_check.py: correctness against transformers and against ourselves."""
+
 from contextlib import nullcontext
 
 import torch
@@ -12,12 +13,14 @@ from model import ModelArgs, Transformer
 
 # ---- which attention kernel ran ------------------------------------------------------------------
 
-KERNELS = {"aten::_scaled_dot_product_flash_attention": "sdpa-flash",
-           "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa-flash-cpu",
-           "aten::_scaled_dot_product_efficient_attention": "sdpa-efficient",
-           "aten::_scaled_dot_product_cudnn_attention": "sdpa-cudnn",
-           "aten::_scaled_dot_product_attention_math": "sdpa-math",
-           "aten::_scaled_dot_product_fused_attention_overrideable": "sdpa-overrideable"}
+KERNELS = {
+    "aten::_scaled_dot_product_flash_attention": "sdpa-flash",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa-flash-cpu",
+    "aten::_scaled_dot_product_efficient_attention": "sdpa-efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "sdpa-cudnn",
+    "aten::_scaled_dot_product_attention_math": "sdpa-math",
+    "aten::_scaled_dot_product_fused_attention_overrideable": "sdpa-overrideable",
+}
 
 
 def kernels_used(function):
@@ -30,25 +33,41 @@ def kernels_used(function):
         sync(torch.device("cuda" if cuda else "cpu"))
     names = {e.key for e in prof.key_averages()}
     found = {label for op, label in KERNELS.items() if op in names}
-    found |= {f"flash_attn ({n[:60]})" for n in names  # the package: its op or its CUDA kernel
-              if ("flash_attn" in n or "flash_fwd" in n) and not n.startswith(("aten", "pytorch"))}
-    found |= {f"backward: {n}" for n in names
-              if "attention_backward" in n or "flash_attn_backward" in n}
+    found |= {
+        f"flash_attn ({n[:60]})"
+        for n in names  # the package: its op or its CUDA kernel
+        if ("flash_attn" in n or "flash_fwd" in n) and not n.startswith(("aten", "pytorch"))
+    }
+    found |= {
+        f"backward: {n}" for n in names if "attention_backward" in n or "flash_attn_backward" in n
+    }
     return result, sorted(found)
 
 
 # ---- a: correctness ------------------------------------------------------------------------------
 
-SCALINGS = {"none": None,
-            "linear": {"rope_type": "linear", "factor": 4.0},
-            "ntk": {"rope_type": "ntk", "factor": 4.0},
-            "dynamic": {"rope_type": "dynamic", "factor": 4.0},
-            "yarn": {"rope_type": "yarn", "factor": 4.0},
-            "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0}}
+SCALINGS = {
+    "none": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "ntk": {"rope_type": "ntk", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    },
+}
 LOGIT_CASES = [  # (scaling, n_kv_heads of 4 heads, tied): MHA and GQA, tied and untied
-    ("none", 4, False), ("none", 2, True), ("linear", 2, False), ("ntk", 2, True),
-    ("dynamic", 1, False), ("yarn", 2, True), ("llama3", 2, False)]
+    ("none", 4, False),
+    ("none", 2, True),
+    ("linear", 2, False),
+    ("ntk", 2, True),
+    ("dynamic", 1, False),
+    ("yarn", 2, True),
+    ("llama3", 2, False),
+]
 SMALL = dict(dim=256, n_layers=2, n_heads=4, hidden_dim=512, vocab_size=512, max_seq_len=256)
 
 
@@ -94,21 +113,34 @@ def check_logits(run, case):
     positions = torch.cat([torch.arange(0, 100), torch.arange(900, 1000)]).to(device)  # a skip
     with torch.no_grad():
         reference, theirs_bf16 = (
-            transformers_model(directory, dtype, device)(x, position_ids=positions.expand(2, -1))
-            .logits.float() for dtype in (torch.float32, torch.bfloat16))
-        ours = {dtype: Transformer.from_pretrained(directory, dtype=dtype, device=device)(
-            x, positions) for dtype in (torch.float32, torch.bfloat16)}
+            transformers_model(directory, dtype, device)(
+                x, position_ids=positions.expand(2, -1)
+            ).logits.float()
+            for dtype in (torch.float32, torch.bfloat16)
+        )
+        ours = {
+            dtype: Transformer.from_pretrained(directory, dtype=dtype, device=device)(x, positions)
+            for dtype in (torch.float32, torch.bfloat16)
+        }
         on_cpu = Transformer.from_pretrained(directory)(x.cpu(), positions.cpu())
     fp32, scale = max_diff(ours[torch.float32], reference), float(reference.abs().max())
     bf16, bf16_theirs = max_diff(ours[torch.bfloat16], reference), max_diff(theirs_bf16, reference)
     device_vs_cpu = max_diff(ours[torch.float32].cpu(), on_cpu)
     # transformers forms RoPE angles in fp32 (we in fp64): near position 1000 that alone moves the
     # logits by ~1e-4. Our device against our CPU is the tight check.
-    ok = fp32 <= 3e-4 * scale and device_vs_cpu <= 1e-5 * scale and \
-        bf16 <= max(1.5 * bf16_theirs, 0.05)
-    return {"max_abs_logit": scale, "fp32_max_abs_diff": fp32,
-            "fp32_device_vs_cpu_max_abs_diff": device_vs_cpu, "bf16_max_abs_diff_vs_fp32": bf16,
-            "transformers_bf16_max_abs_diff_vs_fp32": bf16_theirs, "ok": ok}
+    ok = (
+        fp32 <= 3e-4 * scale
+        and device_vs_cpu <= 1e-5 * scale
+        and bf16 <= max(1.5 * bf16_theirs, 0.05)
+    )
+    return {
+        "max_abs_logit": scale,
+        "fp32_max_abs_diff": fp32,
+        "fp32_device_vs_cpu_max_abs_diff": device_vs_cpu,
+        "bf16_max_abs_diff_vs_fp32": bf16,
+        "transformers_bf16_max_abs_diff_vs_fp32": bf16_theirs,
+        "ok": ok,
+    }
 
 
 def check_cache(run, dtype):
@@ -116,13 +148,18 @@ def check_cache(run, dtype):
     against one forward: a first piece (T == S, causal), single decoded tokens (T == 1) and pieces
     after a cache (T < S, a mask). bf16: both against the fp32 forward."""
     device = run.device
-    model = Transformer.from_pretrained(small_hf_dir(run, None, 2, False), dtype=dtype,
-                                        device=device)
+    model = Transformer.from_pretrained(
+        small_hf_dir(run, None, 2, False), dtype=dtype, device=device
+    )
     x = random_tokens((1, 120), 2, device)
     positions = torch.cat([torch.arange(0, 50), torch.arange(700, 770)]).to(device)
-    pieces = {"first piece (T == S)": (0, 40), "decode (T == 1)": (40, 41),
-              "piece after a cache (T < S)": (41, 60), "decode again": (60, 61),
-              "last piece": (61, 120)}
+    pieces = {
+        "first piece (T == S)": (0, 40),
+        "decode (T == 1)": (40, 41),
+        "piece after a cache (T < S)": (41, 60),
+        "decode again": (60, 61),
+        "last piece": (61, 120),
+    }
     cache, logits, kernels = model.make_cache(1, 120), [], {}
     with torch.no_grad():
         whole, kernels["one forward"] = kernels_used(lambda: model(x, positions))
@@ -131,32 +168,44 @@ def check_cache(run, dtype):
             logits.append(out)
         reference = whole if dtype == torch.float32 else model.float()(x, positions)
     cached, one = max_diff(torch.cat(logits, dim=1), reference), max_diff(whole, reference)
-    ok = cached <= 2e-5 * float(reference.abs().max()) if dtype == torch.float32 else \
-        cached <= max(1.5 * one, 0.05)
-    return {"cache_max_abs_diff": cached, "one_forward_max_abs_diff": one, "kernels": kernels,
-            "ok": ok}
+    ok = (
+        cached <= 2e-5 * float(reference.abs().max())
+        if dtype == torch.float32
+        else cached <= max(1.5 * one, 0.05)
+    )
+    return {
+        "cache_max_abs_diff": cached,
+        "one_forward_max_abs_diff": one,
+        "kernels": kernels,
+        "ok": ok,
+    }
 
 
 def check_prefill(run, dtype):
     """Transformer.prefill in pieces against one pass: every layer's cache and the last position's
     logits (bf16: both against the fp32 one pass; the pieces may run another attention kernel)."""
     device = run.device
-    model = Transformer.from_pretrained(small_hf_dir(run, SCALINGS["linear"], 2, False),
-                                        dtype=dtype, device=device)
+    model = Transformer.from_pretrained(
+        small_hf_dir(run, SCALINGS["linear"], 2, False), dtype=dtype, device=device
+    )
     x = random_tokens((1, 300), 3, device)
     caches = [model.make_cache(1, 300) for _ in range(2)]
     whole = model.logits(model.prefill(x, caches[0]))
     pieces, kernels = kernels_used(lambda: model.logits(model.prefill(x, caches[1], chunk=64)))
     cache = max(max(max_diff(a.k, b.k), max_diff(a.v, b.v)) for a, b in zip(*caches))
-    result = {"cache_max_abs_diff": cache, "logits_max_abs_diff": max_diff(pieces, whole),
-              "kernels": kernels}
+    result = {
+        "cache_max_abs_diff": cache,
+        "logits_max_abs_diff": max_diff(pieces, whole),
+        "kernels": kernels,
+    }
     if dtype == torch.float32:
         scale = float(whole.abs().max())
         return result | {"ok": result["logits_max_abs_diff"] <= 2e-5 * scale and cache < 1e-4}
     model.float()
     reference = model.logits(model.prefill(x, model.make_cache(1, 300)))
-    result.update(pieces_vs_fp32=max_diff(pieces, reference),
-                  one_pass_vs_fp32=max_diff(whole, reference))
+    result.update(
+        pieces_vs_fp32=max_diff(pieces, reference), one_pass_vs_fp32=max_diff(whole, reference)
+    )
     return result | {"ok": result["pieces_vs_fp32"] <= max(1.5 * result["one_pass_vs_fp32"], 0.05)}
 
 
@@ -181,11 +230,18 @@ def check_loss(run, autocast_bf16):
         results.append((loss.item(), h.grad, w.grad))
     (ours, dh, dw), (plain, dh_ref, dw_ref) = results
     rel = abs(ours - plain) / abs(plain)
-    grads = max(max_diff(dh, dh_ref) / float(dh_ref.abs().max()),
-                max_diff(dw, dw_ref) / float(dw_ref.abs().max()))
+    grads = max(
+        max_diff(dh, dh_ref) / float(dh_ref.abs().max()),
+        max_diff(dw, dw_ref) / float(dw_ref.abs().max()),
+    )
     tolerance = (1e-3, 1e-2) if autocast_bf16 else (1e-6, 1e-4)
-    return {"loss": ours, "reference": plain, "loss_rel_diff": rel, "grad_max_rel_diff": grads,
-            "ok": rel <= tolerance[0] and grads <= tolerance[1]}
+    return {
+        "loss": ours,
+        "reference": plain,
+        "loss_rel_diff": rel,
+        "grad_max_rel_diff": grads,
+        "ok": rel <= tolerance[0] and grads <= tolerance[1],
+    }
 
 
 def check_training_kernels(run):
@@ -199,6 +255,7 @@ def check_training_kernels(run):
         with autocast:
             loss = model(x, targets=x)
         loss.backward()
+
     return {"dtype": str(dtype)[6:], "kernels": kernels_used(step)[1]}
 
 
@@ -214,4 +271,3 @@ def section_a(run, record):
     run.attempt(record, "chunked loss fp32", lambda: check_loss(run, False))
     run.attempt(record, "chunked loss bf16 autocast", lambda: check_loss(run, True))
     run.attempt(record, "training step kernels", lambda: check_training_kernels(run))
-

@@ -1,4 +1,5 @@
 """Section c of bench/gpu_check.py: training throughput, ours against transformers."""
+
 import time
 from types import SimpleNamespace
 
@@ -17,14 +18,20 @@ def section_c(run, record):
     state = random_model(shape, device, torch.float32).state_dict()
     state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}  # one copy, off the GPU
     free()
-    batch = batch_for("pose", s["batch_size"], s["train_len"], 8 * s["train_len"],
-                      shape["vocab_size"])
+    batch = batch_for(
+        "pose", s["batch_size"], s["train_len"], 8 * s["train_len"], shape["vocab_size"]
+    )
     tokens = batch[0].numel()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = train.peak_flops(SimpleNamespace(peak_tflops=None), device, dtype)
-    record.update(parameters=sum(v.numel() for v in state.values()), tokens_per_step=tokens,
-                  dtype=str(dtype)[6:], peak_tflops=peak / 1e12 if peak else None,
-                  flops_per_token=flops_per_token, checkpointing=False)
+    record.update(
+        parameters=sum(v.numel() for v in state.values()),
+        tokens_per_step=tokens,
+        dtype=str(dtype)[6:],
+        peak_tflops=peak / 1e12 if peak else None,
+        flops_per_token=flops_per_token,
+        checkpointing=False,
+    )
 
     def measure(impl):
         start = time.perf_counter()
@@ -35,11 +42,16 @@ def section_c(run, record):
         warm = time.perf_counter() - start
         result = timed(step, batch, device, s["steps"])
         median = sorted(result["seconds"])[len(result["seconds"]) // 2]
-        return {"warm_up_s": warm, "best_s": min(result["seconds"]), "median_s": median,
-                "tokens_per_s": tokens / median,
-                "mfu": tokens / median * flops_per_token / peak if peak else None,
-                "peak_gib": result["peak_gib"], "loss_after_warm_up": result["loss"],
-                "all_s": result["seconds"]}
+        return {
+            "warm_up_s": warm,
+            "best_s": min(result["seconds"]),
+            "median_s": median,
+            "tokens_per_s": tokens / median,
+            "mfu": tokens / median * flops_per_token / peak if peak else None,
+            "peak_gib": result["peak_gib"],
+            "loss_after_warm_up": result["loss"],
+            "all_s": result["seconds"],
+        }
 
     for impl in ("ours", "ours+compile", "transformers"):
         run.attempt(record, impl, lambda: measure(impl), need=10)
@@ -48,7 +60,8 @@ def section_c(run, record):
         if "tokens_per_s" in record.get(impl, {}) and "tokens_per_s" in tf:
             record[impl]["vs_transformers"] = record[impl]["tokens_per_s"] / tf["tokens_per_s"]
     best = record.get("ours+compile", {})
-    record["goal"] = {"compiled_mfu_45%": (best.get("mfu") or 0) >= 0.45,
-                      "compiled_1.2x_transformers": best.get("vs_transformers", 0) >= 1.2,
-                      "note": "goals of the 1.1B on a GPU; meaningless in the dry mode"}
-
+    record["goal"] = {
+        "compiled_mfu_45%": (best.get("mfu") or 0) >= 0.45,
+        "compiled_1.2x_transformers": best.get("vs_transformers", 0) >= 1.2,
+        "note": "goals of the 1.1B on a GPU; meaningless in the dry mode",
+    }

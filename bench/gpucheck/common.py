@@ -1,6 +1,7 @@
 """What the sections of bench/gpu_check.py share: the sizes of the GPU run and of its dry image,
 the run (time budgets, isolation, records, the summary), devices and peak memory, random-init
 models, and the training step that sections c and d time."""
+
 import argparse
 import gc
 import json
@@ -24,35 +25,68 @@ from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "demo" / "base"  # 2,048 tokens: fits every model below
-TINYLLAMA_1B = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
-                    vocab_size=32000)
+TINYLLAMA_1B = dict(
+    dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000
+)
 LLAMA_7B = dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=32000)
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=2048)
 SIZES = {  # the GPU run and its dry image: the same steps, smaller
     "gpu": {
         "budgets": {"a": 40, "b": 165, "c": 85, "d": 70, "e": 90},  # 450 s in all
-        "b": {"init": dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=1408),
-              "train_len": 1024, "batch_size": 8, "micro_batch_size": 4, "steps": 20,
-              "kill_at": 13, "save_every": 5, "fsdp_steps": 5, "timeout": 120, "compile": True},
+        "b": {
+            "init": dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=1408),
+            "train_len": 1024,
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "steps": 20,
+            "kill_at": 13,
+            "save_every": 5,
+            "fsdp_steps": 5,
+            "timeout": 120,
+            "compile": True,
+        },
         "c": {"model": TINYLLAMA_1B, "train_len": 2048, "batch_size": 8, "warmup": 2, "steps": 5},
-        "d": {"model": TINYLLAMA_1B, "train_len": 2048, "lengths": [2**k for k in range(11, 18)],
-              "steps": {"pose": 3, "full": 1}},
-        "e": {"model": LLAMA_7B, "length": 32768, "memory_lengths": [65536, 131072],
-              "prefill_chunk": eval_passkey.PREFILL_CHUNK}},
+        "d": {
+            "model": TINYLLAMA_1B,
+            "train_len": 2048,
+            "lengths": [2**k for k in range(11, 18)],
+            "steps": {"pose": 3, "full": 1},
+        },
+        "e": {
+            "model": LLAMA_7B,
+            "length": 32768,
+            "memory_lengths": [65536, 131072],
+            "prefill_chunk": eval_passkey.PREFILL_CHUNK,
+        },
+    },
     "dry": {
         "budgets": dict.fromkeys("abcde", 600),  # the dry run checks that steps work, not how fast
-        "b": {"init": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64),
-              "train_len": 32, "batch_size": 4, "micro_batch_size": 2, "steps": 6, "kill_at": 5,
-              "save_every": 2, "fsdp_steps": 3, "timeout": 300,
-              "compile": False},  # section c compiles; three cold compilations cost minutes on CPU
+        "b": {
+            "init": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64),
+            "train_len": 32,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "steps": 6,
+            "kill_at": 5,
+            "save_every": 2,
+            "fsdp_steps": 3,
+            "timeout": 300,
+            "compile": False,
+        },  # section c compiles; three cold compilations cost minutes on CPU
         "c": {"model": TINY, "train_len": 64, "batch_size": 2, "warmup": 1, "steps": 2},
-        "d": {"model": TINY, "train_len": 64, "lengths": [64, 128, 256],
-              "steps": {"pose": 2, "full": 1}},
-        "e": {"model": TINY, "length": 512, "memory_lengths": [1024, 2048], "prefill_chunk": 256}},
+        "d": {
+            "model": TINY,
+            "train_len": 64,
+            "lengths": [64, 128, 256],
+            "steps": {"pose": 2, "full": 1},
+        },
+        "e": {"model": TINY, "length": 512, "memory_lengths": [1024, 2048], "prefill_chunk": 256},
+    },
 }
 
 
 # ---- the run: budgets, isolation, records --------------------------------------------------------
+
 
 class Run:
     def __init__(self, out, dry, budget):
@@ -62,8 +96,12 @@ class Run:
         self.deadline = time.monotonic() + budget
         self.section_deadline = self.deadline
         self.tmp = Path(tempfile.mkdtemp(prefix="pose-gpu-check-"))
-        self.results = {"mode": "dry (CPU, tiny sizes)" if dry else "gpu", "budget_s": budget,
-                        "environment": environment(self.device), "sections": {}}
+        self.results = {
+            "mode": "dry (CPU, tiny sizes)" if dry else "gpu",
+            "budget_s": budget,
+            "environment": environment(self.device),
+            "sections": {},
+        }
 
     def left(self):
         return min(self.deadline, self.section_deadline) - time.monotonic()
@@ -117,25 +155,38 @@ def free():
 
 
 def environment(device):
-    env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-           "cpu_count": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
     try:
         import transformers
+
         env["transformers"] = transformers.__version__
     except ImportError:
         env["transformers"] = None
     try:
         import flash_attn
+
         env["flash_attn"] = flash_attn.__version__
     except ImportError:
         env["flash_attn"] = "not installed (SDPA is used)"
     env["flash_attn_used_by_model_py"] = model_py.flash_attn_func is not None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
-                   cuda=torch.version.cuda, gpu_memory_gib=props.total_memory / 2**30,
-                   sdp_enabled={k: getattr(torch.backends.cuda, f"{k}_sdp_enabled", lambda: None)()
-                                for k in ("flash", "mem_efficient", "math", "cudnn")})
+        env.update(
+            gpu=torch.cuda.get_device_name(),
+            capability=torch.cuda.get_device_capability(),
+            cuda=torch.version.cuda,
+            gpu_memory_gib=props.total_memory / 2**30,
+            sdp_enabled={
+                k: getattr(torch.backends.cuda, f"{k}_sdp_enabled", lambda: None)()
+                for k in ("flash", "mem_efficient", "math", "cudnn")
+            },
+        )
     else:
         env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     env["eval_dtype"] = str(eval_dtype(device))[6:]
@@ -150,8 +201,12 @@ def eval_dtype(device):
     default = p.get_default("dtype")
     if isinstance(default, torch.dtype):
         return default
-    names = {"fp32": torch.float32, "float32": torch.float32,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     return names.get(default) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
@@ -188,8 +243,8 @@ def max_diff(a, b):
     return float((a.float() - b.float()).abs().max())
 
 
-
 # ---- c, d: training steps in this process --------------------------------------------------------
+
 
 def make_step(impl, shape, state, device, checkpointing=False):
     """One step as train.py takes it (bf16 autocast on GPU, fp32 on CPU; AdamW; clipping at 1.0) of
@@ -205,14 +260,21 @@ def make_step(impl, shape, state, device, checkpointing=False):
         with torch.device(device):
             model = LlamaForCausalLM(config)
         missing, unexpected = model.load_state_dict(
-            {weights.to_hf_name(k): v for k, v in state.items()}, strict=False)
+            {weights.to_hf_name(k): v for k, v in state.items()}, strict=False
+        )
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
         if checkpointing:
             model.gradient_checkpointing_enable()
 
         def loss_of(x, p, y):
-            return model(input_ids=x, position_ids=p, attention_mask=torch.ones_like(x), labels=y,
-                         shift_labels=y, use_cache=False).loss
+            return model(
+                input_ids=x,
+                position_ids=p,
+                attention_mask=torch.ones_like(x),
+                labels=y,
+                shift_labels=y,
+                use_cache=False,
+            ).loss
     else:
         model = random_model(shape, device, torch.float32)
         model.load_state_dict(state)
@@ -223,6 +285,7 @@ def make_step(impl, shape, state, device, checkpointing=False):
 
         def loss_of(x, p, y):
             return model(x, p, targets=y)
+
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.999), weight_decay=0.0)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else nullcontext()
@@ -236,6 +299,7 @@ def make_step(impl, shape, state, device, checkpointing=False):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
     return step
 
 
@@ -256,8 +320,10 @@ def batch_for(method, n_examples, train_len, target_len, vocab, seed=0):
     document of random tokens."""
     g = torch.Generator().manual_seed(seed)
     doc = torch.randint(0, vocab, (max(target_len, train_len) + 1,), generator=g)
-    examples = [pose.make_example(method, len(doc), train_len, target_len, generator=g)
-                for _ in range(n_examples)]
+    examples = [
+        pose.make_example(method, len(doc), train_len, target_len, generator=g)
+        for _ in range(n_examples)
+    ]
     token_index = torch.stack([t for t, _ in examples])
     tokens = doc[token_index]
     targets = pose.next_token_targets(tokens, token_index)
@@ -266,16 +332,24 @@ def batch_for(method, n_examples, train_len, target_len, vocab, seed=0):
 
 # ---- the summary ---------------------------------------------------------------------------------
 
+
 def checks(results):
     """[(section, name, ok)] of every check."""
-    return [(name, key, value["ok"]) for name, section in results["sections"].items()
-            for key, value in section.items() if isinstance(value, dict) and "ok" in value]
+    return [
+        (name, key, value["ok"])
+        for name, section in results["sections"].items()
+        for key, value in section.items()
+        if isinstance(value, dict) and "ok" in value
+    ]
 
 
 def failures(results):
-    errors = [f"{name}: {key}" for name, section in results["sections"].items()
-              for key, value in section.items()
-              if key == "error" or isinstance(value, dict) and "error" in value]
+    errors = [
+        f"{name}: {key}"
+        for name, section in results["sections"].items()
+        for key, value in section.items()
+        if key == "error" or isinstance(value, dict) and "error" in value
+    ]
     return errors + [f"{name}: {key}" for name, key, ok in checks(results) if not ok]
 
 
@@ -289,9 +363,11 @@ def fmt(value):
 
 def summary(results):
     env = results["environment"]
-    lines = [f"gpu_check ({results['mode']}), {env.get('gpu', 'CPU')}, torch {env['torch']}, "
-             f"transformers {env['transformers']}, flash_attn {env['flash_attn']}, "
-             f"eval dtype {env['eval_dtype']}, {env['time']}"]
+    lines = [
+        f"gpu_check ({results['mode']}), {env.get('gpu', 'CPU')}, torch {env['torch']}, "
+        f"transformers {env['transformers']}, flash_attn {env['flash_attn']}, "
+        f"eval dtype {env['eval_dtype']}, {env['time']}"
+    ]
     if "sdp_enabled" in env:
         lines.append(f"SDPA backends enabled: {env['sdp_enabled']}")
     hidden = {"stdout", "stderr", "where", "all_s", "ok"}
@@ -311,4 +387,3 @@ def summary(results):
     verdict = f"{len(bad)} failed or errored: {bad}" if bad else "all passed, no errors"
     lines.append(f"\n{len(checks(results))} checks, {verdict}")
     return "\n".join(lines) + "\n"
-
