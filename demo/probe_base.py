@@ -1,12 +1,14 @@
-"""Does a base model copy from its context? The two numbers behind docs/RESULTS.md's table of demo bases.
+"""Does a base model copy from its context? The two numbers behind docs/RESULTS.md's table of demo
+bases.
 
-    python demo/probe_base.py data/demo-faithful/stage2/checkpoint.pt data/demo-faithful/config.json   # a checkpoint
-    python demo/probe_base.py demo/base                                               # a saved model
+    python demo/probe_base.py demo/base         # a saved model
+    python demo/probe_base.py data/demo-faithful/stage2/checkpoint.pt \\
+        data/demo-faithful/config.json          # a checkpoint and its config
 
-answer loss: mean NLL of the 5 answer digits of 40 passkey episodes (eval_passkey's prompt, <= 250 tokens) with the
-key stated earlier in the episode; ln 10 = 2.303 is a uniform guess over the digits.
-copy gain: NLL of the first copy minus the second copy of a run of 20 random words written twice; > 0 only if the
-model looks back and copies (an induction head).
+answer loss: mean NLL of the 5 answer digits of 40 passkey episodes (eval_passkey's prompt, <= 250
+tokens) with the key stated earlier in the episode; ln 10 = 2.303 is a uniform guess over the
+digits. copy gain: NLL of the first copy minus the second copy of a run of 20 random words written
+twice; > 0 only if the model looks back and copies (an induction head).
 """
 
 import json
@@ -45,7 +47,8 @@ def main(path, config=None, tokenizer="demo/base"):
         ids = tok.encode(build_prompt(key, before, fill - before) + f" {key}.")
         if len(ids) <= 250:
             answer += nll(model, ids)[-6:-1]  # the 5 digits before the final "."
-    words = "king crown sword night moon love death blood honour heaven ghost queen lord father daughter poison".split()
+    words = ("king crown sword night moon love death blood honour heaven ghost queen lord father "
+             "daughter poison").split()
     rng, first, second = random.Random(9), [], []
     for _ in range(10):
         run = tok.encode(" ".join(rng.choice(words) for _ in range(20)) + "\n")
@@ -54,8 +57,9 @@ def main(path, config=None, tokenizer="demo/base"):
         second += losses[len(run) :]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(
-        f"{path}: answer loss {mean(answer):.3f} (ln 10 = {math.log(10):.3f}), "
-        f"copy gain {mean(first) - mean(second):.2f} (first copy {mean(first):.2f}, second {mean(second):.2f})"
+        f"{path}: answer loss {mean(answer):.3f} (ln 10 = {math.log(10):.3f}), copy gain "
+        f"{mean(first) - mean(second):.2f} (first copy {mean(first):.2f}, second "
+        f"{mean(second):.2f})"
     )
 
 

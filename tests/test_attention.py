@@ -1,6 +1,7 @@
-"""attend()'s kernel choice: on CUDA no path may reach SDPA's math kernel (fp32 T×S scores per head),
-so the plan is checked for every case with the device decision mocked, and the CUDA plan's arithmetic
-(copied KV heads, the lower-right causal bias) is run on the CPU against the plain path."""
+"""attend()'s kernel choice: on CUDA no path may reach SDPA's math kernel (fp32 T×S scores per
+head), so the plan is checked for every case with the device decision mocked, and the CUDA plan's
+arithmetic (copied KV heads, the lower-right causal bias) is run on the CPU against the plain
+path."""
 
 import itertools
 
@@ -23,9 +24,9 @@ CASES = list(
 
 @pytest.mark.parametrize("device, dtype, shape, gqa", CASES)
 def test_the_plan_on_cuda_only_asks_what_the_linear_memory_kernels_take(device, dtype, shape, gqa):
-    """Flash takes enable_gqa but neither a mask nor fp32; memory-efficient takes fp32 and masks but not
-    enable_gqa (torch <= 2.11): so on CUDA GQA reaches SDPA only as copies when fp32 or masked, and a mask
-    is the lower-right causal bias, never a (T, S) tensor."""
+    """Flash takes enable_gqa but neither a mask nor fp32; memory-efficient takes fp32 and masks but
+    not enable_gqa (torch <= 2.11): so on CUDA GQA reaches SDPA only as copies when fp32 or masked,
+    and a mask is the lower-right causal bias, never a (T, S) tensor."""
     T, S = shape
     copies, mask = sdpa_plan(device, dtype, T, S, gqa)
     assert mask == (
@@ -45,7 +46,8 @@ def test_the_plan_on_cuda_only_asks_what_the_linear_memory_kernels_take(device, 
 
 
 def test_cuda_runs_sdpa_with_the_math_kernel_excluded(monkeypatch):
-    """attend() restricts SDPA to the flash, memory-efficient and cuDNN kernels on CUDA (mocked here)."""
+    """attend() restricts SDPA to the flash, memory-efficient and cuDNN kernels on CUDA (mocked
+    here)."""
     seen = []
     monkeypatch.setattr(
         model, "sdpa_kernel", lambda backends: seen.append(backends) or torch.no_grad()
@@ -65,8 +67,8 @@ def test_cuda_runs_sdpa_with_the_math_kernel_excluded(monkeypatch):
 @pytest.mark.parametrize("T, S", [(9, 9), (1, 9), (4, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_cuda_plan_gives_the_cpu_plans_attention(T, S, dtype, monkeypatch):
-    """Copied KV heads and the lower-right causal bias compute what the CPU path computes (and what the
-    reference, a dense causal mask aligned bottom-right over repeated KV heads, computes)."""
+    """Copied KV heads and the lower-right causal bias compute what the CPU path computes (and what
+    the reference, a dense causal mask aligned bottom-right over repeated KV heads, computes)."""
     torch.manual_seed(0)
     q, k, v = (
         torch.randn(2, T, 4, 8, dtype=dtype),
@@ -90,7 +92,8 @@ def test_the_cuda_plan_gives_the_cpu_plans_attention(T, S, dtype, monkeypatch):
 
 
 def test_flash_attn_only_where_its_limits_hold(monkeypatch):
-    """flash-attn needs CUDA half precision, sm80+, head_dim <= 256 and a multiple of 8; elsewhere SDPA."""
+    """flash-attn needs CUDA half precision, sm80+, head_dim <= 256 and a multiple of 8; elsewhere
+    SDPA."""
     monkeypatch.setattr(model, "flash_attn_func", object())
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     capability = [(9, 0)]

@@ -2,7 +2,8 @@
 
     POSE_TEST_CUDA=1 python -m pytest tests/test_cuda.py
 
-Skipped on machines without a GPU, which is every machine this was developed on: written, not yet run."""
+Skipped on machines without a GPU, which is every machine this was developed on: written, not yet
+run."""
 
 import os
 
@@ -13,7 +14,8 @@ from model import ModelArgs, Transformer, attend
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("POSE_TEST_CUDA") != "1" or not torch.cuda.is_available(),
-    reason="needs a CUDA GPU and POSE_TEST_CUDA=1 (the CPU suite hides CUDA so its exact comparisons run on the CPU)",
+    reason="needs a CUDA GPU and POSE_TEST_CUDA=1 (the CPU suite hides CUDA so its exact "
+    "comparisons run on the CPU)",
 )
 
 
@@ -31,8 +33,8 @@ def kernels_of(fn):
 # one pass, the last prefill piece after a cache, decoding
 @pytest.mark.parametrize("T", [16384, 4096, 1])
 def test_gqa_attention_at_16k_stays_linear_in_memory_and_off_the_math_kernel(dtype, T):
-    """32 query heads over 8 KV heads (Llama-3-8B's shape), S = 16k keys: the fp32 T×S scores of the math
-    kernel would be 8-32 GiB; attend() stays far below and never launches it."""
+    """32 query heads over 8 KV heads (Llama-3-8B's shape), S = 16k keys: the fp32 T×S scores of the
+    math kernel would be 8-32 GiB; attend() stays far below and never launches it."""
     S, hd = 16384, 128
     q = torch.randn(1, T, 32, hd, device="cuda", dtype=dtype)
     k, v = (torch.randn(1, S, 8, hd, device="cuda", dtype=dtype) for _ in range(2))
@@ -49,8 +51,9 @@ def test_gqa_attention_at_16k_stays_linear_in_memory_and_off_the_math_kernel(dty
 
 
 def test_bf16_and_fp32_on_cuda_agree_with_the_cpu():
-    """fp32 on CUDA equals the CPU to 1e-4; bf16 is within what bf16 rounding of the activations allows,
-    judged against the fp32 logits' own spread (the old check's atol 0.1 passed a wrong attention)."""
+    """fp32 on CUDA equals the CPU to 1e-4; bf16 is within what bf16 rounding of the activations
+    allows, judged against the fp32 logits' own spread (the old check's atol 0.1 passed a wrong
+    attention)."""
     torch.manual_seed(0)
     model = Transformer(
         ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, max_seq_len=256)
