@@ -1,21 +1,27 @@
-"""Evaluation speed, ours against transformers on the same model: one passkey trial and sliding-window perplexity.
+"""Evaluation speed, ours against transformers on the same model: one passkey trial and
+sliding-window perplexity.
 
     python bench/bench_eval.py --threads 1 --length 8192 --repeats 2
 
-Both sides hold SmolLM2-135M's weights in fp32 (exported once with save_pretrained; our worker and transformers'
-LlamaForCausalLM(attn_implementation="sdpa") load that directory), each in its own process (bench/harness.py).
+Both sides hold SmolLM2-135M's weights in fp32 (exported once with save_pretrained; our worker and
+transformers' LlamaForCausalLM(attn_implementation="sdpa") load that directory), each in its own
+process (bench/harness.py).
 
-passkey  one trial of eval_passkey.py at --length tokens (make_trial: seed 0, trial 0), greedy, ≤ 8 new tokens.
-         ours: model.generate (one prefill that keeps only the last position's logits, then the KV cache), as
-         eval_passkey.run_trial does. transformers: model.generate(do_sample=False, max_new_tokens=8) with its
-         default DynamicCache. The answers are printed: they must agree.
-ppl      eval_ppl.py's sliding window over one document of --length + --stride tokens (two windows, the second
-         scoring only its last --stride tokens). ours: eval_ppl.document_nll (hidden states, logits formed only for
-         the scored positions, 1024 at a time). transformers: the loop of its perplexity guide, model(window,
-         labels=window with the unscored tokens set to -100), the same windows; both NLLs are printed.
+passkey  one trial of eval_passkey.py at --length tokens (make_trial: seed 0, trial 0), greedy,
+         ≤ 8 new tokens.
+         ours: model.generate (one prefill that keeps only the last position's logits, then the KV
+         cache), as eval_passkey.run_trial does. transformers: model.generate(do_sample=False,
+         max_new_tokens=8) with its default DynamicCache. The answers are printed: they must agree.
+ppl      eval_ppl.py's sliding window over one document of --length + --stride tokens (two windows,
+         the second scoring only its last --stride tokens).
+         ours: eval_ppl.document_nll (hidden states, logits formed only for the scored positions,
+         1024 at a time). transformers: the loop of its perplexity guide, model(window,
+         labels=window with the unscored tokens set to -100), the same windows; both NLLs are
+         printed.
 
-After a warm-up on a short input, the two implementations alternate --repeats times; we report the best time, the
-load average, and peak memory over the loaded model (the KV cache, activations and logits count, weights do not).
+After a warm-up on a short input, the two implementations alternate --repeats times; we report the
+best time, the load average, and peak memory over the loaded model (the KV cache, activations and
+logits count, weights do not).
 """
 
 import argparse
@@ -46,7 +52,8 @@ def load_model(impl, model_dir):
 
 
 def setup_passkey(impl, model_dir, tokens, eos_id, max_new_tokens):
-    """-> run(n_tokens=None): the greedy answer (token ids) to the prompt's first n tokens (all by default)."""
+    """-> run(n_tokens=None): the greedy answer (token ids) to the prompt's first n tokens (all by
+    default)."""
     model = load_model(impl, model_dir)
 
     @torch.inference_mode()
@@ -68,7 +75,8 @@ def setup_passkey(impl, model_dir, tokens, eos_id, max_new_tokens):
 
 
 def setup_ppl(impl, model_dir, ids, length, stride):
-    """-> run(n_tokens=None): (summed NLL, scored tokens) of eval_ppl's windows over the document's first n tokens."""
+    """-> run(n_tokens=None): (summed NLL, scored tokens) of eval_ppl's windows over the document's
+    first n tokens."""
     import eval_ppl
 
     model = load_model(impl, model_dir)
@@ -135,14 +143,14 @@ def main(argv=None):
                 eos_id=tokenizer.eos_id,
                 max_new_tokens=eval_passkey.MAX_NEW_TOKENS,
             ),
-            f"one passkey trial: {trial['prompt_tokens']} prompt tokens, key {trial['key']} at depth "
-            f"{trial['depth']:.2f}, greedy, <= {eval_passkey.MAX_NEW_TOKENS} new tokens",
+            f"one passkey trial: {trial['prompt_tokens']} prompt tokens, key {trial['key']} at "
+            f"depth {trial['depth']:.2f}, greedy, <= {eval_passkey.MAX_NEW_TOKENS} new tokens",
         ),
         "ppl": (
             setup_ppl,
             dict(ids=doc, length=a.length, stride=a.stride),
-            f"sliding-window perplexity: {len(doc)} tokens of Shakespeare, windows of {a.length}, stride "
-            f"{a.stride}",
+            f"sliding-window perplexity: {len(doc)} tokens of Shakespeare, windows of {a.length}, "
+            f"stride {a.stride}",
         ),
     }
     summary = {}
@@ -170,10 +178,12 @@ def main(argv=None):
                 if task == "passkey" and shown is not None:
                     shown = repr(tokenizer.decode(shown))
                 elif shown is not None:
-                    shown = f"NLL {shown[0]:.4f} over {shown[1]} tokens, ppl {math.exp(shown[0] / shown[1]):.4f}"
+                    nll, tokens = shown
+                    shown = f"NLL {nll:.4f} over {tokens} tokens, ppl {math.exp(nll / tokens):.4f}"
                 print(
-                    f"  round {r + 1} {impl:<13} {record.get('seconds', float('nan')):7.1f} s  load "
-                    f"{record.get('load', 0):4.1f}  peak {harness.fmt_mib(record.get('peak_mib') or 0)}  "
+                    f"  round {r + 1} {impl:<13} {record.get('seconds', float('nan')):7.1f} s  "
+                    f"load {record.get('load', 0):4.1f}  peak "
+                    f"{harness.fmt_mib(record.get('peak_mib') or 0)}  "
                     + (f"ERROR {record['error']}" if "error" in record else str(shown)),
                     flush=True,
                 )
@@ -194,8 +204,8 @@ def main(argv=None):
                 }
     print(f"\n{harness.load_average()}")
     print(
-        f"{'task':<8} {'implementation':<13} {'best s':>8} {'tokens/s':>9} {'speedup':>8} {'peak mem':>9} "
-        f"{'mem vs tf':>9} {'loads':>10}"
+        f"{'task':<8} {'implementation':<13} {'best s':>8} {'tokens/s':>9} {'speedup':>8} "
+        f"{'peak mem':>9} {'mem vs tf':>9} {'loads':>10}"
     )
     for task, by_impl in summary.items():
         tf = by_impl.get("transformers")

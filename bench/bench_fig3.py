@@ -1,17 +1,20 @@
-"""PoSE Figure 3 in miniature: peak memory and time of one training step as Lt grows, PoSE vs Full-length.
+"""PoSE Figure 3 in miniature: peak memory and time of one training step as Lt grows, PoSE vs
+Full-length.
 
-    python bench/bench_fig3.py --threads 1 --lengths 2048,4096,8192,16384,32768 --json runs/bench/fig3.json \\
-        --plot docs/bench_fig3.png
+    python bench/bench_fig3.py --threads 1 --lengths 2048,4096,8192,16384,32768 \\
+        --json runs/bench/fig3.json --plot docs/bench_fig3.png
 
-SmolLM2-135M's shape and weights, our training step (bench_train.py's "ours": forward, backward, clip, AdamW), one
-example per step. PoSE: Lc = --train_len tokens at PoSE positions drawn from 0..Lt-1; Full-length: Lt tokens at
-0..Lt-1. RoPE is scaled for each Lt as train.py scales it (linear PI when Lt > Lo = 8192), which changes no cost.
-Activation checkpointing is on by default (train.py's --checkpointing): without it Full-length at 16k needs more
-memory than this 24 GiB machine has. Every configuration runs in a fresh process (bench/harness.py): a warm-up step
-on the first 64 tokens creates AdamW's state, then --repeats timed steps; memory is the process's peak resident size
-during them over its size after loading the model (so AdamW's state, gradients and activations count, the fp32
-weights do not). PoSE runs first, then Full-length from short to long. With --json, finished configurations are
-kept in the file and skipped by a rerun with the same settings, so the long ones can be added later.
+SmolLM2-135M's shape and weights, our training step (bench_train.py's "ours": forward, backward,
+clip, AdamW), one example per step. PoSE: Lc = --train_len tokens at PoSE positions drawn from
+0..Lt-1; Full-length: Lt tokens at 0..Lt-1. RoPE is scaled for each Lt as train.py scales it (linear
+PI when Lt > Lo = 8192), which changes no cost. Activation checkpointing is on by default
+(train.py's --checkpointing): without it Full-length at 16k needs more memory than this 24 GiB
+machine has. Every configuration runs in a fresh process (bench/harness.py): a warm-up step on the
+first 64 tokens creates AdamW's state, then --repeats timed steps; memory is the process's peak
+resident size during them over its size after loading the model (so AdamW's state, gradients and
+activations count, the fp32 weights do not). PoSE runs first, then Full-length from short to long.
+With --json, finished configurations are kept in the file and skipped by a rerun with the same
+settings, so the long ones can be added later.
 """
 
 import argparse
@@ -74,7 +77,8 @@ def main(argv=None):
         "--checkpointing",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="activation checkpointing (recompute each block in backward), as train.py --checkpointing",
+        help="activation checkpointing (recompute each block in backward), as train.py "
+             "--checkpointing",
     )
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument(
@@ -103,7 +107,8 @@ def main(argv=None):
             print(f"{a.json}: {len(results)} configuration(s) already measured are kept")
         else:
             sys.exit(
-                f"error: {a.json} holds results of other settings ({stored['settings']}); choose another --json"
+                f"error: {a.json} holds results of other settings ({stored['settings']}); choose "
+                "another --json"
             )
     harness.set_threads(a.threads)
     print(harness.machine(a.threads))
@@ -183,8 +188,9 @@ def main(argv=None):
         )
 
     print(
-        f"\none training step of SmolLM2-135M ({a.dtype}, {a.threads} thread(s), activation checkpointing "
-        f"{'on' if a.checkpointing else 'off'}); PoSE at Lc = {a.train_len}, Full-length at Lt"
+        f"\none training step of SmolLM2-135M ({a.dtype}, {a.threads} thread(s), activation "
+        f"checkpointing {'on' if a.checkpointing else 'off'}); PoSE at Lc = {a.train_len}, "
+        "Full-length at Lt"
     )
     print(harness.load_average())
     print(
@@ -201,7 +207,8 @@ def main(argv=None):
 
         both = "seconds" in pose_r and "seconds" in full_r
         ratios = (
-            f"{full_r['seconds'] / pose_r['seconds']:>13.2f}x {full_r['peak_mib'] / pose_r['peak_mib']:>12.2f}x"
+            f"{full_r['seconds'] / pose_r['seconds']:>13.2f}x "
+            f"{full_r['peak_mib'] / pose_r['peak_mib']:>12.2f}x"
             if both
             else ""
         )

@@ -27,7 +27,8 @@ settings += [
     ("pose", args.train_len, "random"),
 ]
 print(
-    f"torch {torch.__version__}, 1 thread, Lc={args.train_len}, Lt=Lx={args.target_len}, best of 5 rounds"
+    f"torch {torch.__version__}, 1 thread, Lc={args.train_len}, Lt=Lx={args.target_len}, best of 5 "
+    "rounds"
 )
 for method, chunks, content in settings:
     g = torch.Generator().manual_seed(0)

@@ -1,34 +1,41 @@
-"""One PoSE training step, ours against transformers' LlamaForCausalLM on the same work: tokens/s, peak memory, MFU.
+"""One PoSE training step, ours against transformers' LlamaForCausalLM on the same work: tokens/s,
+peak memory, MFU.
 
-    python bench/bench_train.py --threads 1 --repeats 2 --profile                   # fp32, Lc 2048 -> Lt 16384
-    python bench/bench_train.py --threads 1 --dtype bfloat16 --repeats 3 --profile  # bf16 autocast
+    python bench/bench_train.py --threads 1 --repeats 2 --profile    # fp32, Lc 2048 -> Lt 16384
+    python bench/bench_train.py --threads 1 --dtype bfloat16 --repeats 3 --profile   # bf16 autocast
 
-bf16 is fast on a CPU only with AVX512-BF16 or AMX; without (AVX2), a bf16 matmul is ~70x slower than fp32 and only
-a short step (--train_len 64) is affordable.
+bf16 is fast on a CPU only with AVX512-BF16 or AMX; without (AVX2), a bf16 matmul is ~70x slower
+than fp32 and only a short step (--train_len 64) is affordable.
 
-The same work for every implementation: SmolLM2-135M's weights (exported once with save_pretrained; our worker and
-transformers both load that directory), RoPE scaled for Lt as train.py does (linear PI, s = Lt / Lo), one PoSE batch
-(pose.make_example on Shakespeare, next-token targets with the chunk-boundary label masked), the same dtype (fp32, or
-train.py's bf16 autocast over fp32 weights), threads, AdamW (train.py's settings), clipping at 1.0. A step is what
-train.py does: forward and backward per micro batch (loss summed, divided by the batch's target count), clip, AdamW
-step, zero_grad. Implementations:
+The same work for every implementation: SmolLM2-135M's weights (exported once with save_pretrained;
+our worker and transformers both load that directory), RoPE scaled for Lt as train.py does (linear
+PI, s = Lt / Lo), one PoSE batch (pose.make_example on Shakespeare, next-token targets with the
+chunk-boundary label masked), the same dtype (fp32, or train.py's bf16 autocast over fp32 weights),
+threads, AdamW (train.py's settings), clipping at 1.0. A step is what train.py does: forward and
+backward per micro batch (loss summed, divided by the batch's target count), clip, AdamW step,
+zero_grad. Implementations:
 
-    ours            model(x, positions, targets=y): the loss over 256-row chunks, logits never whole (model.py), as
-                    train.py computes its loss
-    ours+compile    the same, each TransformerBlock compiled with torch.compile, as train.py --compile does
-    ours-logits     model(x, positions) -> (B, T, vocab) logits -> F.cross_entropy: the plain loss, for comparison
-    transformers    LlamaForCausalLM(attn_implementation="sdpa")(x, position_ids, attention_mask=ones, labels=y,
-                    shift_labels=y, use_cache=False): its own loss over the same targets
+    ours            model(x, positions, targets=y): the loss over 256-row chunks, logits never
+                    whole (model.py), as train.py computes its loss
+    ours+compile    the same, each TransformerBlock compiled with torch.compile, as train.py
+                    --compile does
+    ours-logits     model(x, positions) -> (B, T, vocab) logits -> F.cross_entropy: the plain
+                    loss, for comparison
+    transformers    LlamaForCausalLM(attn_implementation="sdpa")(x, position_ids,
+                    attention_mask=ones, labels=y, shift_labels=y, use_cache=False): its own loss
+                    over the same targets
 
-attention_mask=ones matters: with no mask and no cache, transformers reads a PoSE jump in position_ids as the start
-of a new packed sequence and masks attention between chunks (wrong for PoSE, and a (T, T) mask off the flash kernel).
+attention_mask=ones matters: with no mask and no cache, transformers reads a PoSE jump in
+position_ids as the start of a new packed sequence and masks attention between chunks (wrong for
+PoSE, and a (T, T) mask off the flash kernel).
 
-Each implementation is a worker process (bench/harness.py): a warm-up step (compilation included, timed apart),
-then --repeats rounds in which the implementations run one after another, in turn, never at once. We report the best
-step of each (a shared machine only ever slows a step down), the load average at each, peak memory over the weights,
-the ratio to transformers, and MFU: training FLOPs (ModelArgs.flops_per_token: 6 x params + causal attention) per
-second over the machine's matmul ceiling, the fastest n x n matmul in the same dtype and thread count, measured in
-the same run.
+Each implementation is a worker process (bench/harness.py): a warm-up step (compilation included,
+timed apart), then --repeats rounds in which the implementations run one after another, in turn,
+never at once. We report the best step of each (a shared machine only ever slows a step down), the
+load average at each, peak memory over the weights, the ratio to transformers, and MFU: training
+FLOPs (ModelArgs.flops_per_token: 6 x params + causal attention) per second over the machine's
+matmul ceiling, the fastest n x n matmul in the same dtype and thread count, measured in the same
+run.
 """
 
 import argparse
@@ -51,8 +58,9 @@ OPERATOR_GROUPS = ("matmul", "attention", "log-softmax / NLL", "other")
 
 
 def operator_group(name):
-    """matmul (MKL GEMMs), attention (SDPA's flash kernel, forward and backward), the loss's log-softmax and NLL,
-    and everything else: norms, RoPE, SwiGLU, residual adds, copies, AdamW and clipping."""
+    """matmul (MKL GEMMs), attention (SDPA's flash kernel, forward and backward), the loss's
+    log-softmax and NLL, and everything else: norms, RoPE, SwiGLU, residual adds, copies, AdamW and
+    clipping."""
     if "scaled_dot_product" in name:
         return "attention"
     if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"):
@@ -63,7 +71,8 @@ def operator_group(name):
 
 
 def setup_step(impl, model_dir, batch, dtype, micro_batch_size=1, checkpointing=False, lr=2e-5):
-    """-> step(): one training step of `impl` on `batch` (tokens, positions, targets), returning its mean loss."""
+    """-> step(): one training step of `impl` on `batch` (tokens, positions, targets), returning its
+    mean loss."""
     tokens, positions, targets = batch
     torch.manual_seed(0)
     if impl == "transformers":
@@ -113,8 +122,9 @@ def setup_step(impl, model_dir, batch, dtype, micro_batch_size=1, checkpointing=
 
     def step(n_tokens=None, profile=False):
         """n_tokens: the first n of every example only (a cheap warm-up that creates AdamW's state).
-        -> {"loss": mean loss, seconds of "forward" (and loss), "backward", "optimizer" (clip, step, zero_grad)},
-        with `profile` also the self time of torch's operators in four groups (OPERATOR_GROUPS)."""
+        -> {"loss": mean loss, seconds of "forward" (and loss), "backward", "optimizer" (clip, step,
+        zero_grad)}, with `profile` also the self time of torch's operators in four groups
+        (OPERATOR_GROUPS)."""
         x, p, y = (t[:, :n_tokens] for t in (tokens, positions, targets))
         n_targets = int((y != -100).sum())
         seconds = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
@@ -196,13 +206,15 @@ def main(argv=None):
     n_tokens = batch[0].numel()
     flops_per_step = args.flops_per_token(a.train_len) * n_tokens
     print(
-        f"SmolLM2-135M, PoSE Lc={a.train_len} -> Lt={a.target_len} (RoPE {args.rope_scaling or 'unscaled'}), "
-        f"{a.batch_size} x {a.train_len} tokens per step (micro batch {a.micro_batch_size}), {a.dtype}, "
-        f"{flops_per_step / 1e12:.2f} TFLOP per step",
+        f"SmolLM2-135M, PoSE Lc={a.train_len} -> Lt={a.target_len} (RoPE "
+        f"{args.rope_scaling or 'unscaled'}), {a.batch_size} x {a.train_len} tokens per step "
+        f"(micro batch {a.micro_batch_size}), {a.dtype}, {flops_per_step / 1e12:.2f} TFLOP per "
+        "step",
         flush=True,
     )
 
-    # the ceiling first, in its own process with the same threads; again at the end, and the faster one counts
+    # the ceiling first, in its own process with the same threads; again at the end, and the faster
+    # one counts
     sizes = (512, 1024, 2048)
     ceilings = [harness.matmul_ceiling(a.dtype, a.threads, sizes)]
 
@@ -221,7 +233,8 @@ def main(argv=None):
         workers[impl].reset_peak()
         warm_ups[impl] = warm
         print(
-            f"  {impl:<13} warm-up step {warm.get('seconds', float('nan')):7.1f} s (load {warm.get('load', 0):.1f})"
+            f"  {impl:<13} warm-up step {warm.get('seconds', float('nan')):7.1f} s (load "
+            f"{warm.get('load', 0):.1f})"
             + (
                 f"  ERROR {warm['error']}"
                 if "error" in warm
@@ -259,15 +272,17 @@ def main(argv=None):
     ceiling = max(max(c.values()) for c in ceilings)
 
     print(
-        f"\nmatmul ceiling ({a.dtype}, {a.threads} thread(s), GFLOP/s, measured at the start and at the end):"
+        f"\nmatmul ceiling ({a.dtype}, {a.threads} thread(s), GFLOP/s, measured at the start and "
+        "at the end):"
     )
     for key in ceilings[0]:
         print(f"  {key:<16} " + " / ".join(f"{c[key] / 1e9:6.1f}" for c in ceilings))
     print(f"  ceiling = the fastest: {ceiling / 1e9:.1f} GFLOP/s")
     print(harness.load_average())
     header = (
-        f"{'implementation':<14} {'best s/step':>11} {'median':>7} {'tokens/s':>9} {'vs transformers':>15} "
-        f"{'peak mem':>9} {'mem vs tf':>9} {'GFLOP/s':>8} {'MFU':>6} {'loads':>14} {'loss step 1':>12}"
+        f"{'implementation':<14} {'best s/step':>11} {'median':>7} {'tokens/s':>9} "
+        f"{'vs transformers':>15} {'peak mem':>9} {'mem vs tf':>9} {'GFLOP/s':>8} {'MFU':>6} "
+        f"{'loads':>14} {'loss step 1':>12}"
     )
     print(header)
     summary = {}
@@ -302,8 +317,8 @@ def main(argv=None):
         loads = "/".join(f"{x:.1f}" for x in s["loads"])
         print(
             f"{impl:<14} {best:>11.2f} {median:>7.2f} {s['tokens_per_s']:>9.1f} {speedup:>15} "
-            f"{harness.fmt_mib(mem):>9} {mem_ratio:>9} {flops / 1e9:>8.1f} {flops / ceiling:>6.1%} {loads:>14} "
-            f"{s['loss']:>12.6f}"
+            f"{harness.fmt_mib(mem):>9} {mem_ratio:>9} {flops / 1e9:>8.1f} {flops / ceiling:>6.1%} "
+            f"{loads:>14} {s['loss']:>12.6f}"
         )
         s["phases_of_best"] = {
             k: v for k, v in min(ok, key=lambda r: r["seconds"])["result"].items() if k != "loss"

@@ -1,12 +1,13 @@
-"""What the benchmarks share: a fresh process per measured model, peak memory, the machine, the same weights and
-the same PoSE batch for us and for transformers.
+"""What the benchmarks share: a fresh process per measured model, peak memory, the machine, the same
+weights and the same PoSE batch for us and for transformers.
 
-Each model lives in its own worker process, so memory never leaks from one configuration into the next. A worker
-runs `setup(**kwargs)` once (loading the model), resets the kernel's high-water mark, then runs the function that
-setup returned whenever asked; it reports seconds, the result, the load average, and the peak resident memory over
-its resident memory after setup (VmHWM − VmRSS of /proc/self/status: weights excluded, optimizer states, activations,
-gradients and every temporary included); `reset_peak()` after a warm-up leaves one-off work (torch.compile) out.
-After each run the worker hands its freed heap back (malloc_trim), so idle workers stay small. The parent only
+Each model lives in its own worker process, so memory never leaks from one configuration into the
+next. A worker runs `setup(**kwargs)` once (loading the model), resets the kernel's high-water mark,
+then runs the function that setup returned whenever asked; it reports seconds, the result, the load
+average, and the peak resident memory over its resident memory after setup (VmHWM − VmRSS of
+/proc/self/status: weights excluded, optimizer states, activations, gradients and every temporary
+included); `reset_peak()` after a warm-up leaves one-off work (torch.compile) out. After each run
+the worker hands its freed heap back (malloc_trim), so idle workers stay small. The parent only
 orders the runs, so two workers can alternate back to back without ever running at the same time.
 """
 
@@ -37,7 +38,8 @@ def _status_kib(key):
 
 
 def release():
-    """Hand freed heap pages back to the system: resident size is then what is alive, and idle workers stay small."""
+    """Hand freed heap pages back to the system: resident size is then what is alive, and idle
+    workers stay small."""
     gc.collect()
     try:
         import ctypes
@@ -48,7 +50,8 @@ def release():
 
 
 def reset_peak():
-    """Start the high-water mark afresh at the current resident size (Linux: write 5 to clear_refs)."""
+    """Start the high-water mark afresh at the current resident size (Linux: write 5 to
+    clear_refs)."""
     release()
     Path("/proc/self/clear_refs").write_text("5")
     return _status_kib("VmRSS") / 1024
@@ -69,7 +72,8 @@ def _serve(conn, setup, threads, kwargs):
     except BaseException as e:  # noqa: BLE001 — reported to the parent as one line
         conn.send(
             {
-                "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                "error": f"{type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             }
         )
         return
@@ -99,7 +103,8 @@ def _serve(conn, setup, threads, kwargs):
             traceback.print_exc()
             conn.send(
                 {
-                    "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                    "error": f"{type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                     "load": load,
                     "peak_mib": peak_mib() - base,
                 }
@@ -108,7 +113,8 @@ def _serve(conn, setup, threads, kwargs):
 
 
 class Worker:
-    """A fresh process holding one model; `run(*args)` runs its function once and returns the record (a dict)."""
+    """A fresh process holding one model; `run(*args)` runs its function once and returns the record
+    (a dict)."""
 
     def __init__(self, setup, threads, **kwargs):
         context = mp.get_context("spawn")
@@ -126,7 +132,8 @@ class Worker:
         except EOFError:
             self.process.join()
             return {
-                "error": f"the process was killed (exit code {self.process.exitcode}: out of memory?)"
+                "error": f"the process was killed (exit code {self.process.exitcode}: out of "
+                         "memory?)"
             }
 
     def run(self, *args):
@@ -153,7 +160,7 @@ class Worker:
             self.process.kill()
 
 
-# ---- the machine ----------------------------------------------------------------------------------------------
+# ---- the machine ---------------------------------------------------------------------------------
 
 
 def cpu_model():
@@ -173,8 +180,9 @@ def machine(threads):
     return (
         f"{cpu_model()}, {os.cpu_count()} cores ({'/'.join(isa)}; torch kernels: "
         f"{torch.backends.cpu.get_cpu_capability()}), {threads} thread(s), "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; torch "
+        f"{torch.__version__}, transformers {transformers.__version__}, python "
+        f"{platform.python_version()}"
     )
 
 
@@ -190,9 +198,10 @@ LAYOUTS = {
 
 
 def setup_ceiling(dtype, sizes, seconds):
-    """A worker that measures the matmul ceiling: the fastest of repeated n × n products, in FLOP/s, for each of the
-    three layouts a training step uses (forward x @ Wᵀ, backward dy @ W and dyᵀ @ x), since they need not run alike:
-    without AVX512-BF16 / AMX, torch's bf16 fallback GEMM is ~20× faster for a.T @ b than for a @ b."""
+    """A worker that measures the matmul ceiling: the fastest of repeated n × n products, in FLOP/s,
+    for each of the three layouts a training step uses (forward x @ Wᵀ, backward dy @ W and dyᵀ @
+    x), since they need not run alike: without AVX512-BF16 / AMX, torch's bf16 fallback GEMM is ~20×
+    faster for a.T @ b than for a @ b."""
     dtype = getattr(torch, dtype)
 
     def measure():
@@ -214,19 +223,20 @@ def setup_ceiling(dtype, sizes, seconds):
 
 
 def matmul_ceiling(dtype, threads, sizes=(512, 1024, 2048), seconds=1.0):
-    """{"layout, n": FLOP/s} of n × n matmuls in `dtype` with `threads` threads, measured in a fresh process."""
+    """{"layout, n": FLOP/s} of n × n matmuls in `dtype` with `threads` threads, measured in a fresh
+    process."""
     worker = Worker(setup_ceiling, threads, dtype=dtype, sizes=sizes, seconds=seconds)
     record = worker.run()
     worker.close()
     return record["result"]
 
 
-# ---- the same model, batch and weights for us and for transformers ---------------------------------------------
+# ---- the same model, batch and weights for us and for transformers -------------------------------
 
 
 def resident(model):
-    """Copy every weight into ordinary memory: safetensors maps the file, so untouched weights would not count in
-    the baseline yet would in the peak. -> model"""
+    """Copy every weight into ordinary memory: safetensors maps the file, so untouched weights would
+    not count in the baseline yet would in the peak. -> model"""
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
             tensor.data = tensor.data.clone()
@@ -234,7 +244,8 @@ def resident(model):
 
 
 def smollm2_for(target_len):
-    """SmolLM2-135M with RoPE scaled for Lt as train.py scales it (linear PI, s = Lt / Lo when Lt > Lo)."""
+    """SmolLM2-135M with RoPE scaled for Lt as train.py scales it (linear PI, s = Lt / Lo when Lt >
+    Lo)."""
     from model import Transformer
     from machinery.checkpoint import load
     from machinery.weights import with_scaling
@@ -261,14 +272,16 @@ def smollm2_for(target_len):
 
 
 def export(model, tokenizer=None):
-    """A Hugging Face directory of `model` (a temporary one): what both our worker and transformers' load."""
+    """A Hugging Face directory of `model` (a temporary one): what both our worker and transformers'
+    load."""
     directory = Path(tempfile.mkdtemp(prefix="pose-bench-"))
     model.save_pretrained(directory, tokenizer=tokenizer)
     return directory
 
 
 def long_text_tokens(tokenizer, n_tokens):
-    """Shakespeare's plays in file order, joined, tokenized, at least n_tokens long: real text for the batches."""
+    """Shakespeare's plays in file order, joined, tokenized, at least n_tokens long: real text for
+    the batches."""
     from machinery.texts import fetch_shakespeare
 
     ids = []
@@ -282,7 +295,8 @@ def long_text_tokens(tokenizer, n_tokens):
 
 
 def pose_batch(doc, method, batch_size, train_len, target_len, seed=0):
-    """(tokens, position_ids, targets), each (batch_size, L), drawn as train.py draws them (pose.make_example)."""
+    """(tokens, position_ids, targets), each (batch_size, L), drawn as train.py draws them
+    (pose.make_example)."""
     import pose
 
     g = torch.Generator().manual_seed(seed)

@@ -1,1 +1,2 @@
-"""The paper's experiment in miniature and on SmolLM2: scripts (python demo/run.py), importable as demo.*."""
+"""The paper's experiment in miniature and on SmolLM2: scripts (python demo/run.py), importable as
+demo.*."""

@@ -1,33 +1,43 @@
-"""Build the embedded default's tiny base model from scratch: the miniature of "a model trained at Lo".
+"""Build the embedded default's tiny base model from scratch: the miniature of "a model trained
+at Lo".
 
-    python demo/build_base.py            # about 10 minutes on 2 CPU cores; writes demo/base/ (shipped in the repo)
+    python demo/build_base.py     # about 10 minutes on 2 CPU cores; writes demo/base/ (shipped)
 
-The shipped demo/base came from this command (2 threads; CPU float results depend on the thread count in the last
-bits, so a rebuild gives a base like it, not bitwise the same file). docs/RESULTS.md tells what each stage changed
-and which recipes failed; demo/probe_base.py measures a base.
+The shipped demo/base came from this command (2 threads; CPU float results depend on the thread
+count in the last bits, so a rebuild gives a base like it, not bitwise the same file).
+docs/RESULTS.md tells what each stage changed and which recipes failed; demo/probe_base.py measures
+a base.
 
-1. Real text: Shakespeare's 42 plays (machinery.texts.fetch_shakespeare); HELD_OUT plays are kept for evaluation only.
-2. A byte-level BPE of VOCAB tokens trained on the other plays with digits split one per token (so a 5-digit
-   key is 5 tokens), saved as tokenizer.json and read by machinery/tokenizer.py as tiktoken ranks. Training it needs the
-   `tokenizers` package (pip install tokenizers); the file it made is committed, so nothing else needs it.
-3. train.py pretrains CONFIG from scratch at Lo = 256 (--method noskip: positions 0..Lo-1 only, as a model that
-   never saw a longer window), in three stages, each from the last, none ever holding a sentence of the passkey
-   evaluation's prompt (template_free is asserted on every document), as LLaMA never saw Figure 2a's prompt:
-   stage 1 (FAITHFUL1) on 20,000 copy drills at Lc = 128 (copy_document: runs of random tokens, each written 6
-     times), each drawn about once, so that it learns to copy from its context (an induction head);
+1. Real text: Shakespeare's 42 plays (machinery.texts.fetch_shakespeare); HELD_OUT plays are kept
+   for evaluation only.
+2. A byte-level BPE of VOCAB tokens trained on the other plays with digits split one per token (so a
+   5-digit key is 5 tokens), saved as tokenizer.json and read by machinery/tokenizer.py as tiktoken
+   ranks. Training it needs the `tokenizers` package (pip install tokenizers); the file it made is
+   committed, so nothing else needs it.
+3. train.py pretrains CONFIG from scratch at Lo = 256 (--method noskip: positions 0..Lo-1 only, as a
+   model that never saw a longer window), in three stages, each from the last, none ever holding a
+   sentence of the passkey evaluation's prompt (template_free is asserted on every document), as
+   LLaMA never saw Figure 2a's prompt:
+   stage 1 (FAITHFUL1) on 20,000 copy drills at Lc = 128 (copy_document: runs of random tokens,
+     each written 6 times), each drawn about once, so that it learns to copy from its context (an
+     induction head);
    stage 2 (FAITHFUL2) on retrieval episodes alone, in the passkey prompt's shape but other words
-     (varied_episode: an instruction, a filler repeated, a key line, more filler, a question, the answer; NAMES and
-     thousands of names made of play words, INTROS, KEY_LINES, QUESTIONS, keys of 4 to 7 digits);
-   stage 3 (FAITHFUL3) on the plays, cut into pieces of about PIECE_CHARS characters, and as many fresh episodes.
-   demo/run.py fine-tunes on stage 3's mixture, freshly drawn, as the paper fine-tunes LLaMA on the Pile. What
-   each choice is for (the drills drawn once, episodes before plays, the name pool) was measured (docs/RESULTS.md).
+     (varied_episode: an instruction, a filler repeated, a key line, more filler, a question, the
+     answer; NAMES and thousands of names made of play words, INTROS, KEY_LINES, QUESTIONS, keys of
+     4 to 7 digits);
+   stage 3 (FAITHFUL3) on the plays, cut into pieces of about PIECE_CHARS characters, and as many
+     fresh episodes.
+   demo/run.py fine-tunes on stage 3's mixture, freshly drawn, as the paper fine-tunes LLaMA on the
+   Pile. What each choice is for (the drills drawn once, episodes before plays, the name pool) was
+   measured (docs/RESULTS.md).
 
     python demo/build_base.py --recipe template --out DIR    # the first base: about 35 minutes
 
---recipe template is the first demo base's recipe, kept as a variant: stage 1 (STAGE1) 1,000 copy drills at Lo;
-stage 2 (STAGE2) a third each the plays, documents of several passkey episodes in eval_passkey's own template
-(its prompt with the answer appended), copy drills; stage 3 (STAGE3) the plays and whole such episodes 1:1, one of
-about Lo tokens per document. It retrieves at 99% at Lo, but on the very prompt it was trained on.
+--recipe template is the first demo base's recipe, kept as a variant: stage 1 (STAGE1) 1,000 copy
+drills at Lo; stage 2 (STAGE2) a third each the plays, documents of several passkey episodes in
+eval_passkey's own template (its prompt with the answer appended), copy drills; stage 3 (STAGE3) the
+plays and whole such episodes 1:1, one of about Lo tokens per document. It retrieves at 99% at Lo,
+but on the very prompt it was trained on.
 """
 
 import hashlib
@@ -134,7 +144,8 @@ def pieces(text, size=PIECE_CHARS):
 
 
 def passkey_document(tokenizer, rng, tokens=2 * LO):
-    """Passkey episodes with their answers, separated by blank lines, until the document holds `tokens` tokens."""
+    """Passkey episodes with their answers, separated by blank lines, until the document holds
+    `tokens` tokens."""
     episodes, total = [], 0
     while total < tokens:
         key, words = rng.randint(10000, 99999), rng.randint(0, 150)
@@ -149,23 +160,26 @@ def passkey_document(tokenizer, rng, tokens=2 * LO):
 
 
 def passkey_episode(tokenizer, rng, tokens=LO + 2):
-    """One passkey episode with its answer (eval_passkey's prompt + " KEY."), its filler sized so that the whole
-    holds about `tokens` tokens (never more): one document, so that a training window of Lo tokens holds the episode
-    whole, key and question together, as an evaluation at Lo does. The key line's depth is uniform, with 1/12 of
-    the episodes at each end (right after the instructions; right before the question, where a base trained on
-    uniform depths alone failed 4 times in 10), since evaluations sweep depths 0 and 1 too."""
+    """One passkey episode with its answer (eval_passkey's prompt + " KEY."), its filler sized so
+    that the whole holds about `tokens` tokens (never more): one document, so that a training window
+    of Lo tokens holds the episode whole, key and question together, as an evaluation at Lo does.
+    The key line's depth is uniform, with 1/12 of the episodes at each end (right after the
+    instructions; right before the question, where a base trained on uniform depths alone failed 4
+    times in 10), since evaluations sweep depths 0 and 1 too."""
     # the ends get 1/12 each
     key, depth = rng.randint(10000, 99999), min(1.0, max(0.0, rng.uniform(-0.1, 1.1)))
-    count = lambda n: len(
-        tokenizer.encode(build_prompt(key, round(depth * n), n - round(depth * n)) + f" {key}.")
-    )  # noqa: E731
+
+    def count(n):
+        before = round(depth * n)
+        return len(tokenizer.encode(build_prompt(key, before, n - before) + f" {key}."))
+
     # the most filler words that fit (a word is >= 1 token)
     n = largest(lambda n: count(n) <= tokens, tokens + 1)
     return build_prompt(key, round(depth * n), n - round(depth * n)) + f" {key}."
 
 
-# The faithful recipe (the default): retrieval is learned from episodes that share no sentence
-# with eval_passkey's prompt, as LLaMA learned it from the Pile, never from Figure 2a's prompt: other
+# The faithful recipe (the default): retrieval is learned from episodes that share no sentence with
+# eval_passkey's prompt, as LLaMA learned it from the Pile, never from Figure 2a's prompt: other
 # phrasings, other fillers, keys of 4 to 7 digits. What the evaluation shares with them is the skill
 # (find the number in the text, copy it after the question).
 NAMES = (
@@ -243,8 +257,8 @@ def template_free(text):
 
 
 def varied_filler(rng):
-    """-> filler(n): the first n words of one of two kinds of filler, repeated as the evaluation's is,
-    in none of its words: a few short sentences, or 5 to 30 random words."""
+    """-> filler(n): the first n words of one of two kinds of filler, repeated as the evaluation's
+    is, in none of its words: a few short sentences, or 5 to 30 random words."""
     if rng.random() < 0.5:
         pool = [
             f"The {rng.choice(NOUNS)} is {rng.choice(ADJECTIVES.split())}."
@@ -269,9 +283,9 @@ def name_pool(rng, play_pieces, n=5000):
 
 
 def varied_episode(tokenizer, rng, tokens=LO + 2, names=NAMES):
-    """One retrieval episode in the shape of a passkey prompt (instruction, filler, key line, filler,
-    question, answer) in none of its sentences, filled to about `tokens` tokens (never more), one per
-    document; the key line's depth is uniform, 1/12 at each end."""
+    """One retrieval episode in the shape of a passkey prompt (instruction, filler, key line,
+    filler, question, answer) in none of its sentences, filled to about `tokens` tokens (never
+    more), one per document; the key line's depth is uniform, 1/12 at each end."""
     name, digits = rng.choice(names), rng.randint(4, 7)
     key = rng.randint(10 ** (digits - 1), 10**digits - 1)
     intro, key_line, question = (
@@ -306,10 +320,11 @@ def faithful_mixture(tokenizer, rng, play_pieces, tokens=LO + 2, copies=4, plays
 
 
 def copy_document(pieces_, rng, tokens=2 * LO, copies=6):
-    """Induction drills: runs of 16..48 random vocabulary entries (`pieces_`, the tokens' texts), each written `copies`
-    times, until the document holds about `tokens` tokens. The first copy is noise; every later one is predictable
-    only by finding the earlier copy and reading on (an induction head), the skill passkey retrieval is made of. The
-    period varies, so no fixed-offset (positional) head can solve it."""
+    """Induction drills: runs of 16..48 random vocabulary entries (`pieces_`, the tokens' texts),
+    each written `copies` times, until the document holds about `tokens` tokens. The first copy is
+    noise; every later one is predictable only by finding the earlier copy and reading on (an
+    induction head), the skill passkey retrieval is made of. The period varies, so no fixed-offset
+    (positional) head can solve it."""
     runs, total = [], 0
     while total < tokens:
         n = rng.randint(16, 48)
@@ -319,8 +334,9 @@ def copy_document(pieces_, rng, tokens=2 * LO, copies=6):
 
 
 def check_settings(out, settings, name="settings.json"):
-    """Record `settings` in out/`name`, or refuse work made with other ones: a finished stage or step is skipped
-    on a rerun, so a stale model would otherwise be built on or scored as this run's."""
+    """Record `settings` in out/`name`, or refuse work made with other ones: a finished stage or
+    step is skipped on a rerun, so a stale model would otherwise be built on or scored as this
+    run's."""
     path = out / name
     if path.exists():
         saved = json.loads(path.read_text())
@@ -339,8 +355,9 @@ def check_settings(out, settings, name="settings.json"):
 
 
 def pretrain(name, data, out, flags, start):
-    """train.py from `start` (["--init", config, "--tokenizer", dir] or ["--model", dir]); resumes if interrupted.
-    out/stage.json records the flags and the data's hash: a stage made otherwise is refused, never reused."""
+    """train.py from `start` (["--init", config, "--tokenizer", dir] or ["--model", dir]); resumes
+    if interrupted. out/stage.json records the flags and the data's hash: a stage made otherwise is
+    refused, never reused."""
     check_settings(
         out,
         {
@@ -370,7 +387,8 @@ def pretrain(name, data, out, flags, start):
 
 
 def write_jsonl(path, docs):
-    """One {"text": ...} line per document, written whole then renamed: a killed run leaves no partial file."""
+    """One {"text": ...} line per document, written whole then renamed: a killed run leaves no
+    partial file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
     tmp.replace(path)
@@ -426,8 +444,9 @@ def main(argv=None):
         )
         write_jsonl(work / "pretrain.jsonl", faithful_mixture(tokenizer, rng, play_pieces))
         print(
-            f"stage 1: 20000 copy drills; stage 2: {8 * len(play_pieces)} retrieval episodes (never the "
-            f"evaluation's template); stage 3: the plays and as many episodes, 4 times over"
+            f"stage 1: 20000 copy drills; stage 2: {8 * len(play_pieces)} retrieval episodes "
+            "(never the evaluation's template); stage 3: the plays and as many episodes, 4 times "
+            "over"
         )
         pretrain("stage 1 (learn to copy)", work / "copy.jsonl", work / "stage1", FAITHFUL1, init)
         pretrain(
@@ -452,7 +471,8 @@ def main(argv=None):
         rng.shuffle(docs)
         write_jsonl(work / "pretrain.jsonl", docs)
         print(
-            f"stage 1: 1000 copy drills; stage 2: {len(docs)} documents, a third each plays, passkey, drills"
+            f"stage 1: 1000 copy drills; stage 2: {len(docs)} documents, a third each plays, "
+            "passkey, drills"
         )
         pretrain("stage 1 (learn to copy)", work / "copy.jsonl", work / "stage1", STAGE1, init)
         pretrain(

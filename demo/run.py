@@ -1,20 +1,23 @@
-"""The embedded default: the paper's experiment in miniature, on a CPU in minutes (`make demo` runs this).
+"""The embedded default: the paper's experiment in miniature, on a CPU in minutes (`make demo` runs
+this).
 
-    python demo/run.py                                   # PoSE-extend demo/base from Lo=256 to Lt=2048, evaluate, plot
-    python demo/run.py --trials 40 --out DIR               # what tests/test_demo.py runs and checks
-    python demo/run.py --method randpos --out runs/demo-randpos    # a baseline (or --scaling, --chunks, --content)
-    python demo/run.py --data plays --method noskip --out runs/variants/plays-noskip   # plain text, no skip
+    python demo/run.py                # PoSE-extend demo/base from Lo=256 to Lt=2048, evaluate, plot
+    python demo/run.py --trials 40 --out DIR     # what tests/test_demo.py runs and checks
+    python demo/run.py --method randpos --out runs/demo-randpos   # a baseline
+    python demo/run.py --scaling linear --out runs/demo-linear    # or --chunks, --content
+    python demo/run.py --data plays --method noskip --out runs/variants/plays-noskip   # no skip
 
-demo/base is a tiny LLaMA (0.7M parameters) pretrained from scratch at Lo = 256 tokens by demo/build_base.py, which
-learns retrieval from episodes in other words than the passkey evaluation's. PoSE fine-tunes it with train_len =
-Lo = 256 (Lc) for target_len = 8·Lo = 2048 (Lt) on the base's own last pretraining mixture (--data mix: the
-training plays and as many such episodes; as the paper fine-tunes LLaMA on the Pile): positions jump inside
-256-token examples (Eqs. 3-5) and RoPE is scaled by s = 8 (YaRN here; the paper's default is linear). No stage,
-pretraining or fine-tuning, holds a sentence of the evaluation's prompt. Then both the base model ("none") and the
-fine-tuned one are scored like the paper's Table 1 (sliding-window perplexity on four held-out plays) and Figure 2b
-(passkey retrieval, by length and depth, and with the key within the last Lo tokens).
-Every step is one of the project's own commands, printed before it runs; results are JSON and PNG under --out, and
-a rerun with the same --out resumes (finished steps are skipped).
+demo/base is a tiny LLaMA (0.7M parameters) pretrained from scratch at Lo = 256 tokens by
+demo/build_base.py, which learns retrieval from episodes in other words than the passkey
+evaluation's. PoSE fine-tunes it with train_len = Lo = 256 (Lc) for target_len = 8·Lo = 2048 (Lt) on
+the base's own last pretraining mixture (--data mix: the training plays and as many such episodes;
+as the paper fine-tunes LLaMA on the Pile): positions jump inside 256-token examples (Eqs. 3-5) and
+RoPE is scaled by s = 8 (YaRN here; the paper's default is linear). No stage, pretraining or
+fine-tuning, holds a sentence of the evaluation's prompt. Then both the base model ("none") and the
+fine-tuned one are scored like the paper's Table 1 (sliding-window perplexity on four held-out
+plays) and Figure 2b (passkey retrieval, by length and depth, and with the key within the last Lo
+tokens). Every step is one of the project's own commands, printed before it runs; results are JSON
+and PNG under --out, and a rerun with the same --out resumes (finished steps are skipped).
 """
 
 import argparse
@@ -39,16 +42,17 @@ def run(*args):
     print("$ " + " ".join(str(a) for a in args), flush=True)
     if subprocess.run(command, cwd=ROOT).returncode != 0:
         sys.exit(
-            f"error: {args[0]} failed (its message is above); rerun demo/run.py to resume where it stopped."
+            f"error: {args[0]} failed (its message is above); rerun demo/run.py to resume where it "
+            "stopped."
         )
 
 
 def fine_tuning_data(out, base, method="pose", data="mix"):
-    """The training plays cut into pieces and, with --data mix (the base's last pretraining mixture), four
-    times over with as many retrieval episodes in other words than the evaluation's. --data plays+episodes: the
-    plays and as many passkey episodes in eval_passkey's own template (the evaluation's prompt is then a trained
-    task); --data plays: the plays alone. --method full needs documents of Lt tokens: pieces four times as long
-    and episodes filled to Lt tokens."""
+    """The training plays cut into pieces and, with --data mix (the base's last pretraining
+    mixture), four times over with as many retrieval episodes in other words than the evaluation's.
+    --data plays+episodes: the plays and as many passkey episodes in eval_passkey's own template
+    (the evaluation's prompt is then a trained task); --data plays: the plays alone. --method full
+    needs documents of Lt tokens: pieces four times as long and episodes filled to Lt tokens."""
     from machinery.texts import fetch_shakespeare
     from demo.build_base import (
         PIECE_CHARS,
@@ -141,8 +145,8 @@ def evaluate(name, model, held_dir, out, args):
 
 
 def summary(out, method="pose"):
-    """-> {model: {"ppl": {L: ppl}, "passkey": {L: acc}, "near": {L: acc}, "by_depth": {(L, depth): acc}}} for the
-    base ("none") and the fine-tuned model (named by its --method)."""
+    """-> {model: {"ppl": {L: ppl}, "passkey": {L: acc}, "near": {L: acc}, "by_depth": {(L, depth):
+    acc}}} for the base ("none") and the fine-tuned model (named by its --method)."""
     table = {}
     for name in ("none", method):
         ppl, far, near = (
@@ -163,10 +167,11 @@ def summary(out, method="pose"):
 
 
 DATA = {
-    "plays+episodes": "training plays + passkey episodes in the evaluation's own template (a trained task)",
+    "plays+episodes": "training plays + passkey episodes in the evaluation's own template (a "
+                      "trained task)",
     "plays": "training plays only",
-    "mix": "the base's last pretraining mixture (training plays + retrieval episodes in other words; no "
-    "sentence of the evaluation's prompt)",
+    "mix": "the base's last pretraining mixture (training plays + retrieval episodes in other "
+           "words; no sentence of the evaluation's prompt)",
 }
 
 
@@ -268,9 +273,9 @@ def main(argv=None):
         "--method",
         default="pose",
         choices=("pose", "randpos", "full", "noskip"),
-        help="pose; randpos (Lc sorted random positions of 0..Lt-1); full (Lt tokens at 0..Lt-1, the "
-        "upper bound PoSE approximates, 8x the tokens per example); noskip (Lc tokens at 0..Lc-1, "
-        "RoPE unscaled: the same-data baseline, which fine-tunes without extending)",
+        help="pose; randpos (Lc sorted random positions of 0..Lt-1); full (Lt tokens at 0..Lt-1, "
+             "the upper bound PoSE approximates, 8x the tokens per example); noskip (Lc tokens at "
+             "0..Lc-1, RoPE unscaled: the same-data baseline, which fine-tunes without extending)",
     )
     p.add_argument(
         "--data",

@@ -1,11 +1,12 @@
-"""The CPU suite is CPU-only by construction: CUDA is hidden before torch is imported, here and (through the
-environment) in every subprocess a test starts, so train.py and the eval scripts pick the CPU and fp32 and the
-exact comparisons and 2-process torchrun runs behave as on the CI machine even on a GPU box.
-tests/test_cuda.py is the separate GPU check: POSE_TEST_CUDA=1 python -m pytest tests/test_cuda.py.
+"""The CPU suite is CPU-only by construction: CUDA is hidden before torch is imported, here and
+(through the environment) in every subprocess a test starts, so train.py and the eval scripts pick
+the CPU and fp32 and the exact comparisons and 2-process torchrun runs behave as on the CI machine
+even on a GPU box. tests/test_cuda.py is the separate GPU check: POSE_TEST_CUDA=1 python -m pytest
+tests/test_cuda.py.
 
 Fixtures and helpers shared by the test files live here (`from conftest import byte_tokenizer`).
-Tests marked slow (pyproject.toml) take minutes; `python -m pytest -m "not slow"` is the edit-and-rerun
-loop, `make test` runs everything."""
+Tests marked slow (pyproject.toml) take minutes; `python -m pytest -m "not slow"` is the
+edit-and-rerun loop, `make test` runs everything."""
 
 import os
 import random

@@ -457,9 +457,9 @@ def test_unusable_paths_are_one_sentence(tmp_path):
 def test_prepare_never_imports_torch(corpus, tmp_path):
     """Importing torch costs ~2 CPU seconds of one process before any work: a prepare needs none."""
     code = (
-        f"import sys; from machinery import prepare; prepare.main(['--data', {str(corpus[0] / 'txt')!r}, "
-        f"'--tokenizer', 'demo/base', '--out', {str(tmp_path / 'c')!r}, '--workers', '1']); "
-        "print('torch' in sys.modules)"
+        "import sys; from machinery import prepare; prepare.main(['--data', "
+        f"{str(corpus[0] / 'txt')!r}, '--tokenizer', 'demo/base', '--out', "
+        f"{str(tmp_path / 'c')!r}, '--workers', '1']); print('torch' in sys.modules)"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.splitlines()[-1] == "False", run.stderr[-2000:]

@@ -1,11 +1,12 @@
 """The embedded default shows PoSE working: the end-to-end check that fails when the science breaks.
 
-demo/run.py as `make demo` runs it (the shipped base, Lo = 256; PoSE to Lt = 2048 with the default 300 steps on the
-base's own pretraining mixture, in which no sentence of the passkey prompt occurs; 8,192 tokens of each of 4
-held-out plays), with more passkey trials (40 a length, 8 at each of the 5 depths), then the shapes of the paper's
-Table 1 and Figure 2b in miniature. Seeds are fixed. At 40 trials a 90% threshold is 3 standard errors below a true
-98%, a 60% threshold 2 below a true 75%, and a 50-point gap between two rates is > 5 standard errors from a true
-gap of 80 points. About 2.5 minutes on 2 cores.
+demo/run.py as `make demo` runs it (the shipped base, Lo = 256; PoSE to Lt = 2048 with the default
+300 steps on the base's own pretraining mixture, in which no sentence of the passkey prompt occurs;
+8,192 tokens of each of 4 held-out plays), with more passkey trials (40 a length, 8 at each of the 5
+depths), then the shapes of the paper's Table 1 and Figure 2b in miniature. Seeds are fixed. At 40
+trials a 90% threshold is 3 standard errors below a true 98%, a 60% threshold 2 below a true 75%,
+and a 50-point gap between two rates is > 5 standard errors from a true gap of 80 points. About 2.5
+minutes on 2 cores.
 """
 
 import hashlib
@@ -58,21 +59,23 @@ def test_figure2b_both_retrieve_within_the_original_window(table):
 
 
 def test_figure2b_pose_retrieves_beyond_the_window_on_a_prompt_never_trained_on(table):
-    """Figure 2b's shape: None fails beyond Lo; PoSE, fine-tuned on 256-token examples, retrieves to 8·Lo."""
+    """Figure 2b's shape: None fails beyond Lo; PoSE, fine-tuned on 256-token examples, retrieves to
+    8·Lo."""
     assert all(table["none"]["passkey"][L] <= 0.1 for L in (2 * LO, 4 * LO, LT))
     assert table["pose"]["passkey"][2 * LO] >= 0.85 and table["pose"]["passkey"][4 * LO] >= 0.85
     assert table["pose"]["passkey"][LT] >= 0.6
 
 
 def test_figure2b_pose_reaches_positions_none_cannot(table):
-    """Key within the last Lo tokens of an 8·Lo prompt: the distance is one None has seen; the positions are not."""
+    """Key within the last Lo tokens of an 8·Lo prompt: the distance is one None has seen; the
+    positions are not."""
     assert table["pose"]["near"][LT] - table["none"]["near"][LT] >= 0.5
 
 
 def test_the_faithful_mixture_never_holds_the_evaluations_prompt():
-    """build_base.py (and run.py --data mix, the default) must teach retrieval without ever showing a sentence
-    of eval_passkey's prompt (Figure 2a's): the detector sees every sentence of it, and no document of the mixture,
-    plays included, holds one."""
+    """build_base.py (and run.py --data mix, the default) must teach retrieval without ever showing
+    a sentence of eval_passkey's prompt (Figure 2a's): the detector sees every sentence of it, and
+    no document of the mixture, plays included, holds one."""
     import random
 
     from demo.build_base import (
@@ -106,8 +109,9 @@ def test_the_faithful_mixture_never_holds_the_evaluations_prompt():
 
 
 def test_a_rerun_never_reuses_a_run_made_otherwise(tmp_path):
-    """run.py skips finished steps and build_base.py finished stages: a model made with other settings (an older
-    demo, another base, other data) must be refused in one sentence, never scored or built on as this run's."""
+    """run.py skips finished steps and build_base.py finished stages: a model made with other
+    settings (an older demo, another base, other data) must be refused in one sentence, never scored
+    or built on as this run's."""
     from demo.build_base import check_settings, pretrain
     from errors import UserError
 

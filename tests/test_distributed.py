@@ -1,7 +1,7 @@
-"""machinery/distributed.py as a specification: on several ranks a Hugging Face checkpoint is read by every rank as
-its own slices, no rank building the whole model, and the sharded model holds exactly the weights one process
-loads, whatever the checkpoint's dtype and however its files are split; Meta checkpoints and --init, which rank 0
-builds whole and broadcasts, too."""
+"""machinery/distributed.py as a specification: on several ranks a Hugging Face checkpoint is read
+by every rank as its own slices, no rank building the whole model, and the sharded model holds
+exactly the weights one process loads, whatever the checkpoint's dtype and however its files are
+split; Meta checkpoints and --init, which rank 0 builds whole and broadcasts, too."""
 
 import json
 import os
@@ -24,7 +24,8 @@ from machinery.weights import hf_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# run by torchrun on each rank: build, shard and fill as train.py does, then gather every tensor on rank 0
+# run by torchrun on each rank: build, shard and fill as train.py does, then gather every tensor on
+# rank 0
 WORKER = """
 import gc, json, os, sys
 import torch, torch.distributed as dist
@@ -43,11 +44,13 @@ for settings, out in zip(sys.argv[1::2], sys.argv[2::2]):
     full = {name: tensor.full_tensor() for name, tensor in model.state_dict().items()}
     if rank == 0:
         torch.save({"state": full, "args": asdict(model.args), "built_on_meta": on_meta}, out)
-dist.barrier()  # rank 1 must not tear gloo down while rank 0 still writes (it aborted rank 0 once in CI)
+# rank 1 must not tear gloo down while rank 0 still writes (it aborted rank 0 once in CI)
+dist.barrier()
 del model, full
 gc.collect()
 dist.destroy_process_group()
-os._exit(0)  # as train.py: gloo's threads can abort the interpreter's teardown (pytorch/pytorch#179291)
+# as train.py: gloo's threads can abort the interpreter's teardown (pytorch/pytorch#179291)
+os._exit(0)
 """
 
 
@@ -63,8 +66,9 @@ def byte_tokenizer():
 
 
 def hf_checkpoint(directory, dtype, sharded, tied):
-    """A tiny LLaMA (Lo = 32) as a Hugging Face directory; 259 vocabulary rows and 3 heads, so that the rows of
-    most tensors do not split evenly over two ranks. Tied: the lm_head copy is stored too, as some do."""
+    """A tiny LLaMA (Lo = 32) as a Hugging Face directory; 259 vocabulary rows and 3 heads, so that
+    the rows of most tensors do not split evenly over two ranks. Tied: the lm_head copy is stored
+    too, as some do."""
     torch.manual_seed(0)
     args = ModelArgs(
         dim=24,
@@ -101,7 +105,8 @@ def hf_checkpoint(directory, dtype, sharded, tied):
 
 
 def meta_checkpoint(directory):
-    """The tiny model as a Meta directory: params.json and one consolidated.00.pth, q/k rows interleaved."""
+    """The tiny model as a Meta directory: params.json and one consolidated.00.pth, q/k rows
+    interleaved."""
     torch.manual_seed(1)
     args = ModelArgs(
         dim=24, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=259, hidden_dim=40, max_seq_len=32
@@ -123,10 +128,11 @@ def meta_checkpoint(directory):
 
 @pytest.mark.slow  # torchrun, two processes
 def test_two_ranks_hold_exactly_what_one_process_loads(tmp_path):
-    """Under torchrun (2 CPU ranks, gloo) a Hugging Face checkpoint, fp32 or bf16, one file or a sharded index,
-    untied or tied, is built on the meta device by every rank, which fills its FSDP2 shards from its own rows of
-    the files; a Meta checkpoint and --init are built whole by rank 0 alone and broadcast. Either way the gathered
-    weights equal the single-process load bit for bit (bf16 -> fp32 is exact), RoPE scaling included."""
+    """Under torchrun (2 CPU ranks, gloo) a Hugging Face checkpoint, fp32 or bf16, one file or a
+    sharded index, untied or tied, is built on the meta device by every rank, which fills its FSDP2
+    shards from its own rows of the files; a Meta checkpoint and --init are built whole by rank 0
+    alone and broadcast. Either way the gathered weights equal the single-process load bit for bit
+    (bf16 -> fp32 is exact), RoPE scaling included."""
     hf = {
         "fp32-single": (torch.float32, False, False),
         "bf16-sharded": (torch.bfloat16, True, True),
@@ -181,7 +187,8 @@ def test_two_ranks_hold_exactly_what_one_process_loads(tmp_path):
 
 @pytest.fixture
 def group_of_one():
-    """A gloo process group of one rank in this process: FSDP2's DTensors without starting processes."""
+    """A gloo process group of one rank in this process: FSDP2's DTensors without starting
+    processes."""
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     yield
     dist.destroy_process_group()
@@ -198,8 +205,9 @@ def sharded_on_meta(args):
 
 
 def test_slices_of_a_checkpoint_that_does_not_match_are_refused_by_name(tmp_path, group_of_one):
-    """load_slices is as strict as Transformer.load_weights: a tensor missing from the files, one the model
-    has no place for, or one of another shape is named in one sentence, before anything is half-filled."""
+    """load_slices is as strict as Transformer.load_weights: a tensor missing from the files, one
+    the model has no place for, or one of another shape is named in one sentence, before anything is
+    half-filled."""
     hf_checkpoint(tmp_path / "ok", torch.bfloat16, sharded=False, tied=False)
     args = ModelArgs(**hf_params(tmp_path / "ok"))
     model = sharded_on_meta(args)

@@ -1,6 +1,7 @@
-"""eval_ppl.py and eval_passkey.py as specifications of the paper's protocols (Figure 2b, Table 1): sliding windows that score every token once,
-perplexity equal to transformers' own loop, prompts exactly as long as asked, the KV cache changing nothing,
-resumable result files, and one-sentence errors. Tiny random models with a byte-level tokenizer, CPU, seconds."""
+"""eval_ppl.py and eval_passkey.py as specifications of the paper's protocols (Figure 2b, Table 1):
+sliding windows that score every token once, perplexity equal to transformers' own loop, prompts
+exactly as long as asked, the KV cache changing nothing, resumable result files, and one-sentence
+errors. Tiny random models with a byte-level tokenizer, CPU, seconds."""
 
 import argparse
 import json
@@ -66,7 +67,8 @@ def tiny(tmp_path_factory):
 
 
 def documents(path):
-    """Pseudo-English documents of 1500, 300 (too short for --min_tokens 600), 900 and 1100 bytes, as .jsonl."""
+    """Pseudo-English documents of 1500, 300 (too short for --min_tokens 600), 900 and 1100 bytes,
+    as .jsonl."""
     rng = random.Random(0)
     words = (
         "the grass is green and sky blue sun yellow here we go there back again pass key".split()
@@ -76,7 +78,7 @@ def documents(path):
     return path, texts
 
 
-# ---- sliding windows -------------------------------------------------------------------------------------
+# ---- sliding windows -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -113,13 +115,13 @@ def test_a_stride_not_below_the_window_is_refused():
         windows(1000, 256, 256)
 
 
-# ---- perplexity ------------------------------------------------------------------------------------------
+# ---- perplexity ----------------------------------------------------------------------------------
 
 
 def transformers_ppl(model, docs, length, stride, bos=None):
     """The Hugging Face perplexity guide's loop (labels = -100 before the new tokens), summed over
-    documents; with `bos`, the authors' loop (YaRN's compute_perplexity): BOS + L − 1 tokens a window,
-    token 0 scored from BOS."""
+    documents; with `bos`, the authors' loop (YaRN's compute_perplexity): BOS + L − 1 tokens a
+    window, token 0 scored from BOS."""
     lead = [] if bos is None else [bos]
     nll, count = 0.0, 0
     for ids in docs:
@@ -185,7 +187,8 @@ def test_perplexity_equals_transformers_and_is_token_weighted(tiny, tmp_path, sc
 
 
 def reference(tiny, rope_parameters, max_position_embeddings=256):
-    """transformers' model of the tiny checkpoint with RoPE set here, from the test's own reading of each scaling."""
+    """transformers' model of the tiny checkpoint with RoPE set here, from the test's own reading of
+    each scaling."""
     from transformers import LlamaConfig
 
     config = LlamaConfig.from_pretrained(tiny)
@@ -198,7 +201,8 @@ def reference(tiny, rope_parameters, max_position_embeddings=256):
 
 @pytest.mark.parametrize("flag", ["yarn:2", "ntk:2", "dynamic:2", "linear:2", "none"])
 def test_rope_scaling_type_factor_reaches_the_model(tiny, tmp_path, flag):
-    """--rope_scaling TYPE:FACTOR end to end: the perplexity equals transformers' with that scaling on Lo = 256."""
+    """--rope_scaling TYPE:FACTOR end to end: the perplexity equals transformers' with that scaling
+    on Lo = 256."""
     d = 16  # head dim of the tiny model
     expected = {
         "yarn:2": (
@@ -235,8 +239,9 @@ def test_rope_scaling_type_factor_reaches_the_model(tiny, tmp_path, flag):
     )
     theirs = reference(tiny, {"rope_theta": 10000.0, **expected[0]}, expected[1])
     tokenizer = byte_tokenizer(add_bos=True)
-    # 1024 tokens: every window is 512 long (transformers' dynamic NTK keeps the frequencies of the longest input
-    # seen so far, ours those of the window at hand; they agree when the windows are alike)
+    # 1024 tokens: every window is 512 long (transformers' dynamic NTK keeps the frequencies of the
+    # longest input seen so far, ours those of the window at hand; they agree when the windows are
+    # alike)
     docs = [tokenizer.encode(t)[:1024] for t in texts if len(tokenizer.encode(t)) >= 600][:1]
     assert results["lengths"]["512"]["ppl"] == pytest.approx(
         transformers_ppl(theirs, docs, 512, 256), rel=1e-4
@@ -359,7 +364,7 @@ def test_a_prepared_corpus_gives_the_perplexity_of_the_raw_file(tiny, tmp_path):
     assert documents_of[0] == documents_of[1] and len(documents_of[0]) == 3
 
 
-# ---- passkey prompts -------------------------------------------------------------------------------------
+# ---- passkey prompts -----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -416,7 +421,8 @@ def test_max_key_distance_keeps_the_key_close_to_the_question(smollm2_tokenizer)
 
 
 def test_max_key_distance_longer_than_the_prompt_leaves_room_for_the_rest(smollm2_tokenizer):
-    """At a length the template nearly fills, the distance is capped by what fits, and every trial fits exactly."""
+    """At a length the template nearly fills, the distance is capped by what fits, and every trial
+    fits exactly."""
     for trial in range(20):
         t = make_trial(smollm2_tokenizer, 200, trial, max_key_distance=190)
         after = t["prompt"].split(KEY_LINE.format(key=t["key"]))[1].removesuffix(QUESTION).strip()
@@ -473,7 +479,7 @@ def test_kv_cache_answers_equal_full_recomputation(tiny):
         assert torch.equal(cached, sequence[:, tokens.shape[1] :])
 
 
-# ---- result files ------------------------------------------------------------------------------------------
+# ---- result files --------------------------------------------------------------------------------
 
 
 def test_a_rerun_skips_finished_lengths_and_refuses_other_settings(tiny, tmp_path, monkeypatch):
@@ -621,7 +627,8 @@ def test_the_command_line_prints_no_traceback(tmp_path):
 
 @pytest.mark.slow  # torchrun, two processes
 def test_two_ranks_give_the_single_process_results(tiny, tmp_path):
-    """torchrun: documents split across ranks (gloo), gathered on rank 0, the same numbers and file as one process."""
+    """torchrun: documents split across ranks (gloo), gathered on rank 0, the same numbers and file
+    as one process."""
     data, _ = documents(tmp_path / "docs.jsonl")
     argv = [
         "--model",

@@ -1,7 +1,8 @@
-"""Checkpoints that already carry a RoPE scaling (Llama 3.1: llama3 x8 from 8192, window 131072; HF configs with
-yarn or linear; GGUF scaling metadata) are extended on top of it: the window to extend is theirs, a target within
-it is refused, a larger one keeps the type with the factor multiplied and Lo unchanged, and what we export is the
-config transformers 5 loads without a warning and with the same RoPE tables."""
+"""Checkpoints that already carry a RoPE scaling (Llama 3.1: llama3 x8 from 8192, window 131072; HF
+configs with yarn or linear; GGUF scaling metadata) are extended on top of it: the window to extend
+is theirs, a target within it is refused, a larger one keeps the type with the factor multiplied and
+Lo unchanged, and what we export is the config transformers 5 loads without a warning and with the
+same RoPE tables."""
 
 import json
 import logging
@@ -23,7 +24,8 @@ LLAMA31 = rope.llama31_scaling()
 
 
 def hf_tables(head_dim, base, scaling, max_position_embeddings):
-    """transformers' inv_freq and attention factor for a config holding `scaling`, as config.json would."""
+    """transformers' inv_freq and attention factor for a config holding `scaling`, as config.json
+    would."""
     config = LlamaConfig(
         hidden_size=head_dim * 4,
         num_attention_heads=4,
@@ -97,7 +99,7 @@ def test_meta_use_scaled_rope_and_an_eval_factor_stretch_the_131k_window():
     assert replaced.rope_scaling["rope_type"] == "yarn" and replaced.max_seq_len == 16384
 
 
-# ---- real checkpoints on disk ----------------------------------------------------------------------------------
+# ---- real checkpoints on disk --------------------------------------------------------------------
 
 
 def hf_checkpoint(directory, scaling, max_position_embeddings):
@@ -163,8 +165,8 @@ LLAMA3_TINY = {
     ],
 )
 def test_training_a_scaled_checkpoint_extends_its_own_scaling(
-    tiny, tmp_path, scaling, max_position
-):  # noqa: F811
+    tiny, tmp_path, scaling, max_position  # noqa: F811
+):
     base = hf_checkpoint(tmp_path / "base", scaling, max_position)
     flags = ["--model", str(base), "--steps", "1", "--batch_size", "2", "--train_len", "32"]
     train.main(argv(tiny, tmp_path / "out", *flags, "--target_len", "512"))
@@ -195,11 +197,11 @@ def test_training_a_scaled_checkpoint_extends_its_own_scaling(
     ],
 )
 def test_a_scaled_checkpoint_refuses_what_it_cannot_do_in_one_sentence(
-    tiny,
+    tiny,  # noqa: F811
     tmp_path,
     capsys,
     case,
-    flags,  # noqa: F811
+    flags,
     message,
 ):
     base = hf_checkpoint(tmp_path / "base", LLAMA3_TINY, 128)
@@ -228,7 +230,8 @@ def test_exported_configs_load_in_transformers_without_a_warning(tmp_path, kind)
 
 
 def half_to_interleaved(w, n_heads):
-    """The inverse of weights.interleaved_to_half: HF's half layout back to llama.cpp's interleaved rows."""
+    """The inverse of weights.interleaved_to_half: HF's half layout back to llama.cpp's interleaved
+    rows."""
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 

@@ -1,5 +1,5 @@
-"""model.py against transformers' LlamaForCausalLM: loading every format, every scaling, PoSE positions,
-the export round trip, the KV cache, and the errors users get for bad checkpoints."""
+"""model.py against transformers' LlamaForCausalLM: loading every format, every scaling, PoSE
+positions, the export round trip, the KV cache, and the errors users get for bad checkpoints."""
 
 import json
 import os
@@ -153,7 +153,8 @@ def test_use_scaled_rope_means_llama31():
 
 
 def test_interleaved_to_half_rotates_the_same_pairs():
-    """Rotating interleaved pairs with permuted-back rows equals rotating halves: the permutation is right."""
+    """Rotating interleaved pairs with permuted-back rows equals rotating halves: the permutation is
+    right."""
     heads, hd, dim = 2, 8, 16
     w = torch.randn(heads * hd, dim)
     x = torch.randn(dim)
@@ -271,7 +272,8 @@ def test_loss_is_next_token_cross_entropy_with_ignored_labels(tmp_path):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_chunked_loss_equals_the_plain_cross_entropy_and_its_gradients(tmp_path, tie):
-    """The targets path never builds the (B·T, vocab) logits; loss and every gradient are the plain computation's."""
+    """The targets path never builds the (B·T, vocab) logits; loss and every gradient are the plain
+    computation's."""
     from loss import LOSS_CHUNK
 
     _, directory = hf_model(tmp_path, tie=tie)
@@ -334,7 +336,7 @@ def test_bf16_is_close_to_fp32(tmp_path):
         assert (bf16(x).float() - fp32(x)).abs().max() < 0.05
 
 
-# ---- bad input: one sentence naming the file and what was expected --------------------------------------
+# ---- bad input: one sentence naming the file and what was expected -------------------------------
 
 
 def test_missing_path(tmp_path):

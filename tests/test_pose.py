@@ -36,7 +36,8 @@ def breaks(x):  # how many times x does not step by exactly 1
 
 
 def chi2_critical(df, z=3.0902):
-    """Upper 0.1% point of chi-square(df) by Wilson-Hilferty (tables: df=19 -> 43.82, this gives 43.95)."""
+    """Upper 0.1% point of chi-square(df) by Wilson-Hilferty (tables: df=19 -> 43.82, this gives
+    43.95)."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
@@ -80,9 +81,9 @@ def test_one_chunk_gives_plain_positions():
 
 
 def test_chunks_equal_to_train_len_follow_eq_4():
-    """Appendix B's N = Lc: every chunk is one token. Eq. 4's nested draws u_i ~ U{u_{i-1}, ..., Lt-Lc}
-    reach Lt-Lc after about H(Lt-Lc+1) ~ ln(961) + 0.58 = 7.4 distinct values, so an example skips about
-    7 times, not Lc times as independent sorted draws would."""
+    """Appendix B's N = Lc: every chunk is one token. Eq. 4's nested draws u_i ~ U{u_{i-1}, ...,
+    Lt-Lc} reach Lt-Lc after about H(Lt-Lc+1) ~ ln(961) + 0.58 = 7.4 distinct values, so an example
+    skips about 7 times, not Lc times as independent sorted draws would."""
     examples = draws(40, chunks=LC)
     for tok, pos in examples:
         assert bool((pos.diff() >= 1).all()) and pos[-1] <= LT - 1 and bool((tok.diff() >= 1).all())

@@ -99,7 +99,8 @@ def test_models_choose_the_stages_and_the_tables_rows(tmp_path):
 
 
 def test_a_stride_no_evaluation_accepts_is_refused_before_training(tmp_path):
-    """eval_ppl refuses a stride >= its smallest length; real.py says so at once, not after the training."""
+    """eval_ppl refuses a stride >= its smallest length; real.py says so at once, not after the
+    training."""
     command = [
         sys.executable,
         "demo/real.py",

@@ -1,8 +1,9 @@
-"""Reliability as a specification: a run killed anywhere resumes with nothing lost, a checkpoint is untrusted
-input that never runs code, and every bad input in the catalogue of docs/RELIABILITY.md ends in one sentence, a
-non-zero exit and every file as it was. Rows already covered in test_train.py, test_eval.py and test_model.py are
-named in that table, not repeated here. Tiny models, CPU fp32, one thread: the whole file takes about 80 s on a
-busy 2-core machine, most of it starting processes to kill."""
+"""Reliability as a specification: a run killed anywhere resumes with nothing lost, a checkpoint is
+untrusted input that never runs code, and every bad input in the catalogue of docs/RELIABILITY.md
+ends in one sentence, a non-zero exit and every file as it was. Rows already covered in
+test_train.py, test_eval.py and test_model.py are named in that table, not repeated here. Tiny
+models, CPU fp32, one thread: the whole file takes about 80 s on a busy 2-core machine, most of it
+starting processes to kill."""
 
 import errno
 import json
@@ -44,8 +45,9 @@ def save_model(directory, seed=0, **overrides):  # the tiny model, its tokenizer
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """base: Lo = 32 with a 32k-row embedding (unused rows), so a checkpoint is ~25 MB and takes a while to write;
-    data: six text documents of 60-800 bytes; whole: the uninterrupted run every resumed run must end equal to."""
+    """base: Lo = 32 with a 32k-row embedding (unused rows), so a checkpoint is ~25 MB and takes a
+    while to write; data: six text documents of 60-800 bytes; whole: the uninterrupted run every
+    resumed run must end equal to."""
     root = tmp_path_factory.mktemp("tiny")
     save_model(root / "base", vocab_size=32768, tie_word_embeddings=True)
     write_documents(root / "data")
@@ -147,8 +149,8 @@ def process_tree(pid):
 
 
 def kill_when(process, ready, out, after=0.0, tree=False, timeout=120):
-    """SIGKILL `process` (with `tree`: all its descendants too, as a preempted node would) `after` seconds after
-    ready() first holds; fails if it ended before."""
+    """SIGKILL `process` (with `tree`: all its descendants too, as a preempted node would) `after`
+    seconds after ready() first holds; fails if it ended before."""
     deadline = time.monotonic() + timeout
     while not (reached := ready()) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.0002)
@@ -164,8 +166,8 @@ def kill_when(process, ready, out, after=0.0, tree=False, timeout=120):
 
 
 def error_of(main, args, capsys):
-    """Run a script's main in-process: it must exit non-zero with exactly one 'error: ' sentence, no traceback
-    (any other exception escapes pytest.raises and fails the test)."""
+    """Run a script's main in-process: it must exit non-zero with exactly one 'error: ' sentence, no
+    traceback (any other exception escapes pytest.raises and fails the test)."""
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     code, err = exit_info.value.code, capsys.readouterr().err
@@ -177,12 +179,12 @@ def error_of(main, args, capsys):
     return errors[0]
 
 
-# ---- 1. kill anywhere, resume, end where an uninterrupted run ends -------------------------------------------------
+# ---- 1. kill anywhere, resume, end where an uninterrupted run ends -------------------------------
 
 
 def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tiny, tmp_path):
-    # each checkpoint follows its step's log line, so the first is on disk once step SAVE_EVERY + 1 is logged;
-    # several steps remain to be killed in
+    # each checkpoint follows its step's log line, so the first is on disk once step SAVE_EVERY + 1
+    # is logged; several steps remain to be killed in
     kill_after = random.randint(SAVE_EVERY + 1, STEPS - 3)
     # and then anywhere in the next step: forward, backward, update or checkpoint
     delay = random.uniform(0, 0.05)
@@ -197,9 +199,10 @@ def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tiny,
 
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
-    """--save_every 1: a ~25 MB checkpoint every step. Killed once OUT/checkpoint.pt.tmp appears (after a first good
-    checkpoint): checkpoint.pt is still the previous step's, whole; the resumed run ends equal to the uninterrupted,
-    and holds no mapping of the checkpoint it resumed from once that is replaced (its disk space is given back)."""
+    """--save_every 1: a ~25 MB checkpoint every step. Killed once OUT/checkpoint.pt.tmp appears
+    (after a first good checkpoint): checkpoint.pt is still the previous step's, whole; the resumed
+    run ends equal to the uninterrupted, and holds no mapping of the checkpoint it resumed from once
+    that is replaced (its disk space is given back)."""
     ckpt, tmp = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.pt.tmp"
     # the kill lands a little late now and then, after the rename: try the next save
     for attempt in range(5):
@@ -327,7 +330,7 @@ def test_a_worker_killed_under_torchrun_max_restarts_is_restarted_and_resumes(ti
     assert_within_1e5_of_the_uninterrupted_run(tiny, tmp_path)
 
 
-# ---- 2. evaluations keep every finished length --------------------------------------------------------------------
+# ---- 2. evaluations keep every finished length ---------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -342,8 +345,9 @@ def eval_model(tmp_path_factory):
 
 
 def assert_a_rerun_skips_finished_lengths(script, work, args, monkeypatch, capsys):
-    """What the interrupted run left in --out is kept as it is; a rerun with the same arguments computes only the
-    missing lengths (`work`, whose 3rd argument tells the length, is called for no other)."""
+    """What the interrupted run left in --out is kept as it is; a rerun with the same arguments
+    computes only the missing lengths (`work`, whose 3rd argument tells the length, is called for no
+    other)."""
     out, lengths = (
         Path(args[args.index("--out") + 1]),
         [int(n) for n in args[args.index("--lengths") + 1].split(",")],
@@ -392,8 +396,9 @@ def test_a_killed_passkey_evaluation_keeps_finished_lengths_and_a_rerun_skips_th
 def test_an_interrupted_perplexity_evaluation_keeps_finished_lengths_and_a_rerun_skips_them(
     eval_model, tmp_path, monkeypatch, capsys
 ):
-    """In-process, stopped by an exception in the second length (eval_ppl shares eval_passkey's results file code,
-    which the SIGKILL test above runs in a real process): every finished length stays."""
+    """In-process, stopped by an exception in the second length (eval_ppl shares eval_passkey's
+    results file code, which the SIGKILL test above runs in a real process): every finished length
+    stays."""
     args = [
         "--model",
         str(eval_model / "model"),
@@ -424,7 +429,7 @@ def test_an_interrupted_perplexity_evaluation_keeps_finished_lengths_and_a_rerun
     assert_a_rerun_skips_finished_lengths(eval_ppl, "document_nll", args, monkeypatch, capsys)
 
 
-# ---- 3. the catalogue: one sentence, a non-zero exit, nothing lost --------------------------------------------------
+# ---- 3. the catalogue: one sentence, a non-zero exit, nothing lost -------------------------------
 
 
 class Exploit:
@@ -486,7 +491,8 @@ def bad_model(case, tmp_path):
         save_model(path, vocab_size=200)  # the byte tokenizer has 258 tokens
         return (
             path,
-            f"{path}: the tokenizer has 258 tokens but the embedding only 200 rows; they do not belong together.",
+            f"{path}: the tokenizer has 258 tokens but the embedding only 200 rows; they do not "
+            "belong together.",
         )
     raise KeyError(case)
 
@@ -517,7 +523,8 @@ def test_a_model_that_cannot_load_is_one_sentence(case, tiny, tmp_path, capsys):
 
 
 def test_a_malicious_pickle_in_the_weights_is_refused_and_never_runs(tiny, tmp_path, capsys):
-    """test_model checks the loader; here the command line. Had the pickle run, the marker file would exist."""
+    """test_model checks the loader; here the command line. Had the pickle run, the marker file
+    would exist."""
     marker = tmp_path / "PWNED"
     model = meta_dir(tmp_path / "model", weights={"tok_embeddings.weight": Exploit(marker)})
     error = error_of(train.main, argv(tiny, tmp_path / "out", "--model", str(model)), capsys)
@@ -588,8 +595,8 @@ def test_no_document_as_long_as_train_len_is_one_sentence(tiny, tmp_path, capsys
         train.main, argv(tiny, tmp_path, "--train_len", "1000", "--target_len", "4000"), capsys
     )
     assert error == (
-        f"error: no document in {tiny / 'data'} has the 1000 tokens an example needs: 6 document(s), "
-        f"the longest has {longest} tokens."
+        f"error: no document in {tiny / 'data'} has the 1000 tokens an example needs: 6 "
+        f"document(s), the longest has {longest} tokens."
     )
 
 
@@ -605,8 +612,8 @@ def test_text_that_is_not_utf8_is_replaced_counted_and_trained_on(tiny, tmp_path
     train.main(argv(tiny, tmp_path / "out", "--data", str(data), "--steps", "2"))
     out = capsys.readouterr().out
     assert (
-        f"data: 3 invalid UTF-8 byte sequence(s) in 1 file(s) (first: {data / 'latin1.txt'}) were replaced with "
-        "U+FFFD"
+        f"data: 3 invalid UTF-8 byte sequence(s) in 1 file(s) (first: {data / 'latin1.txt'}) were "
+        "replaced with U+FFFD"
         in out
         and "data: 2 of 2 documents" in out
     )
@@ -619,7 +626,8 @@ def test_text_that_is_not_utf8_is_replaced_counted_and_trained_on(tiny, tmp_path
 def test_a_passkey_length_shorter_than_the_template_leaves_results_untouched(
     eval_model, tmp_path, capsys
 ):
-    """test_eval checks the sentence; here: it comes before any work, so a results file keeps what it holds."""
+    """test_eval checks the sentence; here: it comes before any work, so a results file keeps what
+    it holds."""
     out = tmp_path / "passkey.json"
     common = ["--model", str(eval_model / "model"), "--trials", "1", "--out", str(out)]
     eval_passkey.main([*common, "--lengths", "400"])
@@ -641,8 +649,8 @@ def test_nan_weights_stop_at_step_one_without_writing_anything(tiny, tmp_path, c
         train.main, argv(tiny, tmp_path / "out", "--model", str(tmp_path / "model")), capsys
     )
     assert error == (
-        "error: the loss is nan (gradient norm nan) at step 1; stopped before the update and no checkpoint "
-        "was written yet: lower --lr or use --dtype float32."
+        "error: the loss is nan (gradient norm nan) at step 1; stopped before the update and no "
+        "checkpoint was written yet: lower --lr or use --dtype float32."
     )
     assert (
         not (tmp_path / "out" / "checkpoint.pt").exists()
@@ -651,7 +659,8 @@ def test_nan_weights_stop_at_step_one_without_writing_anything(tiny, tmp_path, c
 
 
 def test_a_nan_loss_keeps_the_last_good_checkpoint_whole(tiny, tmp_path, capsys):
-    """test_train checks the sentence; here the file it names: that step, whole, plain tensors, finite."""
+    """test_train checks the sentence; here the file it names: that step, whole, plain tensors,
+    finite."""
     error = error_of(
         train.main,
         argv(tiny, tmp_path, "--lr", "1e30", "--warmup", "0", "--save_every", "1"),
@@ -669,7 +678,8 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint_whole(tiny, tmp_path, capsys)
 
 
 def no_space(fail_on_call):
-    """torch.save that writes part of a file then fails like a full disk on its `fail_on_call`-th call."""
+    """torch.save that writes part of a file then fails like a full disk on its `fail_on_call`-th
+    call."""
     real, calls = torch.save, []
 
     def save(obj, f, *args, **kwargs):
@@ -699,8 +709,8 @@ def test_no_space_left_for_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, m
     monkeypatch.setattr(torch, "save", no_space(fail_on_call=2))  # the checkpoint of step 6
     error = error_of(train.main, argv(tiny, tmp_path), capsys)
     assert error == (
-        f"error: could not write the checkpoint of step 6 to {ckpt}.tmp (No space left on device); the "
-        f"previous checkpoint {ckpt} (step 3) is intact: free space, then rerun with --resume."
+        f"error: could not write the checkpoint of step 6 to {ckpt}.tmp (No space left on device); "
+        f"the previous checkpoint {ckpt} (step 3) is intact: free space, then rerun with --resume."
     )
     # the partial file is removed
     assert checkpoint_step(tmp_path) == 3 and not Path(f"{ckpt}.tmp").exists()
@@ -725,8 +735,8 @@ def test_no_space_left_for_the_final_model_keeps_the_last_checkpoint(
     error = error_of(train.main, argv(tiny, tmp_path), capsys)
     assert error == (
         f"error: could not write {tmp_path / 'final.tmp'} (No space left on device); "
-        f"{tmp_path / 'checkpoint.pt'} holds the last step: free space, then rerun with --resume to write "
-        "the final model."
+        f"{tmp_path / 'checkpoint.pt'} holds the last step: free space, then rerun with --resume "
+        "to write the final model."
     )
     assert checkpoint_step(tmp_path) == STEPS and not (tmp_path / "final.tmp").exists()
     monkeypatch.undo()
@@ -734,7 +744,7 @@ def test_no_space_left_for_the_final_model_keeps_the_last_checkpoint(
     assert_equals_the_uninterrupted_run(tiny, tmp_path)
 
 
-# ---- 4. a user's mistake is one sentence; a bug keeps its traceback ----------------------------------------------
+# ---- 4. a user's mistake is one sentence; a bug keeps its traceback ------------------------------
 
 
 def a_bug(*args, **kwargs):
@@ -779,7 +789,7 @@ def test_a_main_says_a_users_mistake_in_one_sentence_and_lets_a_bugs_value_error
         main(args)
 
 
-def test_the_wavelength_table_divides_what_a_scaling_divides_and_refuses_an_odd_head_in_one_sentence(
+def test_the_wavelength_table_divides_what_a_scaling_divides_and_refuses_an_odd_head_in_a_sentence(
     capsys,
 ):
     from demo import wavelengths

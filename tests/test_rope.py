@@ -174,7 +174,8 @@ def test_rotation_equals_transformers_at_pose_positions(scaling):
 
 
 def test_scores_depend_only_on_relative_position():
-    """The property PoSE relies on: q_m·k_n is a function of m − n, so skipped positions teach distances."""
+    """The property PoSE relies on: q_m·k_n is a function of m − n, so skipped positions teach
+    distances."""
     d = 64
     theta, _ = rope.inv_freq(d, 10000.0)
     q, k = torch.randn(2, 1, 1, 1, d, dtype=torch.float64)

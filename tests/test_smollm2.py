@@ -1,4 +1,5 @@
-"""The real model: SmolLM2-135M-Instruct (GGUF, Q4_1) through model.py equals transformers on the same file."""
+"""The real model: SmolLM2-135M-Instruct (GGUF, Q4_1) through model.py equals transformers on the
+same file."""
 
 import pytest
 import torch
@@ -35,7 +36,10 @@ def test_config_read_from_gguf(models):
 
 def test_logits_equal_transformers(models):
     ours, tokenizer, theirs = models
-    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be"
+    text = (
+        "It is a truth universally acknowledged, that a single man in possession of a good "
+        "fortune, must be"
+    )
     x = torch.tensor([tokenizer.encode(text)])
     with torch.no_grad():
         expected = theirs(x).logits

@@ -1,6 +1,7 @@
-"""machinery/tokenizer.py against Hugging Face's tokenizers on the same files: SmolLM2's GGUF on all of
-Shakespeare (5M characters), save/load round trips, SmolLM2's own digit-splitting tokenizer.json,
-a Llama-3 tiktoken tokenizer.model, a Llama-2-style SentencePiece model, and the errors users get."""
+"""machinery/tokenizer.py against Hugging Face's tokenizers on the same files: SmolLM2's GGUF on all
+of Shakespeare (5M characters), save/load round trips, SmolLM2's own digit-splitting tokenizer.json,
+a Llama-3 tiktoken tokenizer.model, a Llama-2-style SentencePiece model, and the errors users
+get."""
 
 import base64
 import importlib.util
@@ -71,7 +72,10 @@ def hf(gguf_file):
 
 def first_difference(got, want):
     index = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    return f"first difference at token {index}: ours {got[index : index + 5]}, reference {want[index : index + 5]}"
+    return (
+        f"first difference at token {index}: ours {got[index : index + 5]}, "
+        f"reference {want[index : index + 5]}"
+    )
 
 
 def test_smollm2_gguf_vocabulary(ours):
@@ -92,7 +96,8 @@ def test_smollm2_equals_transformers_on_shakespeare(ours, hf, plays):
 
 
 def test_smollm2_merges_rebuild_every_token(ours, hf):
-    """tiktoken keeps a piece that is a whole token whole; transformers' BPE must reach it by merges."""
+    """tiktoken keeps a piece that is a whole token whole; transformers' BPE must reach it by
+    merges."""
     bpe = hf.backend_tokenizer.model
     for token, i in ours.ranks.items():
         assert [t.id for t in bpe.tokenize(spell(token))] == [i], (
@@ -101,7 +106,8 @@ def test_smollm2_merges_rebuild_every_token(ours, hf):
 
 
 def test_smollm2_bpe_equals_transformers_on_random_pieces(ours, hf):
-    """Two random tokens glued into one piece: tiktoken may merge pairs no merge lists; it must not matter."""
+    """Two random tokens glued into one piece: tiktoken may merge pairs no merge lists; it must not
+    matter."""
     bpe, rng, tokens = hf.backend_tokenizer.model, random.Random(0), list(ours.ranks)
     for _ in range(20000):
         piece = rng.choice(tokens) + rng.choice(tokens)
@@ -116,8 +122,8 @@ def test_smollm2_equals_transformers_on_hand_cases(ours, hf, text):
 
 
 def test_special_token_text_is_plain_text(ours, hf):
-    """Text that spells a special token is ordinary text for us; transformers by default makes it the
-    special token, and agrees with us under split_special_tokens=True."""
+    """Text that spells a special token is ordinary text for us; transformers by default makes it
+    the special token, and agrees with us under split_special_tokens=True."""
     assert hf("<|im_end|>", add_special_tokens=False)["input_ids"] == [ours.eos_id]
     as_text = hf("<|im_end|>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert ours.encode("<|im_end|>") == as_text
@@ -127,7 +133,8 @@ def test_special_token_text_is_plain_text(ours, hf):
 
 
 def test_bytes_without_a_token_are_dropped_like_transformers(ours):
-    """SmolLM2 has no token for 21 byte values (0x04 among them); transformers drops them from their piece."""
+    """SmolLM2 has no token for 21 byte values (0x04 among them); transformers drops them from their
+    piece."""
     assert len(ours.unspellable) == 21 and ours.encode("\x04") == []
     assert ours.encode("a\x04b") == ours.encode("a") + ours.encode("b")
     assert ours.encode(".\x04,") == ours.encode(".,")  # the same piece, so . and , still merge
@@ -164,7 +171,8 @@ def test_loads_tokenizer_json_saved_by_transformers(ours, hf, plays, tmp_path):
 
 
 def test_digit_splitting_tokenizer_json_like_smollm2s_own(ours, hf, plays, tmp_path):
-    """SmolLM2's tokenizer.json (and llama.cpp on "smollm") cut out every digit before GPT-2's regex."""
+    """SmolLM2's tokenizer.json (and llama.cpp on "smollm") cut out every digit before GPT-2's
+    regex."""
     reference = HFTokenizer.from_str(hf.backend_tokenizer.to_str())
     digits_first = [
         pre_tokenizers.Digits(individual_digits=True),
@@ -284,7 +292,8 @@ def test_sentencepiece_save_loads_in_transformers(sentencepiece_dir, plays, tmp_
     llama2, theirs = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
     texts = [plays["othello_gut"], plays["sonnets_gut"], "a  b\n  c\t\td 12345 <s>"]
     assert [llama2.encode(text) for text in texts] == theirs(texts)["input_ids"]
-    # transformers' LlamaTokenizer loses one space at the very start of a text; sentencepiece keeps it.
+    # transformers' LlamaTokenizer loses one space at the very start of a text; sentencepiece keeps
+    # it.
     assert llama2.decode(llama2.encode(" x")) == " x"
     assert theirs.decode(theirs(" x")["input_ids"], skip_special_tokens=True) == "x"
 
@@ -322,7 +331,8 @@ def test_errors_name_the_file(tmp_path):
     cases["broken gguf"] = tmp_path / "broken.gguf"
     (tmp_path / "metaspace").mkdir()
     (tmp_path / "metaspace" / "tokenizer.json").write_text(
-        '{"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Metaspace"}}'
+        '{"model": {"type": "BPE", "vocab": {}, "merges": []}, '
+        '"pre_tokenizer": {"type": "Metaspace"}}'
     )
     cases["unknown pre-tokenizer"] = tmp_path / "metaspace"
     # a new pre-tokenizer; SentencePiece

@@ -1,6 +1,7 @@
-"""train.py as a specification: the data of a step do not depend on the world size or on earlier steps, FSDP2 on
-two processes trains exactly what one process trains, a resumed run ends where an uninterrupted one does, the final
-checkpoint loads as the extended model, and user mistakes end in one sentence, not a traceback."""
+"""train.py as a specification: the data of a step do not depend on the world size or on earlier
+steps, FSDP2 on two processes trains exactly what one process trains, a resumed run ends where an
+uninterrupted one does, the final checkpoint loads as the extended model, and user mistakes end in
+one sentence, not a traceback."""
 
 import json
 import math
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny ma
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 2-layer model with Lo = 32 saved as a Hugging Face directory, and six text documents of 60-800 bytes."""
+    """A 2-layer model with Lo = 32 saved as a Hugging Face directory, and six text documents of
+    60-800 bytes."""
     root = tmp_path_factory.mktemp("tiny")
     save_tiny_model(root / "base")
     write_documents(root / "data")
@@ -82,7 +84,7 @@ def run_script(*args, **kwargs):
     )
 
 
-# ---- the data of a step ------------------------------------------------------------------------------------------
+# ---- the data of a step --------------------------------------------------------------------------
 
 
 def cfg_for(**kw):
@@ -130,8 +132,8 @@ def test_targets_are_next_tokens_with_chunk_boundaries_masked():
 
 
 def test_keep_boundary_reaches_the_labels():
-    """--keep_boundary: the one label where the text jumps is kept (the authors' choice): every label is the next
-    token of the example, none masked but the last."""
+    """--keep_boundary: the one label where the text jumps is kept (the authors' choice): every
+    label is the next token of the example, none masked but the last."""
     docs = [torch.arange(1000, dtype=torch.int32)]
     tokens, _, targets = train.draw_batch(docs, cfg_for(keep_boundary=True), step=3)
     assert torch.equal(targets[:, :-1], tokens[:, 1:]) and (targets[:, -1] == train.IGNORE).all()
@@ -140,7 +142,8 @@ def test_keep_boundary_reaches_the_labels():
 
 
 def test_ranks_train_contiguous_blocks_of_the_same_global_batch_in_order():
-    """train.rank_rows: rank r of W trains rows r·B/W..(r+1)·B/W of the one global batch, so the data ignore W."""
+    """train.rank_rows: rank r of W trains rows r·B/W..(r+1)·B/W of the one global batch, so the
+    data ignore W."""
     for world in (1, 2, 4, 8):
         rows = [list(range(64))[train.rank_rows(64, world, r)] for r in range(world)]
         assert [i for part in rows for i in part] == list(range(64)) and len(
@@ -149,7 +152,8 @@ def test_ranks_train_contiguous_blocks_of_the_same_global_batch_in_order():
 
 
 def test_the_process_sees_no_gpu():
-    """tests/conftest.py hides CUDA for the CPU suite, and subprocesses inherit it (POSE_TEST_CUDA=1 lifts it)."""
+    """tests/conftest.py hides CUDA for the CPU suite, and subprocesses inherit it (POSE_TEST_CUDA=1
+    lifts it)."""
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
     child = run_script("-c", "import torch; print(torch.cuda.is_available())", check=True)
     assert child.stdout.strip() == "False"
@@ -195,7 +199,8 @@ def test_flags_keep_their_types():
 
 
 def test_log_warmup_is_deepspeeds_warmup_lr():
-    """DeepSpeed WarmupLR, warmup_type log (their default): gamma = ln(i + 1) / ln(warmup) at iteration i = step - 1."""
+    """DeepSpeed WarmupLR, warmup_type log (their default): gamma = ln(i + 1) / ln(warmup) at
+    iteration i = step - 1."""
     cfg = config.Config(steps=20, warmup=10, lr=1.0, warmup_type="log")
     assert [train.lr_at(s, cfg) for s in (1, 10)] == [0.0, 1.0]
     assert train.lr_at(4, cfg) == pytest.approx(math.log(4) / math.log(10))
@@ -210,13 +215,14 @@ def test_lr_warms_up_linearly_then_decays_to_zero_or_stays():
     assert train.lr_at(15, config.Config(steps=20, warmup=10, lr=1.0, lr_decay=False)) == 1.0
 
 
-# ---- training runs -----------------------------------------------------------------------------------------------
+# ---- training runs -------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
-    """torchrun, 2 CPU ranks, gloo, FSDP2 with activation checkpointing vs a plain single process: same losses,
-    same gradient norms (clip_grad_norm_ over DTensor gradients), same final weights."""
+    """torchrun, 2 CPU ranks, gloo, FSDP2 with activation checkpointing vs a plain single process:
+    same losses, same gradient norms (clip_grad_norm_ over DTensor gradients), same final
+    weights."""
     run_script("train.py", *argv(tiny, tmp_path / "one", "--micro_batch_size", "1"), check=True)
     two = run_script(
         "-m",
@@ -277,7 +283,8 @@ def test_timeout_reaches_the_process_group(monkeypatch):
 
 
 def test_micro_batch_size_changes_memory_not_the_result(tiny, tmp_path):
-    """The loss is the mean over all target tokens of the global batch, however it is split into micro batches."""
+    """The loss is the mean over all target tokens of the global batch, however it is split into
+    micro batches."""
     train.main(argv(tiny, tmp_path / "a", "--micro_batch_size", "1"))
     train.main(argv(tiny, tmp_path / "b", "--micro_batch_size", "4"))
     torch.testing.assert_close(losses(tmp_path / "b"), losses(tmp_path / "a"), rtol=0, atol=1e-5)
@@ -287,7 +294,8 @@ def test_micro_batch_size_changes_memory_not_the_result(tiny, tmp_path):
 
 
 def test_compiled_blocks_train_what_eager_blocks_train(tiny, tmp_path):
-    """--compile fuses each block's elementwise work (torch.compile / inductor); the arithmetic is the same."""
+    """--compile fuses each block's elementwise work (torch.compile / inductor); the arithmetic is
+    the same."""
     torch._dynamo.reset()
     train.main(argv(tiny, tmp_path / "eager"))
     train.main(argv(tiny, tmp_path / "compiled", "--compile"))
@@ -348,8 +356,9 @@ def test_a_new_run_refuses_to_replace_an_existing_checkpoint(tiny, tmp_path, cap
 
 @pytest.mark.parametrize("scaling", ["linear", "ntk"])  # yarn: with a graded ramp, below
 def test_final_checkpoint_loads_as_the_extended_model(tiny, tmp_path, scaling):
-    """Ours and transformers both read the trained RoPE (factor = Lt/Lo, original = Lo, context = Lt) and agree on
-    the logits at positions beyond Lo. transformers has no static NTK: model.py exports it as the enlarged base."""
+    """Ours and transformers both read the trained RoPE (factor = Lt/Lo, original = Lo, context =
+    Lt) and agree on the logits at positions beyond Lo. transformers has no static NTK: model.py
+    exports it as the enlarged base."""
     from transformers import LlamaForCausalLM
 
     train.main(argv(tiny, tmp_path, "--steps", "2", "--scaling", scaling))
@@ -504,8 +513,9 @@ def test_baselines_and_aligned_content_train(tiny, tmp_path, flags):
 
 
 def test_a_yarn_run_with_a_graded_ramp_loads_as_the_extended_model(tmp_path):
-    """Head dim 16, Lo 64: YaRN's ramp has channels strictly between interpolation and extrapolation (with head dim
-    8 and Lo 32 it is a plain step), and transformers agrees with the trained model beyond Lo."""
+    """Head dim 16, Lo 64: YaRN's ramp has channels strictly between interpolation and extrapolation
+    (with head dim 8 and Lo 32 it is a plain step), and transformers agrees with the trained model
+    beyond Lo."""
     from transformers import LlamaForCausalLM
 
     import rope
@@ -565,7 +575,7 @@ def test_a_yarn_run_with_a_graded_ramp_loads_as_the_extended_model(tmp_path):
         )
 
 
-# ---- bad input: one sentence on stderr, exit status 1, no traceback ------------------------------------------------
+# ---- bad input: one sentence on stderr, exit status 1, no traceback ------------------------------
 
 
 def bad(tiny, out, case):
@@ -644,7 +654,7 @@ def test_train_len_above_the_context_warns(tiny, tmp_path, capsys):
     assert "PoSE assumes Lc <= Lo" in capsys.readouterr().out
 
 
-# ---- data ---------------------------------------------------------------------------------------------------------
+# ---- data ----------------------------------------------------------------------------------------
 
 
 def test_read_documents_jsonl_txt_and_directories(tmp_path):
@@ -684,8 +694,8 @@ def test_read_documents_counts_bytes_that_are_not_utf8(tmp_path):
         ),
         (
             '{"text": "ok"}\n\n{oops\n',
-            "data: 1 line(s) that are not valid JSON in 1 file(s) (first: "
-            "{}, line 3: not valid JSON (Expecting property name enclosed in double quotes)) were skipped",
+            "data: 1 line(s) that are not valid JSON in 1 file(s) (first: {}, line 3: not valid "
+            "JSON (Expecting property name enclosed in double quotes)) were skipped",
         ),
     ],
 )
