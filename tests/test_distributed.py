@@ -171,7 +171,7 @@ def test_two_ranks_hold_exactly_what_one_process_loads(tmp_path):
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, run.stderr
     for name, (settings, built_on_meta) in cases.items():
         sharded = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         assert sharded["built_on_meta"] == built_on_meta, name  # HF: no rank read the whole model

@@ -33,7 +33,7 @@ def smoke(out, stages="4", *extra, code=0):
         *extra,
     ]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == code, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == code, run.stdout + run.stderr
     return run.stdout + run.stderr
 
 

@@ -158,10 +158,10 @@ def kill_when(process, ready, out, after=0.0, tree=False, timeout=120):
     for pid in process_tree(process.pid) if tree else [process.pid]:
         os.kill(pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, (
-        f"ended before the kill:\n{(out / 'stderr.txt').read_text()[-3000:]}"
+        f"ended before the kill:\n{(out / 'stderr.txt').read_text()}"
     )
     assert reached, (
-        f"timed out waiting for the moment to kill:\n{(out / 'stderr.txt').read_text()[-3000:]}"
+        f"timed out waiting for the moment to kill:\n{(out / 'stderr.txt').read_text()}"
     )
 
 
@@ -284,7 +284,7 @@ def test_sigkill_then_resume_on_any_world_size_equals_one_process(tiny, tmp_path
         text=True,
         timeout=300,
     )
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, again.stderr
     assert f"after step {step}" in again.stdout and f"world {resumed}" in again.stdout
     assert_within_1e5_of_the_uninterrupted_run(tiny, tmp_path)
 
@@ -318,10 +318,10 @@ def test_a_worker_killed_under_torchrun_max_restarts_is_restarted_and_resumes(ti
         if "RANK" in env and "train.py" in command:
             workers[env["RANK"]] = pid
     stderr = tmp_path / "stderr.txt"
-    assert run.poll() is None and set(workers) == {"0", "1"}, stderr.read_text()[-3000:]
+    assert run.poll() is None and set(workers) == {"0", "1"}, stderr.read_text()
     os.kill(workers[victim], signal.SIGKILL)
     before = checkpoint_step(tmp_path)
-    assert run.wait(timeout=300) == 0, stderr.read_text()[-3000:]
+    assert run.wait(timeout=300) == 0, stderr.read_text()
     stdout = (tmp_path / "stdout.txt").read_text().splitlines()
     started = [line for line in stdout if line.startswith("pose: ")]
     resumed = [line for line in stdout if line.startswith("resumed from")]

@@ -233,7 +233,7 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(tiny, tmp_path):
         "train.py",
         *argv(tiny, tmp_path / "two", "--micro_batch_size", "1", "--checkpointing"),
     )
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, two.stderr
     assert "world 2" in two.stdout
     torch.testing.assert_close(
         losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5
@@ -624,7 +624,7 @@ def test_bad_input_exits_with_one_sentence(tiny, tmp_path, capsys, monkeypatch, 
         train.main(bad(tiny, tmp_path / "out", case))
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert e.value.code == 1 and len(errors) == 1 and EXPECTED[case] in errors[0], stderr[-2000:]
+    assert e.value.code == 1 and len(errors) == 1 and EXPECTED[case] in errors[0], stderr
     # stopped before writing the bad state: a checkpoint of an earlier step stays
     if case == "nan loss":
         assert "step 1)" in errors[0] or "step 2)" in errors[0]
