@@ -289,8 +289,8 @@ def main(argv=None):
     p.add_argument(
         "--scaling",
         default="yarn",
-        choices=("linear", "ntk", "yarn"),
-        help="RoPE scaling, s = Lt/Lo = 8",
+        help="RoPE scaling, s = Lt/Lo = 8: linear, ntk, yarn, or a scaling.json of longrope.py "
+        "(LongRoPE's searched factors; train.py checks it)",
     )
     p.add_argument("--chunks", type=int, default=2, help="N, chunks per example")
     p.add_argument("--content", default="random", choices=("random", "contiguous", "aligned"))

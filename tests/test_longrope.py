@@ -209,3 +209,99 @@ def test_train_refuses_factors_searched_for_another_extension(tiny, tmp_path, ca
     err = capsys.readouterr().err
     assert e.value.code != 0 and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def search_argv(tiny, out, *extra):
+    """A tiny search: Lo = 32 -> Lt = 128 (s = 4, head dim 8: 4 factors), 6 + 3 x 4 candidates."""
+    return ["--model", str(tiny / "base"), "--data", str(tiny / "data"), "--target_len", "128", "--tokens", "192",
+            "--stride", "64", "--population", "6", "--generations", "3", "--mutations", "2", "--crossovers", "2",
+            "--parents", "3", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def searched(tiny, tmp_path_factory):
+    import longrope
+    out = tmp_path_factory.mktemp("search")
+    return longrope.main(search_argv(tiny, out)), out
+
+
+def test_the_search_keeps_longropes_space_and_scores_each_vector_once(searched):
+    import longrope
+    state, out = searched
+    candidates = state["candidates"]
+    assert len(candidates) == 6 + 3 * (2 + 2) and state["generation"] == 4 and len(state["best"]) == 4
+    vectors = [tuple(c["factors"]) for c in candidates]
+    assert len(set(vectors)) == len(vectors)  # each scored once
+    for factors in vectors:  # non-decreasing, in [1, s], on the 0.01 grid
+        assert len(factors) == 4 and all(1 <= x <= 4 for x in factors) and list(factors) == sorted(factors)
+        assert all(abs(100 * x - round(100 * x)) < 1e-9 for x in factors)
+    # seeded with PI, NTK and YaRN: the frequencies of rope.py's own scalings, as factors θ_j / θ'_j
+    plain, _ = rope.inv_freq(8, 10000.0)
+    for origin, kind in (("PI", "linear"), ("NTK", "ntk"), ("YaRN", "yarn")):
+        theta, _ = rope.inv_freq(8, 10000.0, {"rope_type": kind, "factor": 4.0, LO: 32})
+        seed = next(c for c in candidates if c["origin"] == origin)
+        assert seed["generation"] == 0 and seed["factors"] == pytest.approx((plain / theta).tolist(), abs=0.005)
+    assert state["best"] == sorted(state["best"], reverse=True)  # elitist: the best never gets worse
+    assert state["best"][-1] == min(c["ppl"] for c in candidates) <= min(c["ppl"] for c in candidates[:3])
+    best = min(candidates, key=lambda c: c["ppl"])
+    assert json.loads((out / "scaling.json").read_text()) == longrope.longrope_scaling(4.0, 32, best["factors"])
+    assert (out / "search.png").stat().st_size > 0
+
+
+def test_the_written_factors_score_what_the_search_scored(tiny, searched):
+    """scaling.json through --rope_scaling gives the model the search scored: eval_ppl's perplexity is its best."""
+    import eval_ppl
+    state, out = searched
+    results = eval_ppl.main(["--model", str(tiny / "base"), "--data", str(tiny / "data"), "--lengths", "128",
+                             "--stride", "64", "--docs", "1", "--min_tokens", "192", "--max_tokens", "192",
+                             "--rope_scaling", str(out / "scaling.json"), "--out", str(out / "ppl.json")])
+    assert results["lengths"]["128"]["ppl"] == pytest.approx(state["best"][-1], rel=1e-9)
+
+
+def test_a_killed_search_resumes_to_the_same_result(tiny, searched, tmp_path, monkeypatch):
+    """Killed in the middle of a generation (state written after every candidate), then rerun: the same
+    candidates, scores and factors as the uninterrupted search; a half-done generation's scores are reused."""
+    import longrope
+    state, _ = searched
+    scored, real = [], longrope.perplexity
+
+    def killed_after_nine(*args):
+        if len(scored) == 9:
+            raise KeyboardInterrupt
+        scored.append(1)
+        return real(*args)
+    monkeypatch.setattr(longrope, "perplexity", killed_after_nine)
+    with pytest.raises(KeyboardInterrupt):
+        longrope.main(search_argv(tiny, tmp_path, "--save_every", "0"))
+    assert len(json.loads((tmp_path / "search.json").read_text())["candidates"]) == 9  # gen 1 half done
+    again = []
+    monkeypatch.setattr(longrope, "perplexity", lambda *args: again.append(1) or real(*args))
+    resumed = longrope.main(search_argv(tiny, tmp_path))
+    assert len(again) == 18 - 9  # nothing scored twice
+    def scores(s):
+        return [{k: v for k, v in c.items() if k != "seconds"} for c in s["candidates"]]
+    assert scores(resumed) == scores(state) and resumed["best"] == state["best"]
+    with pytest.raises(SystemExit, match="other settings"):
+        longrope.main(search_argv(tiny, tmp_path, "--seed", "1"))
+
+
+@pytest.mark.parametrize("case", ["within Lo", "scaled checkpoint", "few parents", "short text", "bad state"])
+def test_search_mistakes_are_one_sentence_and_write_nothing(tiny, tmp_path, capsys, case):
+    import longrope
+    model = tiny / "base"
+    extra = {"within Lo": ["--target_len", "32"], "few parents": ["--parents", "1"],
+             "short text": ["--tokens", "100000"], "scaled checkpoint": [], "bad state": []}[case]
+    if case == "scaled checkpoint":
+        model = tmp_path / "scaled"
+        Transformer.from_pretrained(tiny / "base", rope_scaling={"rope_type": "yarn", "factor": 2.0}
+                                    ).save_pretrained(model, tokenizer=None)
+        (model / "tokenizer.json").write_bytes((tiny / "base" / "tokenizer.json").read_bytes())
+    if case == "bad state":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "search.json").write_text("{cut")
+    argv = [a if a != str(tiny / "base") else str(model) for a in search_argv(tiny, tmp_path / "out", *extra)]
+    with pytest.raises(SystemExit) as e:
+        longrope.main(argv)
+    message = str(e.value.code)  # exit_on_user_error: sys.exit("error: ..."), status 1
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    assert sorted(p.name for p in (tmp_path / "out").glob("*")) == (["search.json"] if case == "bad state" else [])
