@@ -20,7 +20,7 @@ ppl = exp(Σ NLL / Σ scored tokens) over all documents: per token, never per wi
 returns hidden states; logits are formed only for the scored positions, 1024 at a time, so no
 window needs a T × vocab tensor (and SDPA never builds a T × T one): a 32k window of
 SmolLM2-135M fits in a few GB. The model flags, the resumable results file and the ranks are
-evaluation.py's.
+machinery/evaluation.py's.
 """
 import argparse
 import math

@@ -4,7 +4,7 @@
 RoPE turns channel pair j at position m by the angle m·θ_j, θ_j = base^(−2j/d): a query at m and a
 key at n interact through (m − n)·θ_j only. PoSE (section 3.2) feeds positions up to Lt − 1 to a
 model trained on < Lo; a scaling, None or a dict with Hugging Face's keys (so a config.json written
-by weights.py gives the same numbers in transformers), makes them look familiar (s = Lt / Lo):
+by machinery/weights.py reads the same in transformers), makes them look familiar (s = Lt / Lo):
 
     linear (PI)    θ_j / s                                   every position squeezed by s
     ntk            base · s^(d/(d−2))                         the paper's static "NTK"

@@ -18,10 +18,10 @@ linear decay to 0 like their WarmupDecayLR, whose log warm-up is --warmup_type l
 
 With world size > 1 each TransformerBlock, then the root, is wrapped in FSDP2 `fully_shard`
 (torchtitan): each rank reads its slices of Hugging Face safetensors, or rank 0 reads --model and
-sends them (distributed.py); fp32 master weights, bf16 compute, gloo on CPU, NCCL on GPU (written,
-untested: no GPU where this was developed). One process checkpoints into OUT/checkpoint.pt, several
-into OUT/checkpoints/step-N/; either resumes on any world size (checkpoint.py). On several nodes put
---data and --out on a shared filesystem.
+sends them (machinery/distributed.py); fp32 master weights, bf16 compute, gloo on CPU, NCCL on GPU
+(written, untested: no GPU where this was developed). One process checkpoints into
+OUT/checkpoint.pt, several into OUT/checkpoints/step-N/; either resumes on any world size
+(machinery/checkpoint.py). On several nodes put --data and --out on a shared filesystem.
 """
 import json
 import math
