@@ -19,7 +19,7 @@ in pieces of PREFILL_CHUNK tokens, so a 128k prompt needs memory for the weights
 not its activations; ≤ 8 steps); correct when the first integer of the answer equals the key. The
 trials of one length read the same filler up to their keys: in token order, each reuses the KV
 cache of the prefix it shares with the one before (machinery/prefix.py), answers as from a fresh
-prefill. The model flags, resumable results file and ranks are evaluation.py's, as eval_ppl.py's.
+prefill. The model flags, results file and ranks are machinery/evaluation.py's, as eval_ppl.py's.
 """
 import argparse
 import functools
