@@ -167,6 +167,11 @@ def main(argv=None):
     p.add_argument("--commit_seconds", type=float, default=60.0, help="make the work durable this "
                    "often: a killed prepare loses at most this much (default: 60)")
     args = p.parse_args(argv)
+    if args.workers < 1 or not args.commit_seconds > 0:
+        raise UserError(f"--workers {args.workers} and --commit_seconds {args.commit_seconds} "
+                        "cannot work: give at least 1 worker and a positive number of seconds.")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; give a directory for the corpus.")
     try:
         tokenizer = load_tokenizer(resolve(args.tokenizer))
         meta = prepare(args.data, tokenizer, args.out, workers=args.workers,

@@ -261,3 +261,15 @@ def test_help_prints_help_and_does_nothing_else(entry, tmp_path):
     )
     assert run.returncode == 0 and "usage:" in run.stdout, run.stderr
     assert list(tmp_path.iterdir()) == [], "--help wrote files"
+
+
+@pytest.mark.parametrize("flags", [["--workers", "0"], ["--commit_seconds", "0"]])
+def test_prepare_refuses_a_value_that_cannot_work_and_creates_nothing(flags, tiny, tmp_path):
+    from machinery import prepare
+
+    out = tmp_path / "corpus"
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--data", str(tiny / "data"), "--tokenizer", str(tiny / "base"), "--out",
+                      str(out), *flags])
+    assert "cannot work" in str(e.value.code) and not out.exists()
+    assert not out.with_name("corpus.partial").exists()
