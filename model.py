@@ -48,21 +48,25 @@ class ModelArgs:
     rope_scaling: dict | None = None  # Hugging Face's keys, see rope.py
     max_seq_len: int = 2048  # the context this model is meant for (HF max_position_embeddings)
     tie_word_embeddings: bool = False
+    # where Hugging Face's other LLaMA-like families differ (machinery/weights.py maps their keys)
+    head_dim: int | None = None  # dim / n_heads unless stated (Qwen3-0.6B: 128, dim 1024, 16 heads)
+    qkv_bias: bool = False  # Qwen2: biases on wq, wk and wv (not wo)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and of k, before RoPE
+    model_type: str = "llama"  # the family (qwen2, qwen3, mistral) the export's config.json names
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         if self.hidden_dim is None:  # Meta's rule: 2/3 of 4·dim, times the multiplier, rounded up
-            hidden = int(2 * 4 * self.dim / 3)
-            if self.ffn_dim_multiplier is not None:
-                hidden = int(self.ffn_dim_multiplier * hidden)
-            m = self.multiple_of
+            m, hidden = self.multiple_of, int(2 * 4 * self.dim / 3)
+            hidden = int((self.ffn_dim_multiplier or 1) * hidden)
             self.hidden_dim = m * ((hidden + m - 1) // m)
         if self.use_scaled_rope and self.rope_scaling is None:
             self.rope_scaling = rope.llama31_scaling()
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+        if self.n_heads % self.n_kv_heads or (self.head_dim is None and self.dim % self.n_heads):
             raise UserError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads "
-                            f"{self.n_kv_heads} must divide evenly (dim by n_heads, n_heads by "
-                            "n_kv_heads).")
+                            f"{self.n_kv_heads} must divide evenly (dim by n_heads unless head_dim "
+                            "is given, n_heads by n_kv_heads).")
+        self.head_dim = self.head_dim or self.dim // self.n_heads
 
     @classmethod
     def from_params(cls, params, source):
@@ -71,10 +75,6 @@ class ModelArgs:
         if unknown:
             raise UserError(f"{source} has keys ModelArgs does not know: {sorted(unknown)}.")
         return cls(**params)
-
-    @property
-    def head_dim(self):
-        return self.dim // self.n_heads
 
     @property
     def original_max_seq_len(self):
@@ -89,10 +89,10 @@ class ModelArgs:
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward = 3 × forward): 6·params + attention
         (PaLM, appendix B)."""
-        d, kv = self.dim, self.n_kv_heads * self.head_dim
-        per_layer = d * (2 * d + 2 * kv) + 3 * d * self.hidden_dim
+        d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        per_layer = d * (2 * q + 2 * kv) + 3 * d * self.hidden_dim
         params = self.n_layers * per_layer + self.vocab_size * d  # + the output projection
-        return 6 * params + 6 * self.n_layers * d * seq_len  # causal attention: half of 12·L·d·T
+        return 6 * params + 6 * self.n_layers * q * seq_len  # causal attention: half of 12·L·q·T
 
 
 class RMSNorm(nn.Module):
@@ -177,15 +177,17 @@ class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim))
+        k = self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim))
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
         if cache is not None:
@@ -226,8 +228,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = (None if args.tie_word_embeddings
                        else nn.Linear(args.dim, args.vocab_size, bias=False))
-        # recompute each block in backward: memory ∝ layers, not activations
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # recompute each block in backward: memory ∝ layers
         # θ is a plain CPU attribute, not a buffer, so model.to(torch.bfloat16) never rounds it
         with torch.device("cpu"):  # even when the model is built on the meta device
             self.theta, self.attention_factor = rope.inv_freq(args.head_dim, args.rope_theta,
@@ -240,13 +241,10 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, position_ids=None, *, targets=None, cache=None, hidden_only=False):
-        """tokens (B, T) at position_ids (B, T) or (T,) -> logits (B, T, vocab).
-
-        Positions default to 0..T−1 (after what the cache holds). With `targets` (B, T; −100 =
-        ignore) the mean next-token loss is returned instead, its (B·T, vocab) logits never whole
-        (loss.py); `hidden_only` returns the final normed states (B, T, dim), so callers can
-        project only the positions they score.
-        """
+        """tokens (B, T) at position_ids (B, T) or (T,), by default 0..T−1 after what the cache
+        holds -> logits (B, T, vocab). With `targets` (B, T; −100 = ignore): the mean next-token
+        loss, its (B·T, vocab) logits never whole (loss.py); `hidden_only`: the final normed states
+        (B, T, dim), so callers can project only the positions they score."""
         B, T = tokens.shape
         if position_ids is None:
             start = cache[0].length if cache else 0
@@ -264,11 +262,9 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, cache[i] if cache else None)
         h = self.norm(h)
-        if hidden_only:
-            return h
-        if targets is None:
-            return self.logits(h)
-        return cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten())
+        if targets is not None:
+            return cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten())
+        return h if hidden_only else self.logits(h)
 
     @property
     def output_weight(self):
@@ -285,8 +281,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def prefill(self, tokens, cache, chunk=None):
         """Feed tokens (B, T) into `cache`, `chunk` tokens at a time (None: all at once) -> the
-        last position's final normed state (B, dim). Each piece attends to the cache and to
-        itself, so the cache and the result are the one-pass ones; only one piece's activations
+        last position's final normed state (B, dim), as in one pass; only one piece's activations
         are alive at a time, so a long prompt needs memory for the weights and the KV cache."""
         step = chunk or tokens.shape[1]
         for start in range(0, tokens.shape[1], step):
@@ -295,8 +290,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens, *, eos_id=None, prefill_chunk=None):
-        """Greedy decoding with a KV cache: a prefill (in pieces of `prefill_chunk` tokens),
-        then one token per step. -> (B, max_new_tokens)."""
+        """Greedy decoding with a KV cache (prefilled `prefill_chunk` tokens at a time), one token
+        a step -> (B, max_new_tokens)."""
         B, T = tokens.shape
         cache = self.make_cache(B, T + max_new_tokens)
         h = self.prefill(tokens, cache, prefill_chunk)
@@ -312,25 +307,22 @@ class Transformer(nn.Module):
     # ---- weights in and out: machinery/weights.py reads and writes the checkpoint formats ----
 
     @classmethod
-    def from_pretrained(cls, path, *, rope_scaling=None, dtype=torch.float32, device="cpu",
-                        context_len=None):
+    def from_pretrained(cls, path, *, rope_scaling=None, rope_theta=None, dtype=torch.float32,
+                        device="cpu", context_len=None):
         """A Meta directory, a Hugging Face directory, a .gguf file or 'smollm2' -> Transformer
-        (eval mode). `rope_scaling` (Hugging Face's keys): see weights.with_scaling; `context_len`:
-        the trained context of a Meta checkpoint, whose params.json states none."""
+        (eval mode). `rope_scaling` (Hugging Face's keys), `rope_theta` (a new base): see
+        weights.with_scaling; `context_len`: the trained context of a Meta checkpoint."""
         from machinery import weights
 
         params, state, source = weights.read_checkpoint(path, context_len)
-        args = ModelArgs.from_params(params, source)
-        if rope_scaling is not None:
-            args = weights.with_scaling(args, rope_scaling)
+        args = weights.with_scaling(ModelArgs.from_params(params, source), rope_scaling, rope_theta)
         with torch.device("meta"):  # no memory, no random init: load_weights assigns the tensors
             model = cls(args)
         model.load_weights(state, source=path)
         return model.to(device=device, dtype=dtype).eval()
 
     def load_weights(self, state, source="state dict"):
-        """Load a state dict in our names, naming what does not match instead of loading half a
-        model (Meta's strict=False would hide it)."""
+        """Load a state dict in our names, naming every mismatch (Meta's strict=False hides it)."""
         expected = {k: v.shape for k, v in self.state_dict().items()}
         missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
         if missing or unexpected:
@@ -343,7 +335,7 @@ class Transformer(nn.Module):
         self.load_state_dict(state, strict=True, assign=True)
 
     def save_pretrained(self, directory, tokenizer=None):
-        """A Hugging Face directory that transformers' LlamaForCausalLM loads, same logits."""
+        """A Hugging Face directory that transformers loads as the same family, same logits."""
         from machinery import weights
 
         weights.save_pretrained(self, directory, tokenizer)

@@ -38,11 +38,12 @@ SHARDED = "checkpoints"  # OUT/checkpoints/step-N/: the DCP checkpoints of world
 SHARD_BYTES = 2**31  # the largest safetensors file of an export (transformers' default is 5 GB)
 
 
-def load(path, *, rope_scaling=None, dtype=torch.float32, device="cpu", context_len=None):
+def load(path, *, rope_scaling=None, rope_theta=None, dtype=torch.float32, device="cpu",
+         context_len=None):
     """The model (eval mode) and its tokenizer from one path or name: Transformer.from_pretrained,
     then the tokenizer stored beside the weights, checked against the embedding."""
-    model = Transformer.from_pretrained(path, rope_scaling=rope_scaling, dtype=dtype,
-                                        device=device, context_len=context_len)
+    model = Transformer.from_pretrained(path, rope_scaling=rope_scaling, rope_theta=rope_theta,
+                                        dtype=dtype, device=device, context_len=context_len)
     return model, checkpoint_tokenizer(resolve(path), model.args)
 
 

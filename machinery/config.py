@@ -21,10 +21,10 @@ DEMO_ARGS = ["--train_len", "256", "--target_len", "2048", "--steps", "50", "--b
 
 
 def scaling_flag(text):
-    if text in rope.TRAINABLE or text.endswith(".json"):
+    if text in (*rope.TRAINABLE, "none") or text.endswith(".json"):
         return text
-    raise argparse.ArgumentTypeError(f"expected one of {', '.join(rope.TRAINABLE)} or a .json "
-                                     f"file of longrope.py, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(rope.TRAINABLE)}, none or a "
+                                     f".json file of longrope.py, got {text!r}")
 
 
 def flag(default, help, **argparse_kwargs):
@@ -54,9 +54,14 @@ class Config:
     scaling: str | None = flag(None, "RoPE scaling applied before training and saved in "
                                "config.json: linear = position interpolation (the paper's), ntk, "
                                "yarn, llama3, or a longrope.py FILE.json of factors searched for "
-                               "Lo -> Lt (default: linear, or the checkpoint's own type)",
+                               "Lo -> Lt (default: linear, or the checkpoint's own type); none: "
+                               "the checkpoint's RoPE kept, for --rope_theta alone",
                                type=scaling_flag)
     chunks: int = flag(2, "N, chunks per example (paper: 2; Appendix B: 3 is slightly better)")
+    rope_theta: float | None = flag(None, "ABF (adjusted base frequency, as Llama-2-Long and Code "
+                                    "Llama extended theirs): raise the RoPE base to this, e.g. "
+                                    "1e6, before --scaling (none: the base alone); saved in "
+                                    "config.json (default: the checkpoint's)", type=float)
     content: str = flag("random", "content offsets v_i: random (Eq. 5), contiguous (0) or aligned "
                         "(u_i, needs documents of >= Lt tokens)", choices=pose.CONTENTS)
     keep_boundary: bool = flag(False, "keep the false next-token label at a chunk boundary, as the "

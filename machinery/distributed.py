@@ -25,15 +25,17 @@ from errors import UserError
 from machinery.checkpoint import checkpoint_tokenizer
 from machinery.ranks import log0
 from machinery.tokenizer import load_tokenizer, resolve
-from machinery.weights import (checkpoint_format, from_hf_name, hf_files, hf_params,
-                               read_checkpoint, read_scaling, to_hf_name, with_scaling)
+from machinery.weights import (check_family, checkpoint_format, from_hf_name, hf_files,
+                               hf_params, read_checkpoint, read_scaling, to_hf_name, with_scaling)
 from model import ModelArgs, Transformer
 
 
 def final_settings(cfg, args):
     """-> (cfg with Lc and Lt filled in, the ModelArgs training sees): Lc defaults to the
-    checkpoint's window; RoPE scaled by s = Lt / Lo on top of the checkpoint's own scaling
-    (noskip: unchanged), after checking Lc and Lt against that window."""
+    checkpoint's window; the RoPE base raised to --rope_theta (ABF), then RoPE scaled by s = Lt / Lo
+    on top of the checkpoint's own scaling (noskip, --scaling none: unchanged), after checking Lc
+    and Lt against that window."""
+    check_family(args, "--init" if cfg.init else cfg.model)  # refused now, not at the export
     window = args.window  # the context the checkpoint has now: Lo, or what its RoPE scaling reaches
     if cfg.train_len is None and args.rope_scaling:
         raise UserError(f"{cfg.model} already carries RoPE {args.rope_scaling} (window {window}): "
@@ -54,8 +56,12 @@ def final_settings(cfg, args):
         log0(f"warning: train_len {train_len} exceeds the model's context {window}; "
              "PoSE assumes Lc <= Lo.")
     cfg = replace(cfg, train_len=train_len, target_len=target_len)
+    if cfg.rope_theta is not None:  # ABF: the new base first, any interpolation on top of it
+        args = with_scaling(args, None, cfg.rope_theta)
     if cfg.method == "noskip":
         return cfg, args
+    if cfg.scaling == "none":  # the checkpoint's RoPE (with --rope_theta: ABF alone) up to Lt
+        return cfg, replace(args, max_seq_len=cfg.target_len)
     if (cfg.scaling or "").endswith(".json"):  # longrope.py's factors, searched for Lo -> Lt
         scaling = read_scaling(cfg.scaling)
         searched = (scaling[rope.LO], round(scaling.get("factor", 0) * scaling[rope.LO]))

@@ -76,6 +76,10 @@ def add_common_args(p):
                         "an original_max_position_embeddings, or a .json file of one (longrope.py "
                         "writes its factors so), replaces the checkpoint's scaling")
     p.add_argument("--lengths", type=parse_lengths, required=True,
+    p.add_argument("--rope_theta", type=float, default=None,
+                   help="ABF training-free: a new RoPE base, e.g. 1e6, applied before "
+                        "--rope_scaling (default: the checkpoint's; a model trained with train.py "
+                        "--rope_theta states its base in config.json already)")
                    help="comma-separated lengths in tokens")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="default: bf16 on CUDA (as train.py), fp32 on CPU")
@@ -140,7 +144,7 @@ class Session:
     def __init__(self, args, config):
         self.args, self.out = args, Path(args.out)
         device, args.dtype = default_device_and_dtype(args.device, args.dtype)
-        config["dtype"] = args.dtype
+        config["dtype"], config["rope_theta"] = args.dtype, args.rope_theta
         self.world, self.rank, device = ranks.set_up(device)
         self.device = str(device)
         self.config = json.loads(json.dumps(config))  # as it will read back from the file
@@ -162,8 +166,8 @@ class Session:
         try:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
             self.model, self.tokenizer = load(args.model, rope_scaling=args.rope_scaling,
-                                              dtype=dtype, device=self.device,
-                                              context_len=args.context_len)
+                                              rope_theta=args.rope_theta, dtype=dtype,
+                                              device=self.device, context_len=args.context_len)
         except (UserError, OSError) as e:  # the user's path or file; anything else is a bug
             reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             first_line = reason.strip().split("\n")[0]

@@ -4,16 +4,20 @@
 
 `load_tokenizer` reads what comes with the model:
 - a .gguf file: the vocabulary llama.cpp stores (tokens, merges, special ids, pre-tokenizer name);
-- a Hugging Face tokenizer.json holding a byte-level BPE (SmolLM2, Llama-3 ...);
+- a Hugging Face tokenizer.json holding a byte-level BPE (SmolLM2, Llama-3, Qwen2/2.5/3 ...);
 - a Llama-3 tokenizer.model (tiktoken's format: "base64-token rank" per line);
-- a Llama-1/2 tokenizer.model (SentencePiece, through the optional sentencepiece package);
+- a Llama-1/2 or Mistral tokenizer.model (SentencePiece, through the optional sentencepiece
+  package);
 - or a directory holding one of them.
 A byte-level BPE becomes a tiktoken.Encoding in which each token's rank IS its id in the model.
 Text that spells a special token ("<|im_end|>") is encoded as plain text, like tiktoken's
 encode_ordinary; transformers would match the special token unless split_special_tokens=True.
+Added tokens that are not special (Qwen's "<think>", "<tool_call>") are matched in the text, as
+transformers and llama.cpp match them.
 """
 import base64
 import json
+import unicodedata
 from pathlib import Path
 
 import regex
@@ -25,6 +29,9 @@ from errors import UserError, did_you_mean, exit_on_user_error
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
                   r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Qwen2's (Qwen2.5's, Qwen3's): Llama 3's but with single digits
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                 r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Hugging Face's Digits(individual_digits) then ByteLevel (SmolLM2's own tokenizer.json) as one
 # regex: each digit alone, and a whitespace run may also end before a digit, where Digits cut the
 # text.
@@ -34,7 +41,8 @@ DIGITS_GPT2_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{
 # llama.cpp differs: it isolates digits first (DIGITS_GPT2_PATTERN), so where two or more whitespace
 # characters precede a digit it gives "\n\n" "1" and transformers (and we) "\n" "\n" "1".
 GGUF_PATTERNS = {"gpt2": GPT2_PATTERN, "smollm": GPT2_PATTERN, "llama-bpe": LLAMA3_PATTERN,
-                 "llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN, "smaug-bpe": LLAMA3_PATTERN}
+                 "llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN, "smaug-bpe": LLAMA3_PATTERN,
+                 "qwen2": QWEN2_PATTERN}
 # Meta's Llama 3.1 tokenizer.model lists no special tokens; these follow its ranks, in this order.
 LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                          "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
@@ -59,13 +67,20 @@ def unspell(token: str) -> bytes:
 
 
 class Tokenizer:
-    """A byte-level BPE: `ranks` maps token bytes to ids, `special_tokens` maps text to ids."""
+    """A byte-level BPE: `ranks` maps token bytes to ids, `special_tokens` maps text to ids;
+    `added` names those of them matched in the text (not special ones), `normalizer` "NFC" or
+    None: the text's Unicode normalization first (Qwen's tokenizer.json)."""
 
     def __init__(self, ranks: dict[bytes, int], special_tokens: dict[str, int], pattern: str, *,
-                 bos_id: int | None, eos_id: int | None, add_bos: bool, merges=None, name="bpe"):
+                 bos_id: int | None, eos_id: int | None, add_bos: bool, merges=None, name="bpe",
+                 added=(), normalizer=None):
         self.ranks, self.special_tokens, self.pattern = ranks, special_tokens, pattern
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.merges = merges  # [(left, right)] as bytes, best first, when the vocabulary lists them
+        self.added, self.normalizer = sorted(added, key=len, reverse=True), normalizer
+        # the longest first at each place, as transformers' added-token matching
+        self.split_added = regex.compile("(" + "|".join(map(regex.escape, self.added)) + ")") \
+            if self.added else None
         self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
                                           special_tokens=special_tokens)
         self.n_vocab = self.encoding.n_vocab
@@ -76,14 +91,23 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool | None = None) -> list[int]:
         """The ids of `text`, after BOS if `bos` (None: `self.add_bos`)."""
         start = self._bos() if (self.add_bos if bos is None else bos) else []
+        if self.split_added is None:
+            return start + self._encode_text(text)
+        ids = start
+        for j, part in enumerate(self.split_added.split(text)):  # text, added token, text …
+            ids += [self.special_tokens[part]] if j % 2 else self._encode_text(part)
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        if self.normalizer == "NFC":
+            text = unicodedata.normalize("NFC", text)
         utf8 = text.encode("utf-8", "replace")
         if len(utf8.translate(None, self.unspellable)) == len(utf8):
-            return start + self.encoding.encode_ordinary(text)
+            return self.encoding.encode_ordinary(text)
         # rare: split into pieces, drop the unspellable bytes, then tiktoken's BPE per piece
         pieces = [piece.encode("utf-8", "replace").translate(None, self.unspellable)
                   for piece in regex.findall(self.pattern, text)]
-        return start + [i for piece in pieces if piece
-                        for i in self.encoding._encode_single_piece(piece)]
+        return [i for piece in pieces if piece for i in self.encoding._encode_single_piece(piece)]
 
     def _bos(self) -> list[int]:
         if self.bos_id is None:
@@ -104,9 +128,10 @@ class Tokenizer:
         bos_tokens = {bos_name: {"id": bos_name, "ids": [self.bos_id], "tokens": [bos_name]}}
         merges = self.merges or implied_merges(self.ranks)
         tokenizer = {
-            "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+            "version": "1.0", "truncation": None, "padding": None,
+            "normalizer": {"type": self.normalizer} if self.normalizer else None,
             "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False,
-                              "rstrip": False, "normalized": False, "special": True}
+                              "rstrip": False, "normalized": False, "special": s not in self.added}
                              for i, s in sorted(names.items())],
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated",
@@ -262,11 +287,13 @@ def _from_gguf(path: Path) -> Tokenizer:
     if pre not in GGUF_PATTERNS:
         raise UserError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre={pre!r}; known: "
                         f"{sorted(GGUF_PATTERNS)}.")
-    special = {token for token, kind in zip(fields["tokens"], fields["token_type"])
-               if kind == 3}  # 3: CONTROL
+    kinds = dict(zip(fields["tokens"], fields["token_type"]))
+    # 3: CONTROL (special), 4: USER_DEFINED (added, matched in the text as llama.cpp does)
+    added = {token for token, kind in kinds.items() if kind == 4}
+    special = {token for token, kind in kinds.items() if kind == 3} | added
     return _from_byte_level(path, {token: i for i, token in enumerate(fields["tokens"])},
                             [merge.split(" ") for merge in fields["merges"]], special,
-                            GGUF_PATTERNS[pre],
+                            GGUF_PATTERNS[pre], added=added,
                             bos_id=fields.get("bos_token_id"), eos_id=fields.get("eos_token_id"),
                             add_bos=fields.get("add_bos_token", False))
 
@@ -281,6 +308,10 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
     if not isinstance(spec, dict) or (spec.get("model") or {}).get("type") != "BPE":
         raise UserError(f"{path}: expected a Hugging Face tokenizer.json whose model is a "
                         "byte-level BPE.")
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise UserError(f"{path}: the normalizer {normalizer} is not supported (none, or NFC as "
+                        "Qwen's).")
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
     kinds = [step.get("type") for step in steps]
@@ -297,6 +328,7 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
         raise UserError(f"{path}: unknown pre-tokenizer {kinds}; expected ByteLevel, "
                         "Digits + ByteLevel or Split + ByteLevel.")
     special = {token["content"]: token["id"] for token in spec.get("added_tokens", [])}
+    added = {token["content"] for token in spec.get("added_tokens", []) if not token["special"]}
     merges = [merge.split(" ") if isinstance(merge, str) else merge
               for merge in spec["model"]["merges"]]
     # the post-processor's first special token is the BOS it adds, if it adds one
@@ -307,7 +339,8 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
     return _from_byte_level(path, {**spec["model"]["vocab"], **special}, merges, set(special),
                             pattern,
                             bos_id=special.get(bos), eos_id=special.get(eos),
-                            add_bos=config.get("add_bos_token", template is not None))
+                            add_bos=config.get("add_bos_token", template is not None),
+                            added=added, normalizer=normalizer)
 
 
 def _from_tokenizer_model(path: Path) -> Tokenizer:

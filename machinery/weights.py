@@ -52,8 +52,8 @@ def read_checkpoint(path, context_len=None):
 
 def save_pretrained(model, directory, tokenizer=None):
     """A Hugging Face directory (config.json, model.safetensors, tokenizer files) that
-    transformers.LlamaForCausalLM loads with the same logits. Each file is written whole, then
-    renamed, so a crash never leaves half a file under the final name."""
+    transformers loads as its family's class (hf_config) with the same logits. Each file is
+    written whole, then renamed, so a crash never leaves half a file under the final name."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -70,13 +70,22 @@ def save_pretrained(model, directory, tokenizer=None):
     atomic_write(directory / "config.json", json.dumps(config, indent=2))
 
 
-def with_scaling(args, scaling):
-    """ModelArgs with RoPE `scaling` (Hugging Face's keys) applied to a loaded checkpoint.
+def with_scaling(args, scaling, theta=None):
+    """ModelArgs with a new RoPE base `theta` (ABF, "adjusted base frequency": Llama-2-Long, Code
+    Llama), then RoPE `scaling` (Hugging Face's keys) on top, applied to a loaded checkpoint; None
+    leaves either as the checkpoint has it (the window too: ABF alone does not say how far).
 
     rope_type default/none: plain RoPE at Lo. With original_max_position_embeddings: in place of
     the checkpoint's scaling, as given, context = factor · original. With only a type and a
     factor: the checkpoint's window W stretched by the factor on top of the scaling it has
     (rope.extend), context = factor · W."""
+    if theta is not None:
+        if not 0 < theta < float("inf"):
+            raise UserError(f"the RoPE base (rope_theta) must be a positive number, got {theta}.")
+        args = replace(args, rope_theta=float(theta))
+        rope.inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)  # rope.py's sentences
+    if scaling is None:
+        return args
     scaling, kind = dict(scaling), rope.kind(scaling)
     if kind in ("default", "none"):
         plain = {"rope_scaling": None, "use_scaled_rope": False,
@@ -126,6 +135,7 @@ HF_NAMES = {  # ours -> Hugging Face, per block and global
     "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj",
     "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attention.q_norm": "self_attn.q_norm", "attention.k_norm": "self_attn.k_norm",  # Qwen3
 }
 HF_GLOBAL = {"tok_embeddings.weight": "model.embed_tokens.weight",
              "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
@@ -161,11 +171,57 @@ HF_KEYS = {  # the keys transformers 5 takes per rope_type (any other: a warning
                  "attention_factor")}
 
 
+# The families whose attention differs from LLaMA's in a named ModelArgs option (transformers'
+# modeling files): Mistral not at all once its sliding window is off, Qwen2 by biases on q, k and
+# v, Qwen3 by an RMSNorm of q and k per head before RoPE; Qwen3 and Mistral state head_dim.
+FAMILIES = {  # model_type -> (transformers' class, qkv_bias, qk_norm)
+    "llama": ("LlamaForCausalLM", False, False), "mistral": ("MistralForCausalLM", False, False),
+    "qwen2": ("Qwen2ForCausalLM", True, False), "qwen3": ("Qwen3ForCausalLM", False, True)}
+# what each family's config.json says of the features it does not use here
+HF_FAMILY_KEYS = {"llama": {"attention_bias": False, "mlp_bias": False},
+                  "mistral": {"sliding_window": None},
+                  "qwen2": {"use_sliding_window": False, "sliding_window": None},
+                  "qwen3": {"attention_bias": False, "use_sliding_window": False,
+                            "sliding_window": None}}
+
+
+def family(model_type, source):
+    """-> the ModelArgs options of a family: model_type, qkv_bias, qk_norm; or one sentence."""
+    if model_type not in FAMILIES:
+        raise UserError(f"{source}: model_type is {model_type!r}; this code computes exactly "
+                        f"{', '.join(FAMILIES)} (LLaMA's architecture and its few variants).")
+    _, qkv_bias, qk_norm = FAMILIES[model_type]
+    return {"model_type": model_type, "qkv_bias": qkv_bias, "qk_norm": qk_norm}
+
+
+def check_family(args, source):
+    """Refuse ModelArgs that their family's transformers class cannot hold (an --init config that
+    names qwen2 without its biases, say), before any training."""
+    expected = family(args.model_type, source)
+    wrong = {k: v for k, v in expected.items() if getattr(args, k) != v}
+    if wrong:
+        raise UserError(f"{source}: model_type {args.model_type!r} has " + ", ".join(
+            f"{k} {v}" for k, v in wrong.items()) + "; set them so, or choose its model_type.")
+
+
+def sliding_window(config):
+    """The attention window transformers applies to some layer of a config.json, or None."""
+    if config.get("model_type") == "mistral":  # every layer, 4096 when the key is missing
+        return config.get("sliding_window", 4096)
+    if config.get("model_type") in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+        # windowed: the layers layer_types names, or those from max_window_layers on
+        layers = config.get("layer_types") or ["sliding_attention"] * max(
+            0, config.get("num_hidden_layers", 0) - config.get("max_window_layers", 28))
+        return config.get("sliding_window", 4096) if "sliding_attention" in layers else None
+    return None
+
+
 def hf_config(args, dtype="float32"):
-    """config.json for transformers' LlamaForCausalLM. NTK has no rope_type there: it is exactly a
-    new base. Linear and dynamic take no Lo in rope_scaling: dynamic reads it from
-    max_position_embeddings; linear's is kept beside, as a top-level
-    original_max_position_embeddings (Phi-3's field), for us to read back."""
+    """config.json for transformers' class of the model's family (FAMILIES: LlamaForCausalLM for
+    Meta's and GGUF's llama). NTK has no rope_type there: it is exactly a new base. Linear and
+    dynamic take no Lo in rope_scaling: dynamic reads it from max_position_embeddings; linear's is
+    kept beside, as a top-level original_max_position_embeddings (Phi-3's field), for us to read
+    back."""
     scaling, theta, extra = args.rope_scaling, args.rope_theta, {}
     if rope.kind(scaling) == "ntk":
         d, s = args.head_dim, scaling["factor"]
@@ -176,8 +232,10 @@ def hf_config(args, dtype="float32"):
         if scaling["rope_type"] == "linear":
             extra = {"original_max_position_embeddings": args.original_max_seq_len}
     dynamic = (scaling or {}).get("rope_type") == "dynamic"
+    check_family(args, "the exported model")
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "architectures": [FAMILIES[args.model_type][0]], "model_type": args.model_type,
+        "hidden_act": "silu",
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
@@ -186,18 +244,33 @@ def hf_config(args, dtype="float32"):
         # transformers' dynamic NTK reads its Lo from max_position_embeddings
         "max_position_embeddings": (args.original_max_seq_len if dynamic else args.max_seq_len),
         "tie_word_embeddings": args.tie_word_embeddings,
-        "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": dtype, **extra,
+        **HF_FAMILY_KEYS[args.model_type], "torch_dtype": dtype, **extra,
     }
 
 
 def hf_params(path):
     """A Hugging Face directory's ModelArgs fields, from config.json alone (no weights read)."""
-    config = _read_json(path / "config.json")
-    if config.get("model_type") != "llama":
-        raise UserError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, "
-                        "expected 'llama'.")
+    file = path / "config.json"
+    config = _read_json(file)
+    kind = family(config.get("model_type"), file)
     params = config.get("rope_parameters") or {}  # transformers 5: rope_theta and the scaling
+    computed = [  # (key, the value this code computes, what another value means)
+        ("hidden_act", "silu", "another activation in SwiGLU"),
+        ("attention_bias", False, "biases on q, k, v and o"),
+        ("mlp_bias", False, "biases in the feed-forward"),
+        ("partial_rotary_factor", 1.0, "RoPE on a part of each head's channels")]
+    for key, expected, meaning in computed:
+        value = config.get(key, params.get(key, expected))
+        if value != expected:
+            raise UserError(f"{file}: {key} is {value!r} ({meaning}), which this code does not "
+                            "compute; it computes LLaMA, Mistral, Qwen2 and Qwen3 as released.")
+    window = sliding_window(config)
+    if window is not None:
+        raise UserError(f"{file}: sliding_window {window} is in force (a layer attends to the "
+                        f"last {window} tokens only), which this code does not compute: for full "
+                        "attention, as Mistral v0.2 and later were trained, set sliding_window "
+                        "to null (Qwen: use_sliding_window to false) in config.json, knowing "
+                        f"that its outputs beyond {window} tokens then differ.")
     stated = config.get("rope_scaling") or params
     scaling = {k: v for k, v in stated.items() if k not in ("rope_theta", "type")}
     if rope.kind(stated) == "default":
@@ -218,14 +291,13 @@ def hf_params(path):
             norm_eps=config["rms_norm_eps"], rope_scaling=scaling,
             rope_theta=params.get("rope_theta", config.get("rope_theta", 10000.0)),
             max_seq_len=config["max_position_embeddings"],
-            tie_word_embeddings=config.get("tie_word_embeddings", False))
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            # Qwen3Config's head_dim is 128 when unstated, the others' hidden_size / heads
+            head_dim=config.get("head_dim") or (128 if kind["model_type"] == "qwen3" else None),
+            **kind)
     except KeyError as e:
-        raise UserError(f"{path / 'config.json'} has no {e.args[0]!r}, which a Llama config "
+        raise UserError(f"{file} has no {e.args[0]!r}, which a {kind['model_type']} config "
                         "needs.") from None
-    if config.get("head_dim", params["dim"] // params["n_heads"]) != \
-            params["dim"] // params["n_heads"]:
-        raise UserError(f"{path / 'config.json'}: head_dim {config['head_dim']} != "
-                        "hidden_size / heads.")
     return params
 
 
@@ -323,7 +395,8 @@ def _read_meta(path, context_len=None):
 GGUF_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
               "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1",
               "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-              "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+              "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+              "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm"}
 GGUF_GLOBAL = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
                "output.weight": "output.weight"}
 
@@ -342,9 +415,17 @@ def _read_gguf(path):
     def field(key, default=None):
         return reader.fields[key].contents() if key in reader.fields else default
 
+    def own(key, default=None):  # the architecture's keys: llama.block_count, qwen2.block_count …
+        return field(f"{arch}.{key}", default)
+
     arch = field("general.architecture")
-    if arch != "llama":
-        raise UserError(f"{path}: general.architecture is {arch!r}, expected 'llama'.")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise UserError(f"{path}: general.architecture is {arch!r}; expected llama (Mistral's "
+                        "too), qwen2 or qwen3.")
+    if own("attention.sliding_window"):
+        raise UserError(f"{path}: {arch}.attention.sliding_window is set (windowed attention), "
+                        "which this code does not compute; convert the checkpoint without it "
+                        "for full attention.")
     state = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
@@ -355,26 +436,32 @@ def _read_gguf(path):
             _, i, module, param = t.name.split(".")
             name = f"layers.{i}.{GGUF_NAMES.get(module, module)}.{param}"
         state[name or t.name] = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
-    n_heads = field("llama.attention.head_count")
-    scaling, kind = None, field("llama.rope.scaling.type", "none")
+    n_heads, dim = own("attention.head_count"), own("embedding_length")
+    head_dim = own("attention.key_length", dim // n_heads)
+    if own("rope.dimension_count", head_dim) != head_dim:
+        raise UserError(f"{path}: {arch}.rope.dimension_count is "
+                        f"{own('rope.dimension_count')}, not the head dimension {head_dim} "
+                        "(RoPE on a part of each head), which this code does not compute.")
+    scaling, kind = None, own("rope.scaling.type", "none")
     if kind in ("linear", "yarn"):  # llama.cpp's keys; no original context: Lo = the context, as HF
-        original = (field("llama.rope.scaling.original_context_length")
-                    or field("llama.context_length"))
-        scaling = {"rope_type": kind, "factor": float(field("llama.rope.scaling.factor")),
+        original = (own("rope.scaling.original_context_length")
+                    or own("context_length"))
+        scaling = {"rope_type": kind, "factor": float(own("rope.scaling.factor")),
                    "original_max_position_embeddings": original}
     elif kind != "none":
-        raise UserError(f"{path}: llama.rope.scaling.type {kind!r} is not supported "
+        raise UserError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported "
                         "(none, linear, yarn).")
     params = dict(
-        dim=field("llama.embedding_length"), n_layers=field("llama.block_count"), n_heads=n_heads,
-        n_kv_heads=field("llama.attention.head_count_kv", n_heads),
+        dim=dim, n_layers=own("block_count"), n_heads=n_heads,
+        n_kv_heads=own("attention.head_count_kv", n_heads), head_dim=head_dim,
         vocab_size=state["tok_embeddings.weight"].shape[0],
-        hidden_dim=field("llama.feed_forward_length"),
-        norm_eps=field("llama.attention.layer_norm_rms_epsilon"),
-        rope_theta=field("llama.rope.freq_base", 10000.0),
-        rope_scaling=scaling, max_seq_len=field("llama.context_length"),
-        tie_word_embeddings="output.weight" not in state)
-    for i in range(params["n_layers"]):  # llama.cpp stores q/k rows interleaved, like Meta
+        hidden_dim=own("feed_forward_length"),
+        norm_eps=own("attention.layer_norm_rms_epsilon"),
+        rope_theta=own("rope.freq_base", 10000.0),
+        rope_scaling=scaling, max_seq_len=own("context_length"),
+        tie_word_embeddings="output.weight" not in state, **family(arch, path))
+    # llama.cpp stores llama's q/k rows interleaved, like Meta; qwen2's and qwen3's as HF does
+    for i in range(params["n_layers"] if arch == "llama" else 0):
         for key, heads in (("wq", n_heads), ("wk", params["n_kv_heads"])):
             name = f"layers.{i}.attention.{key}.weight"
             state[name] = interleaved_to_half(state[name], heads)
