@@ -57,11 +57,11 @@ class Config:
                                "Lo -> Lt (default: linear, or the checkpoint's own type); none: "
                                "the checkpoint's RoPE kept, for --rope_theta alone",
                                type=scaling_flag)
-    chunks: int = flag(2, "N, chunks per example (paper: 2; Appendix B: 3 is slightly better)")
     rope_theta: float | None = flag(None, "ABF (adjusted base frequency, as Llama-2-Long and Code "
                                     "Llama extended theirs): raise the RoPE base to this, e.g. "
                                     "1e6, before --scaling (none: the base alone); saved in "
                                     "config.json (default: the checkpoint's)", type=float)
+    chunks: int = flag(2, "N, chunks per example (paper: 2; Appendix B: 3 is slightly better)")
     content: str = flag("random", "content offsets v_i: random (Eq. 5), contiguous (0) or aligned "
                         "(u_i, needs documents of >= Lt tokens)", choices=pose.CONTENTS)
     keep_boundary: bool = flag(False, "keep the false next-token label at a chunk boundary, as the "

@@ -75,11 +75,11 @@ def add_common_args(p):
                         "own type, factor multiplied); a JSON dict with Hugging Face's keys and "
                         "an original_max_position_embeddings, or a .json file of one (longrope.py "
                         "writes its factors so), replaces the checkpoint's scaling")
-    p.add_argument("--lengths", type=parse_lengths, required=True,
     p.add_argument("--rope_theta", type=float, default=None,
                    help="ABF training-free: a new RoPE base, e.g. 1e6, applied before "
                         "--rope_scaling (default: the checkpoint's; a model trained with train.py "
                         "--rope_theta states its base in config.json already)")
+    p.add_argument("--lengths", type=parse_lengths, required=True,
                    help="comma-separated lengths in tokens")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="default: bf16 on CUDA (as train.py), fp32 on CPU")
