@@ -27,7 +27,7 @@ import random
 import re
 
 from errors import UserError, exit_on_user_error
-from machinery.evaluation import Session, add_common_args, parse_floats, pyplot, save
+from machinery.evaluation import Session, add_common_args, parse_floats, pyplot, run, save
 from machinery.prefix import SharedPrefix
 
 
@@ -183,7 +183,7 @@ def main(argv=None):
         accuracy = sum(r["correct"] for r in records) / len(records)
         session.finish(length, {"accuracy": accuracy, "trials": records})
     if session.rank == 0:
-        print(f"\npasskey retrieval, {args.model}, rope_scaling {args.rope_scaling}, {args.dtype}")
+        print(f"\npasskey retrieval, {args.model}, {session.rope()}, {args.dtype}")
         print(f"{'length':>8} {'tokens':>8} {'accuracy':>9} {'correct':>8} {'seconds':>8}")
         for length in args.lengths:
             r = session.results["lengths"][str(length)]
@@ -197,4 +197,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

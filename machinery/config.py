@@ -5,12 +5,13 @@ checkpoint by distributed.final_settings, which build_model returns to train.py.
     python train.py --help    # every flag, in the paper's words (Lc, Lt, N)
 """
 import argparse
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pose
 import rope
-from errors import UserError
+from errors import UserError, did_you_mean
 from machinery.texts import fetch_shakespeare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,18 +108,61 @@ class Config:
                           "checkpoint")
 
 
+def one_of(choices):
+    """argparse's choices, with the nearest one suggested for a mistyped value."""
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}"
+                                             f"{did_you_mean(text, choices)}")
+        return text
+    return parse
+
+
 def parse_args(argv, doc="") -> Config:
-    """argv -> Config; `doc` (train.py's docstring): the --help text around the flags."""
+    """argv -> Config, every value checked (check); `doc` (train.py's docstring): the --help text
+    around the flags."""
     parts = doc.split("\n\n")
     p = argparse.ArgumentParser(description="\n\n".join(parts[:2]), epilog="\n\n".join(parts[2:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
         kwargs = dict(f.metadata)
+        if "choices" in kwargs:
+            choices = kwargs.pop("choices")
+            kwargs.update(type=one_of(choices), metavar="{" + ",".join(choices) + "}")
         if f.default is not None and not isinstance(f.default, bool):
             kwargs.setdefault("type", type(f.default))
             kwargs["help"] += f" (default: {f.default})"
         p.add_argument(f"--{f.name}", default=f.default, **kwargs)
-    return Config(**vars(p.parse_args(argv)))
+    return check(Config(**vars(p.parse_args(argv))))
+
+
+def check(cfg):
+    """Every value that cannot work, refused in one sentence naming the flag, before anything is
+    read or written; nothing is silently replaced. -> cfg."""
+    rules = [("batch_size", cfg.batch_size >= 1, "at least 1 example"),
+             ("micro_batch_size", cfg.micro_batch_size >= 1, "at least 1 example"),
+             ("steps", cfg.steps >= 1, "at least 1"),
+             ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "a positive number, e.g. 2e-5"),
+             ("warmup", cfg.warmup >= 0, "0 or more steps"),
+             ("weight_decay", math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+              "0 or more"),
+             ("grad_clip", cfg.grad_clip > 0, "a positive norm, e.g. 1.0"),
+             ("chunks", cfg.chunks >= 1, "at least 1 (the paper: 2)"),
+             ("seed", cfg.seed >= 0, "0 or more"),
+             ("save_every", cfg.save_every >= 0, "0 (at the end only) or more steps"),
+             ("timeout", cfg.timeout > 0, "a positive number of minutes"),
+             ("train_len", cfg.train_len is None or cfg.train_len >= 2,
+              "at least 2 tokens (leave it out for the model's window)"),
+             ("target_len", cfg.target_len is None or cfg.target_len >= 2, "at least 2 tokens"),
+             ("context_len", cfg.context_len is None or cfg.context_len >= 1, "at least 1 token"),
+             ("peak_tflops", cfg.peak_tflops is None or cfg.peak_tflops > 0, "positive")]
+    for name, ok, expected in rules:
+        if not ok:
+            raise UserError(f"--{name} {getattr(cfg, name)} cannot work: give {expected}.")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} is a file; give a directory for the run (it is created "
+                        "if missing).")
+    return cfg
 
 
 def demo_args():

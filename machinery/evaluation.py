@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -89,6 +90,9 @@ def add_common_args(p):
                         "state it (default: a guess from its settings, printed)")
     p.add_argument("--out", required=True,
                    help="results JSON, rewritten after each length; a rerun skips done lengths")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="minutes a rank waits for the others at the end of a length before the "
+                        "run stops with an error (torchrun; default: 30)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh when --out holds results of other settings")
     p.add_argument("--plot", default=None, help="also draw a figure to this .png")
@@ -145,7 +149,10 @@ class Session:
         self.args, self.out = args, Path(args.out)
         device, args.dtype = default_device_and_dtype(args.device, args.dtype)
         config["dtype"], config["rope_theta"] = args.dtype, args.rope_theta
-        self.world, self.rank, device = ranks.set_up(device)
+        if not args.timeout > 0:
+            raise UserError(f"--timeout {args.timeout} cannot work: give a positive number of "
+                            "minutes.")
+        self.world, self.rank, device = ranks.set_up(device, timeout_minutes=args.timeout)
         self.device = str(device)
         self.config = json.loads(json.dumps(config))  # as it will read back from the file
         self.results = {"config": self.config, "lengths": {}}
@@ -185,11 +192,25 @@ class Session:
         from tqdm import tqdm
         return tqdm(desc=description, disable=self.rank != 0, **kwargs)
 
+    def rope(self):
+        """The RoPE the model runs with: the checkpoint's scaling with any asked for on top."""
+        a = self.model.args
+        asked = f"; --rope_scaling {self.args.rope_scaling}" if self.args.rope_scaling else ""
+        return f"RoPE {a.rope_scaling or 'plain'} (base {a.rope_theta:g}{asked})"
+
     def gather(self, records):
+        """Every rank's records, on every rank. A rank that failed or lags past --timeout: one
+        sentence, the finished lengths kept."""
         if self.world == 1:
             return records
         everything = [None] * self.world
-        torch.distributed.all_gather_object(everything, records)
+        try:
+            torch.distributed.all_gather_object(everything, records)
+        except RuntimeError as e:  # DistBackendError, a peer's closed connection, a timeout
+            raise UserError(f"rank {self.rank}: the other ranks did not all answer within "
+                            f"--timeout {self.args.timeout:g} minutes, or one failed (its message "
+                            f"is above; {type(e).__name__}); {self.out} keeps the finished "
+                            "lengths and the same command continues.") from None
         return [r for part in everything for r in part]
 
     def finish(self, length, record):
@@ -207,3 +228,39 @@ class Session:
     def lengths(self):
         """{str(length): record} of the requested lengths, in order (for the table and the plot)."""
         return {str(n): self.results["lengths"][str(n)] for n in self.args.lengths}
+
+
+def deal(sizes, world, rank):
+    """The indices of `sizes` (work per item) that rank `rank` of `world` takes: the largest item
+    first to the least loaded rank, so the ranks finish together (round-robin left one rank with
+    the longest documents). -> this rank's indices, in order."""
+    load, mine = [0] * world, []
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += sizes[i]
+        if r == rank:
+            mine.append(i)
+    return sorted(mine)
+
+
+def run(main):
+    """An evaluation script's entry on every rank: main(), then ranks.leave (group closed, status).
+    Ctrl-C or SIGTERM (also torchrun stopping the ranks after one failed) ends with one line: the
+    results file keeps every finished length, and the same command continues from it."""
+    code = 0
+    try:
+        with ranks.signals_raise():
+            main()
+    except ranks.Interrupted as e:
+        code = e.code
+        if ranks.is_rank0():
+            print(f"\ninterrupted ({e}): the --out results file keeps every finished length; "
+                  "rerun the same command to continue.", file=sys.stderr)
+    except SystemExit as e:  # --help, argparse's usage errors, exit_on_user_error's sentence
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 1 if e.code else 0
+    except BaseException:  # a bug, whose traceback follows: the group closed first
+        ranks.close(1)
+        raise
+    ranks.leave(code)
