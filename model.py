@@ -6,10 +6,9 @@ Read it next to Meta's llama3 model.py: the same sections in the same order (Mod
 RoPE, Attention, FeedForward, TransformerBlock, Transformer) and Meta's module names (wq, w1,
 attention_norm …), so a Meta state dict loads as it is. Where we differ: positions are a tensor
 per token, not a start offset (PoSE's skipped positions, section 3.2); the RoPE angles come from
-rope.py in Hugging Face's half layout; attend() picks flash-attn or an SDPA kernel with memory
-linear in the length; a KVCache serves generation; the loss never holds all logits (loss.py);
-machinery/weights.py reads and writes checkpoints (and never imports this file).
-"""
+rope.py in Hugging Face's half layout; attend() picks flash-attn or an SDPA kernel linear in the
+length; a KVCache serves generation; the loss never holds all logits (loss.py); checkpoints are
+machinery/weights.py's."""
 import contextlib
 from dataclasses import dataclass, fields
 
@@ -71,8 +70,7 @@ class ModelArgs:
     @classmethod
     def from_params(cls, params, source):
         """ModelArgs from the settings a checkpoint states (machinery/weights.py reads them)."""
-        unknown = params.keys() - {f.name for f in fields(cls)}
-        if unknown:
+        if unknown := params.keys() - {f.name for f in fields(cls)}:
             raise UserError(f"{source} has keys ModelArgs does not know: {sorted(unknown)}.")
         return cls(**params)
 
@@ -85,14 +83,6 @@ class ModelArgs:
     def window(self):
         """The context the checkpoint is meant for now, its scaling included: what PoSE extends."""
         return rope.window(self.rope_scaling, self.max_seq_len)
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward = 3 × forward): 6·params + attention
-        (PaLM, appendix B)."""
-        d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        per_layer = d * (2 * q + 2 * kv) + 3 * d * self.hidden_dim
-        params = self.n_layers * per_layer + self.vocab_size * d  # + the output projection
-        return 6 * params + 6 * self.n_layers * q * seq_len  # causal attention: half of 12·L·q·T
 
 
 class RMSNorm(nn.Module):
@@ -138,11 +128,9 @@ def use_flash_attn(q):
 
 
 def sdpa_plan(device_type, dtype, T, S, gqa):
-    """-> (copy the KV heads?, mask: "causal", None, "lower_right" or "bool"). On CUDA attend()
-    admits only SDPA kernels with memory linear in T (never the math kernel's fp32 T×S scores):
-    flash takes enable_gqa but no mask and no fp32, memory-efficient fp32 and masks but (torch <=
-    2.11) no enable_gqa, so GQA in fp32 or under a mask copies KV heads, and the mask is the
-    lower-right causal bias, not a (T, S) tensor. The CPU's flash kernel takes everything."""
+    """-> (copy the KV heads?, mask: "causal", None, "lower_right" or "bool"). On CUDA only SDPA
+    kernels linear in T run (attend() bars the math kernel's fp32 T×S scores); flash takes GQA but
+    no mask or fp32, memory-efficient (torch <= 2.11) no GQA: so copies there, and a causal bias."""
     cuda = device_type == "cuda"
     mask = "causal" if T == S else None if T == 1 else "lower_right" if cuda else "bool"
     return gqa and cuda and (dtype == torch.float32 or mask == "lower_right"), mask
@@ -252,9 +240,9 @@ class Transformer(nn.Module):
         position_ids = position_ids.expand(B, T)
         h = self.tok_embeddings(tokens)
         theta, a = self.theta, self.args
-        if rope.kind(a.rope_scaling) in rope.BY_LENGTH:  # θ for L = the largest position + 1,
-            length = cache[0].k.shape[1] if cache else int(position_ids.max()) + 1  # or the cache's
-            theta, _ = rope.inv_freq(a.head_dim, a.rope_theta, a.rope_scaling, seq_len=length)
+        if rope.kind(a.rope_scaling) in rope.BY_LENGTH:  # θ for each sequence's L: its largest
+            L = [cache[0].k.shape[1]] * B if cache else position_ids.amax(1) + 1  # id + 1, or
+            theta = rope.per_length(a.head_dim, a.rope_theta, a.rope_scaling, L)  # a cache's size
         cos, sin = rope.cos_sin(position_ids, theta, self.attention_factor, dtype=h.dtype)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:

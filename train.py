@@ -131,6 +131,15 @@ def peak_flops(cfg, device, dtype):
     return None
 
 
+def training_flops(args, seq_len):
+    """Training FLOPs per token of ModelArgs `args` (forward + backward = 3 × forward): 6·params +
+    attention (PaLM, appendix B)."""
+    d, q, kv = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    per_layer = d * (2 * q + 2 * kv) + 3 * d * args.hidden_dim
+    params = args.n_layers * per_layer + args.vocab_size * d  # + the output projection
+    return 6 * params + 6 * args.n_layers * q * seq_len  # causal attention: half of 12·L·q·T
+
+
 def memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -249,7 +258,7 @@ def train(cfg):
 
     # ---- resume
     step, saved = resume(cfg, out, model, optimizer, rank)
-    flops_per_token = args.flops_per_token(example_len)
+    flops_per_token = training_flops(args, example_len)
     peak = peak_flops(cfg, device, dtype)
     mine = rank_rows(cfg.batch_size, world, rank)
 

@@ -33,7 +33,7 @@ Each implementation is a worker process (bench/harness.py): a warm-up step (comp
 timed apart), then --repeats rounds in which the implementations run one after another, in turn,
 never at once. We report the best step of each (a shared machine only ever slows a step down), the
 load average at each, peak memory over the weights, the ratio to transformers, and MFU: training
-FLOPs (ModelArgs.flops_per_token: 6 x params + causal attention) per second over the machine's
+FLOPs (train.training_flops: 6 x params + causal attention) per second over the machine's
 matmul ceiling, the fastest n x n matmul in the same dtype and thread count, measured in the same
 run.
 """
@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import harness
+from train import training_flops
 
 IMPLS = ("ours", "ours+compile", "ours-logits", "transformers")
 
@@ -204,7 +205,7 @@ def main(argv=None):
     del model
     batch = harness.pose_batch(doc, "pose", a.batch_size, a.train_len, a.target_len)
     n_tokens = batch[0].numel()
-    flops_per_step = args.flops_per_token(a.train_len) * n_tokens
+    flops_per_step = training_flops(args, a.train_len) * n_tokens
     print(
         f"SmolLM2-135M, PoSE Lc={a.train_len} -> Lt={a.target_len} (RoPE "
         f"{args.rope_scaling or 'unscaled'}), {a.batch_size} x {a.train_len} tokens per step "

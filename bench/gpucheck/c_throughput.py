@@ -14,7 +14,8 @@ def section_c(run, record):
     """c. throughput at Lc = 2048: ours eager and compiled against transformers (sdpa)"""
     s, device = run.sizes["c"], run.device
     shape = s["model"]
-    flops_per_token = ModelArgs(**{"max_seq_len": 2048, **shape}).flops_per_token(s["train_len"])
+    args = ModelArgs(**{"max_seq_len": 2048, **shape})
+    flops_per_token = train.training_flops(args, s["train_len"])
     state = random_model(shape, device, torch.float32).state_dict()
     state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}  # one copy, off the GPU
     free()
