@@ -21,7 +21,7 @@ The model flags, resumable results file and ranks are evaluation.py's, as eval_p
 import argparse
 
 from errors import UserError, did_you_mean, exit_on_user_error
-from machinery.evaluation import Session, add_common_args, pyplot, save
+from machinery.evaluation import Session, add_common_args, pyplot, run, save
 from machinery.files import atomic_write
 from machinery.prefix import SharedPrefix
 from machinery.ruler import CHAT, TASKS, Prompts, postprocess, string_match_all
@@ -49,6 +49,16 @@ def run_sample(model, tokenizer, sample, device, shared=None, prefill_chunk=PREF
     score = string_match_all([postprocess(answer)], [sample["references"]]) / 100
     kept = {k: v for k, v in sample.items() if k not in ("prompt", "tokens")}
     return kept | {"answer": answer, "score": score}
+
+
+def task_scores(records, tasks):
+    """{task: RULER's string_match_all over its samples' answers}."""
+    scores = {}
+    for task in tasks:
+        mine = [r for r in records if r["task"] == task]
+        scores[task] = string_match_all([postprocess(r["answer"]) for r in mine],
+                                        [r["references"] for r in mine])
+    return scores
 
 
 def table(results, tasks, lengths):
@@ -117,17 +127,14 @@ def main(argv=None):
                    for s in session.progress(f"ruler {length}", iterable=mine)]
         records = sorted(session.gather(records),
                          key=lambda r: (args.tasks.index(r["task"]), r["index"]))
-        scores = {task: string_match_all([postprocess(r["answer"]) for r in mine],
-                                         [r["references"] for r in mine])
-                  for task in args.tasks
-                  for mine in [[r for r in records if r["task"] == task]]}
+        scores = task_scores(records, args.tasks)
         session.finish(length, {"score": round(sum(scores.values()) / len(scores), 2),
                                 "tasks": scores, "samples": records})
     if session.rank == 0:
         results = session.lengths()
         text = table(results, args.tasks, args.lengths)
-        print(f"\nRULER, {args.model}, rope_scaling {args.rope_scaling}, {args.dtype}, "
-              f"{args.samples} samples, template {args.template}\n\n{text}")
+        print(f"\nRULER, {args.model}, {session.rope()}, {args.dtype}, {args.samples} samples, "
+              f"template {args.template}\n\n{text}")
         atomic_write(session.out.with_suffix(".md"), text)
         if args.plot:
             plot(results, args.tasks, args.lengths, args.plot)
@@ -135,4 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

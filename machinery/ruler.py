@@ -17,12 +17,13 @@ each probe of the search adds remembered token counts of the prompt's pieces (se
 needles, template parts), and only the prompts the search lands on are encoded whole.
 
 Where we differ from RULER, none of it in the prompts' words: the essay is Jane Austen's Emma
-(public domain, trained on by no model here; RULER uses Paul Graham's essays) and its sentences
-are cut by a short rule (RULER uses NLTK's punkt); a sample draws its keys, values and depths once,
-from (seed, task, length, index), and then fits its haystack (RULER draws anew at each probe); no
-key or value is drawn twice in a sample or found in its haystack, so the question's key stands
-once per needle (RULER does not check); word keys pair an adjective and a noun drawn apart (the
-same uniform choice over RULER's list of all pairs, without building its 6 million strings).
+(public domain, in no fine-tuning set here: those hold Shakespeare; RULER uses Paul Graham's
+essays) and its sentences are cut by a short rule (RULER uses NLTK's punkt); a sample draws its
+keys, values and depths once, from (seed, task, length, index), and then fits its haystack (RULER
+draws anew at each probe); no key or value is drawn twice in a sample or found in its haystack,
+so the question's key stands once per needle (RULER does not check); word keys pair an adjective
+and a noun drawn apart (the same uniform choice over RULER's list of all pairs, without building
+its 6 million strings).
 """
 import bisect
 import random
