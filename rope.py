@@ -11,13 +11,12 @@ by machinery/weights.py reads the same in transformers), makes them look familia
     dynamic        base · ((s·L/Lo) − (s−1))^(d/(d−2))        inference only, L = current length
     yarn           per-channel blend of θ_j/s and θ_j, cos/sin × (0.1·ln s + 1)   (YaRN paper)
     llama3         Llama 3.1's blend by wavelength (Meta's use_scaled_rope)
-    longrope       θ_j / λ_j, one searched λ_j per channel (LongRoPE, Ding et al. 2024, section 3)
+    longrope       θ_j / λ_j, λ_j per channel searched by longrope.py (LongRoPE, Ding et al. 2024)
 
-LongRoPE as transformers (Phi-3) computes it: θ'_j = θ_j / λ_j with λ = long_factor when the
-current length, the largest position id + 1, exceeds Lo, else short_factor; cos and sin × the
-attention factor, given or sqrt(1 + ln s / ln Lo). Under PoSE every batch whose positions pass Lo
-(nearly all: the skips reach Lt) trains the long factors, one that stays within Lo the short ones.
-longrope.py searches the long ones.
+LongRoPE as transformers (Phi-3) has it: λ = long_factor once the largest position id + 1 passes
+Lo, else short_factor; cos, sin × attention_factor or sqrt(1 + ln s / ln Lo). Under PoSE an example
+past Lo trains the long factors, one within it the short (Lc = Lo/4, Lt = 2·Lo: 43% of examples);
+per sequence (per_length; transformers takes a batch's largest), so micro batches change nothing.
 """
 import math
 
@@ -37,8 +36,7 @@ REQUIRED = {"linear": ("factor",), "ntk": ("factor",), "dynamic": ("factor", LO)
 def inv_freq(head_dim, base, scaling=None, *, seq_len=None):
     """-> (θ of shape (head_dim/2,) in float64, attention_factor that multiplies cos and sin).
     `seq_len`, read by "dynamic" and "longrope" only, is the current length L: under PoSE, the
-    largest position id + 1 (what the rotation sees, and what transformers uses), not the token
-    count."""
+    largest position id + 1 (what the rotation sees, as in transformers), not the token count."""
     if head_dim % 2:
         raise UserError(f"RoPE needs an even head dimension, got {head_dim}.")
     scaling, rope_type, d = dict(scaling or {}), kind(scaling), head_dim
@@ -99,23 +97,26 @@ def _yarn(theta, d, base, factor, original, scaling):
 
 def _longrope(theta, factor, original, scaling, seq_len):
     """LongRoPE (Ding et al. 2024, section 3): θ_j / λ_j, λ chosen by the current length."""
-    for key in ("short_factor", "long_factor"):
-        values = scaling[key]
+    for key, values in ((k, scaling[k]) for k in ("short_factor", "long_factor")):
         if not (isinstance(values, (list, tuple)) and len(values) == len(theta)
                 and all(isinstance(v, (int, float)) and v > 0 for v in values)):
-            raise UserError(f"longrope's {key} must be a list of {len(theta)} positive numbers "
-                            f"(head_dim / 2), got {values!r:.80}.")
+            raise UserError(f"longrope's {key} must be {len(theta)} positive numbers (head_dim/2).")
     factors = scaling["long_factor"] if seq_len and seq_len > original else scaling["short_factor"]
-    attention = scaling.get("attention_factor")
-    if attention is None:  # the paper's (and Phi-3's) temperature for a window s times longer
-        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    default = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    attention = default if scaling.get("attention_factor") is None else scaling["attention_factor"]
     return theta / torch.tensor(factors, dtype=torch.float64), float(attention)
 
 
+def per_length(d, base, scaling, lengths):
+    """θ of each sequence for its current length L (B,) -> (B, 1, head_dim/2), for cos_sin."""
+    return torch.stack([inv_freq(d, base, scaling, seq_len=int(n))[0] for n in lengths])[:, None]
+
+
 def cos_sin(position_ids, theta, attention_factor=1.0, dtype=torch.float32):
-    """Position ids (B, T), any integers (PoSE jumps included) -> cos, sin (B, T, head_dim/2).
-    Angles m·θ_j are formed in float64 (float32 on MPS, which has none), then cast: a position of
-    100k keeps its last digits; the table has the batch's size, not the largest position's."""
+    """Position ids (B, T), any integers (PoSE jumps included), and θ (head_dim/2,) or one per
+    sequence (B, 1, head_dim/2) -> cos, sin (B, T, head_dim/2). Angles m·θ_j are formed in
+    float64 (float32 on MPS, which has none), then cast: a position of 100k keeps its last digits;
+    the table has the batch's size, not the largest position's."""
     wide = torch.float32 if position_ids.device.type == "mps" else torch.float64
     angles = position_ids.to(wide)[..., None] * theta.to(position_ids.device, wide)
     return (angles.cos() * attention_factor).to(dtype), (angles.sin() * attention_factor).to(dtype)
@@ -159,8 +160,8 @@ def extend(scaling, current, target_len, rope_type=None):
                         f"{current} tokens (RoPE {have}): nothing to extend; ask for more than "
                         f"{current}.")
     if "longrope" in (have, rope_type):  # λ_j fit one Lo → Lt: a factor cannot rescale them
-        raise UserError(f"longrope's factors are searched for one target length (RoPE now {have} "
-                        f"at {current}): run longrope.py for {target_len} and pass its JSON file.")
+        raise UserError(f"longrope's factors are searched for one Lo → Lt (RoPE now {have} at "
+                        f"{current}): run longrope.py for {target_len} and pass its JSON file.")
     if have == "default":
         new = {"rope_type": rope_type or "linear", "factor": target_len / current, LO: current}
         if new["rope_type"] == "llama3":  # Llama 3.1's blend (Meta's use_scaled_rope)

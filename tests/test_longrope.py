@@ -305,3 +305,21 @@ def test_search_mistakes_are_one_sentence_and_write_nothing(tiny, tmp_path, caps
     message = str(e.value.code)  # exit_on_user_error: sys.exit("error: ..."), status 1
     assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
     assert sorted(p.name for p in (tmp_path / "out").glob("*")) == (["search.json"] if case == "bad state" else [])
+
+
+def test_each_example_takes_its_own_factors_so_micro_batches_change_nothing(tiny, tmp_path):
+    """The short or long factors are chosen per sequence, by its own largest position id + 1: at Lc = 8, Lt = 48
+    from Lo = 32 some PoSE examples stay within Lo, and a micro batch of 4 trains what 4 of 1 train (the batch's
+    largest position, transformers' rule for a batch, would give its examples within Lo the long factors)."""
+    import pose
+    g = torch.Generator().manual_seed(0)
+    within = sum(int(pose.sample(1000, 8, 48, generator=g)[1].max()) + 1 <= 32 for _ in range(400))
+    assert 0.1 < within / 400 < 0.9  # both kinds of examples are common
+    (tmp_path / "factors.json").write_text(json.dumps(longrope(8, 1.5, 32)))
+    for name, micro in (("a", "1"), ("b", "4")):
+        train.main(train_argv(tiny, tmp_path / name, "--scaling", str(tmp_path / "factors.json"), "--train_len",
+                              "8", "--target_len", "48", "--micro_batch_size", micro, "--steps", "3"))
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("a", "b"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
