@@ -15,7 +15,7 @@ class UserError(ValueError):
 
 
 def did_you_mean(word, options):
-    """" (did you mean 'x'?)" for the option nearest to a mistyped `word`, or "" when none is near."""
+    """" (did you mean 'x'?)" for the option nearest to a mistyped `word`, or "" if none is."""
     near = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean {near[0]!r}?)" if near else ""
 

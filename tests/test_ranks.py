@@ -1,5 +1,5 @@
-"""Evaluation on many ranks: documents dealt so the ranks finish together, and a rank that fails says so
-while the others stop with a sentence, never hang."""
+"""Evaluation on many ranks: documents dealt so the ranks finish together, and a rank that fails
+says so while the others stop with a sentence, never hang."""
 import json
 import os
 import subprocess
@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_documents_are_dealt_so_that_the_ranks_finish_together():
-    """The longest documents first, each to the least loaded rank: loads differ by at most one document
-    (round-robin gave rank 0 both 64k documents here)."""
+    """The longest documents first, each to the least loaded rank: loads differ by at most one
+    document (round-robin gave rank 0 both 64k documents here)."""
     sizes = [65536, 1024, 65536, 1024, 4096, 512, 2048]
     parts = [deal(sizes, 2, r) for r in range(2)]
     assert sorted(parts[0] + parts[1]) == list(range(len(sizes)))  # every document once
