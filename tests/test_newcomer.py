@@ -14,41 +14,13 @@ import pytest
 
 import eval_ppl
 import train
-from conftest import save_tiny_model, write_documents
+import test_train
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("newcomer")
-    save_tiny_model(root / "base")
-    write_documents(root / "data")
-    return root
-
-
-def args(tiny, out, *extra):
-    return [
-        "--model",
-        str(tiny / "base"),
-        "--data",
-        str(tiny / "data"),
-        "--target_len",
-        "128",
-        "--steps",
-        "4",
-        "--batch_size",
-        "2",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "1",
-        "--save_dtype",
-        "float32",
-        "--out",
-        str(out),
-        *extra,
-    ]
+tiny = test_train.tiny  # the fixture: a 2-layer model with Lo = 32, six documents
+args = test_train.argv  # its run: 4 steps of 4 examples, Lc = 32 -> Lt = 128
 
 
 BAD_TRAINING = {  # flags -> what the one sentence must say
