@@ -5,43 +5,11 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from bench.gpucheck.common import max_diff, random_model, sync
+from bench.gpucheck.common import dtype_keyword, max_diff, random_model
+from bench.gpucheck.kernels import kernels_used, verdict
 from loss import IGNORE, ChunkedCrossEntropy
 from machinery.weights import with_scaling
 from model import ModelArgs, Transformer
-
-
-# ---- which attention kernel ran ------------------------------------------------------------------
-
-KERNELS = {
-    "aten::_scaled_dot_product_flash_attention": "sdpa-flash",
-    "aten::_scaled_dot_product_flash_attention_for_cpu": "sdpa-flash-cpu",
-    "aten::_scaled_dot_product_efficient_attention": "sdpa-efficient",
-    "aten::_scaled_dot_product_cudnn_attention": "sdpa-cudnn",
-    "aten::_scaled_dot_product_attention_math": "sdpa-math",
-    "aten::_scaled_dot_product_fused_attention_overrideable": "sdpa-overrideable",
-}
-
-
-def kernels_used(function):
-    """Run function() under the profiler -> (its result, the attention kernels that ran)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available()
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-        result = function()
-        sync(torch.device("cuda" if cuda else "cpu"))
-    names = {e.key for e in prof.key_averages()}
-    found = {label for op, label in KERNELS.items() if op in names}
-    found |= {
-        f"flash_attn ({n[:60]})"
-        for n in names  # the package: its op or its CUDA kernel
-        if ("flash_attn" in n or "flash_fwd" in n) and not n.startswith(("aten", "pytorch"))
-    }
-    found |= {
-        f"backward: {n}" for n in names if "attention_backward" in n or "flash_attn_backward" in n
-    }
-    return result, sorted(found)
 
 
 # ---- a: correctness ------------------------------------------------------------------------------
@@ -71,6 +39,12 @@ LOGIT_CASES = [  # (scaling, n_kv_heads of 4 heads, tied): MHA and GQA, tied and
 SMALL = dict(dim=256, n_layers=2, n_heads=4, hidden_dim=512, vocab_size=512, max_seq_len=256)
 
 
+def call(run, dtype, T, S):
+    """An attention call of the small GQA model (4 heads, 2 KV heads, head_dim 64), as
+    kernels.verdict takes it."""
+    return run.device, dtype, T, S, SMALL["n_heads"], 2, SMALL["dim"] // SMALL["n_heads"]
+
+
 def small_hf_dir(run, scaling, kv_heads, tied):
     """A random-init small model (head_dim 64) with `scaling`, saved by our exporter. -> path"""
     torch.manual_seed(0)
@@ -97,12 +71,12 @@ def random_tokens(shape, seed, device):
 
 
 def transformers_model(directory, dtype, device):
-    """LlamaForCausalLM loaded in `dtype` as users load it (its RoPE buffer stays fp32)."""
+    """LlamaForCausalLM loaded in `dtype` as users load it (its RoPE buffer stays fp32), with the
+    keyword the installed release takes (dtype_keyword)."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(directory, dtype=dtype)
-    if model.dtype != dtype:  # transformers before 4.56 calls it torch_dtype
-        model = LlamaForCausalLM.from_pretrained(directory, torch_dtype=dtype)
+    model = LlamaForCausalLM.from_pretrained(directory, **{dtype_keyword(): dtype})
+    assert model.dtype == dtype, (model.dtype, dtype)
     return model.eval().to(device)
 
 
@@ -146,7 +120,8 @@ def check_logits(run, case):
 def check_cache(run, dtype):
     """Logits at PoSE positions through the KV cache in pieces of every shape attend() handles,
     against one forward: a first piece (T == S, causal), single decoded tokens (T == 1) and pieces
-    after a cache (T < S, a mask). bf16: both against the fp32 forward."""
+    after a cache (T < S, a mask), each piece's attention kernel the expected one. bf16: both
+    against the fp32 forward."""
     device = run.device
     model = Transformer.from_pretrained(
         small_hf_dir(run, None, 2, False), dtype=dtype, device=device
@@ -162,9 +137,11 @@ def check_cache(run, dtype):
     }
     cache, logits, kernels = model.make_cache(1, 120), [], {}
     with torch.no_grad():
-        whole, kernels["one forward"] = kernels_used(lambda: model(x, positions))
+        whole, seen = kernels_used(lambda: model(x, positions))
+        kernels["one forward"] = verdict(seen, [call(run, dtype, 120, 120)])
         for name, (a, b) in pieces.items():
-            out, kernels[name] = kernels_used(lambda: model(x[:, a:b], positions[a:b], cache=cache))
+            out, seen = kernels_used(lambda: model(x[:, a:b], positions[a:b], cache=cache))
+            kernels[name] = verdict(seen, [call(run, dtype, b - a, b)])
             logits.append(out)
         reference = whole if dtype == torch.float32 else model.float()(x, positions)
     cached, one = max_diff(torch.cat(logits, dim=1), reference), max_diff(whole, reference)
@@ -173,17 +150,20 @@ def check_cache(run, dtype):
         if dtype == torch.float32
         else cached <= max(1.5 * one, 0.05)
     )
+    as_expected = all(k["as_expected"] for k in kernels.values())
     return {
         "cache_max_abs_diff": cached,
         "one_forward_max_abs_diff": one,
+        "kernels_as_expected": as_expected,
         "kernels": kernels,
-        "ok": ok,
+        "ok": ok and as_expected,
     }
 
 
 def check_prefill(run, dtype):
     """Transformer.prefill in pieces against one pass: every layer's cache and the last position's
-    logits (bf16: both against the fp32 one pass; the pieces may run another attention kernel)."""
+    logits (bf16: both against the fp32 one pass; the pieces may run another attention kernel),
+    and the pieces' attention kernels the expected ones."""
     device = run.device
     model = Transformer.from_pretrained(
         small_hf_dir(run, SCALINGS["linear"], 2, False), dtype=dtype, device=device
@@ -191,7 +171,8 @@ def check_prefill(run, dtype):
     x = random_tokens((1, 300), 3, device)
     caches = [model.make_cache(1, 300) for _ in range(2)]
     whole = model.logits(model.prefill(x, caches[0]))
-    pieces, kernels = kernels_used(lambda: model.logits(model.prefill(x, caches[1], chunk=64)))
+    pieces, seen = kernels_used(lambda: model.logits(model.prefill(x, caches[1], chunk=64)))
+    kernels = verdict(seen, [call(run, dtype, 64, 64), call(run, dtype, 64, 300)])
     cache = max(max(max_diff(a.k, b.k), max_diff(a.v, b.v)) for a, b in zip(*caches))
     result = {
         "cache_max_abs_diff": cache,
@@ -200,13 +181,15 @@ def check_prefill(run, dtype):
     }
     if dtype == torch.float32:
         scale = float(whole.abs().max())
-        return result | {"ok": result["logits_max_abs_diff"] <= 2e-5 * scale and cache < 1e-4}
+        ok = result["logits_max_abs_diff"] <= 2e-5 * scale and cache < 1e-4
+        return result | {"ok": ok and kernels["as_expected"]}
     model.float()
     reference = model.logits(model.prefill(x, model.make_cache(1, 300)))
     result.update(
         pieces_vs_fp32=max_diff(pieces, reference), one_pass_vs_fp32=max_diff(whole, reference)
     )
-    return result | {"ok": result["pieces_vs_fp32"] <= max(1.5 * result["one_pass_vs_fp32"], 0.05)}
+    ok = result["pieces_vs_fp32"] <= max(1.5 * result["one_pass_vs_fp32"], 0.05)
+    return result | {"ok": ok and kernels["as_expected"]}
 
 
 def check_loss(run, autocast_bf16):
@@ -245,7 +228,8 @@ def check_loss(run, autocast_bf16):
 
 
 def check_training_kernels(run):
-    """The attention kernels of a training step, forward and backward, in train.py's dtype."""
+    """The attention kernels of a training step, forward and backward, in train.py's dtype: the
+    expected ones."""
     model = random_model(dict(SMALL, n_kv_heads=2), run.device, torch.float32).train()
     x = torch.randint(0, SMALL["vocab_size"], (2, 256), device=run.device)
     dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32  # train.py's default
@@ -256,7 +240,8 @@ def check_training_kernels(run):
             loss = model(x, targets=x)
         loss.backward()
 
-    return {"dtype": str(dtype)[6:], "kernels": kernels_used(step)[1]}
+    kernels = verdict(kernels_used(step)[1], [call(run, dtype, 256, 256)], backward=True)
+    return {"dtype": str(dtype)[6:], "kernels": kernels, "ok": kernels["as_expected"]}
 
 
 def section_a(run, record):

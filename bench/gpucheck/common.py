@@ -1,6 +1,6 @@
 """What the sections of bench/gpu_check.py share: the sizes of the GPU run and of its dry image,
-the run (time budgets, isolation, records, the summary), devices and peak memory, random-init
-models, and the training step that sections c and d time."""
+the run (time budgets and slots, isolation, limits, records, the summary), devices and peak memory,
+random-init models, and the training step that sections c and d time."""
 
 import argparse
 import gc
@@ -10,16 +10,18 @@ import platform
 import tempfile
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import eval_passkey
 import model as model_py
 import pose
 import train
-from machinery import evaluation, weights
+from bench.gpucheck import fit
+from machinery import evaluation, ranks, weights
 from machinery.files import atomic_write
 from model import ModelArgs, Transformer
 
@@ -29,10 +31,19 @@ TINYLLAMA_1B = dict(
     dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000
 )
 LLAMA_7B = dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=32000)
+LLAMA3_8B = dict(  # GQA: 8 key/value heads for 32 query heads, head_dim 128
+    dim=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    hidden_dim=14336,
+    vocab_size=128256,
+    rope_theta=500000.0,
+)
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=2048)
 SIZES = {  # the GPU run and its dry image: the same steps, smaller
     "gpu": {
-        "budgets": {"a": 40, "b": 165, "c": 85, "d": 70, "e": 90},  # 450 s in all
+        "budgets": {"a": 35, "b": 180, "c": 70, "d": 55, "e": 110},  # 450 s in all
         "b": {
             "init": dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=1408),
             "train_len": 1024,
@@ -44,6 +55,7 @@ SIZES = {  # the GPU run and its dry image: the same steps, smaller
             "fsdp_steps": 5,
             "timeout": 120,
             "compile": True,
+            "slots": {"train": 100, "fsdp": 80},  # kill and resume; then the FSDP2 runs, NCCL
         },
         "c": {"model": TINYLLAMA_1B, "train_len": 2048, "batch_size": 8, "warmup": 2, "steps": 5},
         "d": {
@@ -53,7 +65,8 @@ SIZES = {  # the GPU run and its dry image: the same steps, smaller
             "steps": {"pose": 3, "full": 1},
         },
         "e": {
-            "model": LLAMA_7B,
+            "models": {"LLaMA-7B (MHA)": LLAMA_7B, "Llama-3-8B (GQA)": LLAMA3_8B},
+            "slot": 55,  # seconds of section e for each model
             "length": 32768,
             "memory_lengths": [65536, 131072],
             "prefill_chunk": eval_passkey.PREFILL_CHUNK,
@@ -72,6 +85,7 @@ SIZES = {  # the GPU run and its dry image: the same steps, smaller
             "fsdp_steps": 3,
             "timeout": 300,
             "compile": False,
+            "slots": {"train": 300, "fsdp": 300},
         },  # section c compiles; three cold compilations cost minutes on CPU
         "c": {"model": TINY, "train_len": 64, "batch_size": 2, "warmup": 1, "steps": 2},
         "d": {
@@ -80,21 +94,40 @@ SIZES = {  # the GPU run and its dry image: the same steps, smaller
             "lengths": [64, 128, 256],
             "steps": {"pose": 2, "full": 1},
         },
-        "e": {"model": TINY, "length": 512, "memory_lengths": [1024, 2048], "prefill_chunk": 256},
+        "e": {
+            "models": {"tiny MHA": dict(TINY, n_kv_heads=4), "tiny GQA": TINY},
+            "memory_gib": 24 / 1024,  # a pretended card, where 8192 tokens at once do not fit
+            "slot": 300,
+            "length": 512,
+            "memory_lengths": [1024, 8192],
+            "prefill_chunk": 256,
+        },
     },
 }
 
 
-# ---- the run: budgets, isolation, records --------------------------------------------------------
+# ---- the run: budgets, isolation, limits, records ------------------------------------------------
+
+
+class OutOfTime(Exception):
+    """A step stopped at its slot's end: skipped for time, not failed (a hang meets its own,
+    shorter limit first, and that is an error)."""
 
 
 class Run:
+    """The run's records and clocks: a budget for the run, one for each section, and slots inside
+    a section that a step before them cannot eat into. A step is skipped when less time is left
+    than it needs, and recorded as a limit, not run, when its memory estimate exceeds the card."""
+
+    clock = staticmethod(time.monotonic)
+
     def __init__(self, out, dry, budget):
         self.out, self.dry = Path(out), dry
         self.sizes = SIZES["dry" if dry else "gpu"]
         self.device = torch.device("cpu" if dry else "cuda")
-        self.deadline = time.monotonic() + budget
-        self.section_deadline = self.deadline
+        self.deadline = self.clock() + budget
+        self.section_deadline = self.slot_deadline = self.deadline
+        self.current = None  # the section running
         self.tmp = Path(tempfile.mkdtemp(prefix="pose-gpu-check-"))
         self.results = {
             "mode": "dry (CPU, tiny sizes)" if dry else "gpu",
@@ -104,10 +137,20 @@ class Run:
         }
 
     def left(self):
-        return min(self.deadline, self.section_deadline) - time.monotonic()
+        return min(self.deadline, self.section_deadline, self.slot_deadline) - self.clock()
+
+    @contextmanager
+    def slot(self, seconds):
+        """Within: steps see at most `seconds` from now, so that the steps after the slot keep
+        theirs (subprocesses are killed at the slot's end, bench/gpucheck/b_train.py)."""
+        previous, self.slot_deadline = self.slot_deadline, self.clock() + seconds
+        try:
+            yield
+        finally:
+            self.slot_deadline = previous
 
     def section(self, name, function):
-        start = time.monotonic()
+        self.current, start = name, self.clock()
         self.section_deadline = start + self.sizes["budgets"][name]
         title = function.__doc__.strip().splitlines()[0]
         record = self.results["sections"][name] = {"title": title}
@@ -119,20 +162,43 @@ class Run:
             except Exception as e:  # noqa: BLE001 — recorded, and the next section runs
                 record["error"] = describe(e)
             free()
-        record["seconds"] = round(time.monotonic() - start, 1)
+        record["seconds"] = round(self.clock() - start, 1)
         self.save()
 
-    def attempt(self, record, key, function, need=0.0):
-        """record[key] = function(), or its error; skipped when under `need` seconds are left."""
+    def attempt(self, record, key, function, need=0.0, estimate=None, oom_is_limit=False):
+        """record[key] = function(), or its error; skipped when under `need` seconds are left; a
+        limit (not run, not a failure) when `estimate` (bench/gpucheck/fit.py) exceeds what the
+        card can give. Out of memory within the estimate is an error, unless `oom_is_limit`: the
+        step measures where memory runs out (Full-length training in section d)."""
         if self.left() < need:
             left = f"{self.left():.0f} s left, {need:.0f} s needed"
             record[key] = {"skipped": f"time budget ({left})"}
             return None
+        memory = {}
+        if estimate is not None:
+            usable = fit.usable_gib(self)
+            memory = {**estimate, "usable_gib": usable}
+            if why := fit.verdict(estimate, usable):
+                record[key] = {"limit": why, **memory}
+                return None
         try:
-            record[key] = function()
-            return record[key]
-        except Exception as e:  # noqa: BLE001 — out of memory included
-            record[key] = {"error": describe(e)}
+            record[key] = result = function()
+            if memory and isinstance(result, dict):
+                result["estimate_gib"] = estimate["total_gib"]
+                if "peak_gib" in result and not self.dry:  # the CPU's peak is the process's
+                    result["peak_over_estimate"] = result["peak_gib"] / estimate["total_gib"]
+            return result
+        except OutOfTime as e:
+            record[key] = {"skipped": f"time budget ({e})"}
+            return None
+        except torch.cuda.OutOfMemoryError as e:
+            if not oom_is_limit:
+                record[key] = {"error": describe(e), **memory}
+            else:
+                record[key] = {"limit": "out of memory (measured) within the estimate", **memory}
+            return None
+        except Exception as e:  # noqa: BLE001 — recorded, and the next step runs
+            record[key] = {"error": describe(e), **memory}
             return None
         finally:
             free()
@@ -155,10 +221,14 @@ def free():
 
 
 def environment(device):
+    name = torch.cuda.get_device_name() if device.type == "cuda" else None
     env = {
+        "device_name": name or f"CPU ({torch.backends.cpu.get_cpu_capability()}, no GPU)",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(device),
+        # MFU's peak: the exact name in machinery.ranks' table, else none (train.peak_flops)
+        "peak_bf16_tflops": ranks.PEAK_BF16_TFLOPS.get(name) if name else None,
         "cpu_count": os.cpu_count(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -178,10 +248,11 @@ def environment(device):
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
         env.update(
-            gpu=torch.cuda.get_device_name(),
+            gpu=name,
             capability=torch.cuda.get_device_capability(),
             cuda=torch.version.cuda,
             gpu_memory_gib=props.total_memory / 2**30,
+            gpu_free_gib_at_start=torch.cuda.mem_get_info()[0] / 2**30,
             sdp_enabled={
                 k: getattr(torch.backends.cuda, f"{k}_sdp_enabled", lambda: None)()
                 for k in ("flash", "mem_efficient", "math", "cudnn")
@@ -243,6 +314,19 @@ def max_diff(a, b):
     return float((a.float() - b.float()).abs().max())
 
 
+def dtype_keyword(version=None):
+    """from_pretrained's dtype keyword in transformers `version` (default: the installed one):
+    `dtype` from 4.56, `torch_dtype` before, where an unknown keyword reaches the model's
+    __init__ and raises."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    from packaging.version import Version
+
+    return "dtype" if Version(version).release[:2] >= (4, 56) else "torch_dtype"
+
+
 # ---- c, d: training steps in this process --------------------------------------------------------
 
 
@@ -266,15 +350,12 @@ def make_step(impl, shape, state, device, checkpointing=False):
         if checkpointing:
             model.gradient_checkpointing_enable()
 
-        def loss_of(x, p, y):
-            return model(
-                input_ids=x,
-                position_ids=p,
-                attention_mask=torch.ones_like(x),
-                labels=y,
-                shift_labels=y,
-                use_cache=False,
-            ).loss
+        def loss_of(x, p, y):  # the loss of its logits as its ForCausalLMLoss takes it (fp32), y
+            # already shifted: no labels= / shift_labels= keywords, whose meaning varies by release
+            logits = model(
+                input_ids=x, position_ids=p, attention_mask=torch.ones_like(x), use_cache=False
+            ).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
     else:
         model = random_model(shape, device, torch.float32)
         model.load_state_dict(state)
@@ -363,10 +444,14 @@ def fmt(value):
 
 def summary(results):
     env = results["environment"]
+    peak = env.get("peak_bf16_tflops")
     lines = [
-        f"gpu_check ({results['mode']}), {env.get('gpu', 'CPU')}, torch {env['torch']}, "
+        f"gpu_check ({results['mode']}) on {env['device_name']}, torch {env['torch']}, "
         f"transformers {env['transformers']}, flash_attn {env['flash_attn']}, "
-        f"eval dtype {env['eval_dtype']}, {env['time']}"
+        f"eval dtype {env['eval_dtype']}, {env['time']}",
+        f"MFU against {peak} TFLOP/s (bf16, machinery.ranks.PEAK_BF16_TFLOPS)"
+        if peak
+        else "no MFU: the device is not in machinery.ranks.PEAK_BF16_TFLOPS",
     ]
     if "sdp_enabled" in env:
         lines.append(f"SDPA backends enabled: {env['sdp_enabled']}")
@@ -381,9 +466,15 @@ def summary(results):
                 continue
             mark = "" if "ok" not in value else ("ok    " if value["ok"] else "FAIL  ")
             mark = "ERROR " if "error" in value else "skip  " if "skipped" in value else mark
+            mark = "limit " if "limit" in value else mark
             details = ", ".join(f"{k} {fmt(v)}" for k, v in value.items() if k not in hidden)
             lines.append(f"  {mark}{key}: {details}")
     bad = failures(results)
     verdict = f"{len(bad)} failed or errored: {bad}" if bad else "all passed, no errors"
-    lines.append(f"\n{len(checks(results))} checks, {verdict}")
+    limits = sum(
+        isinstance(v, dict) and "limit" in v
+        for s in results["sections"].values()
+        for v in s.values()
+    )
+    lines.append(f"\n{len(checks(results))} checks, {verdict}; {limits} sizes beyond the card")
     return "\n".join(lines) + "\n"
