@@ -127,13 +127,13 @@ def use_flash_attn(q):
             and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
-def sdpa_plan(device_type, dtype, T, S, gqa):
+def sdpa_plan(device_type, dtype, T, S, gqa, sm80=True):
     """-> (copy the KV heads?, mask: "causal", None, "lower_right" or "bool"). On CUDA only SDPA
-    kernels linear in T run (attend() bars the math kernel's fp32 T×S scores); flash takes GQA but
-    no mask or fp32, memory-efficient (torch <= 2.11) no GQA: so copies there, and a causal bias."""
+    kernels linear in T run (attend() bars the math kernel's fp32 T×S scores); flash (sm80+) takes
+    GQA but no mask or fp32, memory-efficient (torch <= 2.11) no GQA: so copies, a causal bias."""
     cuda = device_type == "cuda"
     mask = "causal" if T == S else None if T == 1 else "lower_right" if cuda else "bool"
-    return gqa and cuda and (dtype == torch.float32 or mask == "lower_right"), mask
+    return gqa and cuda and (dtype == torch.float32 or mask == "lower_right" or not sm80), mask
 
 
 def attend(q, k, v):
@@ -143,9 +143,9 @@ def attend(q, k, v):
     if use_flash_attn(q):
         return flash_attn_func(q, k, v, causal=True)  # GQA too; causal mask aligned bottom-right
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-    # GQA: each key/value head serves n_heads / n_kv_heads query heads (Meta's repeat_kv)
-    gqa = k.shape[1] != q.shape[1]
-    copies, mask = sdpa_plan(q.device.type, q.dtype, T, S, gqa)
+    gqa = k.shape[1] != q.shape[1]  # each KV head serves n_heads / n_kv_heads query heads
+    sm80 = not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 8
+    copies, mask = sdpa_plan(q.device.type, q.dtype, T, S, gqa, sm80)
     if copies:
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     if mask == "lower_right":  # several new tokens after a cache, on CUDA
@@ -174,10 +174,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
-        q = self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim))
+        q = self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim))  # autocast: fp32
         k = self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim))
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        q, k = rope.apply_rope(q, cos, sin).type_as(v), rope.apply_rope(k, cos, sin).type_as(v)
         if cache is not None:
             k, v = cache.update(k, v)
         return self.wo(attend(q, k, v).reshape(B, T, -1))

@@ -184,6 +184,7 @@ def resume(cfg, out, model, optimizer, rank):
         if found is not None and not cfg.overwrite:  # forgetting --resume must not cost the run
             raise UserError(f"{found} holds a run already: add --resume to continue it, or "
                             "--overwrite to start afresh.")
+        out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
         if rank == 0:
             log_path.write_text("")
         return 0, None
@@ -191,8 +192,8 @@ def resume(cfg, out, model, optimizer, rank):
     must_match = MUST_MATCH + (("steps",) if cfg.lr_decay else ())
     changed = [k for k in must_match if saved.get(k) != getattr(cfg, k)]
     if changed == ["steps"] and step == saved["steps"]:  # more steps for a run that has ended
-        raise UserError(f"--resume: {found} finished all {step} of its steps (its learning rate "
-                        f"decayed to 0 there), so --steps {cfg.steps} cannot continue it: train "
+        raise UserError(f"--resume: {found} finished all {step} of its steps (its learning-rate "
+                        f"schedule ended there), so --steps {cfg.steps} cannot continue it: train "
                         f"further as a new run from its weights (--model {out / 'final'} with "
                         "another --out), or start this one afresh with --overwrite.")
     if changed:
@@ -227,6 +228,7 @@ def train(cfg):
     # ---- set up the processes: one, or torchrun's
     world, rank, device = set_up_processes(cfg)
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    ranks.check_attention_dtype(device, dtype)
     out = Path(cfg.out)
 
     # ---- build: the model with its final RoPE, the tokenizer, the documents. Lc and Lt left
@@ -248,8 +250,6 @@ def train(cfg):
          f"tokens, world {world}{' (FSDP2)' if world > 1 or cfg.fsdp else ''}, {device.type} "
          f"{str(dtype)[6:]}, activation checkpointing "
          f"{'on' if model.gradient_checkpointing else 'off'}")
-
-    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
 
     # ---- parallelize, then the optimizer over the (sharded) parameters
     autocast = parallelize(model, cfg, world, rank, device, dtype)
@@ -325,10 +325,15 @@ def size_gib(path):
 
 def standing(cfg, argv):
     """Where an interrupted run stands: its last complete checkpoint and the command that resumes
-    it, or that nothing was written yet."""
+    it, or that nothing of it was written yet (OUT's checkpoint, if any, is another run's unless
+    it has every setting given here)."""
+    if cfg is None:
+        return "nothing was started."
     found = find_checkpoint(Path(cfg.out)) if Path(cfg.out).is_dir() else None
-    if found is None:
-        return "no checkpoint was written yet; rerun the same command to start again."
+    saved = read_info(found)[1] if found else {}
+    if found is None or any(saved.get(k) != getattr(cfg, k) for k in MUST_MATCH + ("steps",)
+                            if getattr(cfg, k) is not None):
+        return "no checkpoint of this run was written yet; rerun the same command to start again."
     again = " ".join(shlex.quote(a) for a in argv if a not in ("--overwrite", "--resume"))
     return (f"{found} (step {read_info(found)[0]}) is the last complete checkpoint; continue "
             f"with: python train.py {again} --resume (torchrun: the same, on any world size).")
@@ -336,17 +341,17 @@ def standing(cfg, argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg, code = Config(), 1
+    cfg, parsed, code = Config(), None, 1
     try:
         with ranks.signals_raise():  # Ctrl-C and SIGTERM: one line below, no traceback
             argv = argv or demo_args()
-            cfg = parse_args(argv, __doc__)
+            cfg = parsed = parse_args(argv, __doc__)
             train(cfg)
         code = 0
     except ranks.Interrupted as e:
         code = e.code
         if ranks.is_rank0():
-            print(f"\ninterrupted ({e}): {standing(cfg, argv)}", file=sys.stderr)
+            print(f"\ninterrupted ({e}): {standing(parsed, argv)}", file=sys.stderr)
     except UserError as e:  # a user's mistake, or a run that cannot go on: one sentence
         if ranks.is_rank0():
             print(f"error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
-from machinery.files import atomic_path, new_file_mode
+from machinery.files import atomic_path, atomic_write
 from machinery.ranks import is_rank0
 from machinery.tokenizer import load_tokenizer, resolve
 from machinery.weights import hf_config, to_hf_name
@@ -114,8 +114,13 @@ def save_checkpoint(out, model, optimizer, step, config, previous=None):
         path = _save_plain(out / "checkpoint.pt", model, optimizer, step, config, previous)
     if is_rank0():
         for old in [out / "checkpoint.pt", *step_dirs(out)]:
-            if old != path and old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if old != path and old.is_dir():  # renamed first: a cut rmtree leaves only a .tmp
+                gone = old.with_name(old.name + ".tmp")
+                shutil.rmtree(gone, ignore_errors=True)
+                os.replace(old, gone)
+                shutil.rmtree(gone)
+            elif old != path and old.exists():
+                old.unlink()
     return path
 
 
@@ -166,7 +171,7 @@ def _save_sharded(out, model, optimizer, step, config, previous):
         error = e
     if error is None and is_rank0():
         try:
-            (tmp / "train_state.json").write_text(json.dumps({"step": step, "config": config}))
+            atomic_write(tmp / "train_state.json", json.dumps({"step": step, "config": config}))
             if final.exists():  # the same step of a run that --overwrite replaces
                 shutil.rmtree(final)
             os.replace(tmp, final)  # the publication: a complete step-N appears at once
@@ -283,8 +288,8 @@ def save_final(directory, model, args, tokenizer, dtype, last=None):
             del full
         if is_rank0() and error is None:
             try:
-                save_file(pending, tmp / file_name, metadata={"format": "pt"})
-                os.chmod(tmp / file_name, new_file_mode())  # safetensors writes 0600
+                with atomic_path(tmp / file_name) as part:  # fsynced, 0644 (safetensors: 0600)
+                    save_file(pending, part, metadata={"format": "pt"})
             except OSError as e:
                 error = e
     if is_rank0() and error is None:
@@ -293,12 +298,12 @@ def save_final(directory, model, args, tokenizer, dtype, last=None):
                 total = sum(state[k].numel() for k in names) * dtype.itemsize
                 weight_map = {to_hf_name(k): f for f, ks in zip(file_names, files) for k in ks}
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+                atomic_write(tmp / "model.safetensors.index.json", json.dumps(index, indent=2))
             config = hf_config(args, dtype=str(dtype).removeprefix("torch."))
             if tokenizer is not None:
                 config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
                 tokenizer.save(tmp)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            atomic_write(tmp / "config.json", json.dumps(config, indent=2))
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(tmp, directory)
         except OSError as e:

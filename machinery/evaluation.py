@@ -8,6 +8,7 @@ the work is split across ranks and gathered on rank 0, which alone writes and pr
 """
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -149,7 +150,7 @@ class Session:
         self.args, self.out = args, Path(args.out)
         device, args.dtype = default_device_and_dtype(args.device, args.dtype)
         config["dtype"], config["rope_theta"] = args.dtype, args.rope_theta
-        if not args.timeout > 0:
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
             raise UserError(f"--timeout {args.timeout} cannot work: give a positive number of "
                             "minutes.")
         self.world, self.rank, device = ranks.set_up(device, timeout_minutes=args.timeout)
@@ -170,8 +171,9 @@ class Session:
                                 f"({', '.join(differ)} differ); pass --overwrite to replace them "
                                 "or choose another --out.")
             self.results = {**stored, "config": self.config}
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        ranks.check_attention_dtype(torch.device(self.device), dtype)
         try:
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
             self.model, self.tokenizer = load(args.model, rope_scaling=args.rope_scaling,
                                               rope_theta=args.rope_theta, dtype=dtype,
                                               device=self.device, context_len=args.context_len)

@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from errors import UserError
+
 
 # Dense bf16 tensor TFLOP/s of one GPU, by the exact name torch.cuda.get_device_name reports, from
 # NVIDIA's data sheets (the sparse figures halved): H100 SXM / PCIe / NVL, H200 SXM / NVL, GH200,
@@ -102,6 +104,18 @@ def close(code):
             dist.barrier()
         gc.collect()  # a sharded model's reference cycles, freed while the group lives
         dist.destroy_process_group()
+
+
+def check_attention_dtype(device, dtype):
+    """bf16 on a GPU before sm80 has no SDPA kernel with memory linear in the length (flash and
+    cuDNN need sm80, the memory-efficient kernel has no bf16 there; model.attend bars the math
+    kernel): one sentence instead of a "No available kernel" traceback mid-run."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise UserError(f"{torch.cuda.get_device_name(device)} (sm{major}{minor}) has no bf16 "
+                            "attention kernel whose memory is linear in the length: use fp32 "
+                            "(train.py --dtype float32, the eval scripts' --dtype fp32).")
 
 
 def leave(code):

@@ -24,6 +24,7 @@ import regex
 import tiktoken
 
 from errors import UserError, did_you_mean, exit_on_user_error
+from machinery.files import atomic_write
 
 # Pre-tokenizers: the regex that cuts text into pieces; BPE merges bytes only inside a piece.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -157,9 +158,9 @@ class Tokenizer:
                   "split_special_tokens": True, "clean_up_tokenization_spaces": False}
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False,
-                                                                    indent=1))
+        atomic_write(directory / "tokenizer.json", json.dumps(tokenizer, ensure_ascii=False))
+        atomic_write(directory / "tokenizer_config.json",
+                     json.dumps(config, ensure_ascii=False, indent=1))
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -184,13 +185,13 @@ class SentencePieceTokenizer(Tokenizer):
         LlamaTokenizer."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "tokenizer.model").write_bytes(self.processor.serialized_model_proto())
+        atomic_write(directory / "tokenizer.model", self.processor.serialized_model_proto())
         config = {"tokenizer_class": "LlamaTokenizer",
                   "bos_token": self.processor.id_to_piece(self.bos_id),
                   "eos_token": self.processor.id_to_piece(self.eos_id),
                   "add_bos_token": True, "add_eos_token": False,
                   "split_special_tokens": True, "clean_up_tokenization_spaces": False}
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        atomic_write(directory / "tokenizer_config.json", json.dumps(config, indent=1))
 
 
 def implied_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:

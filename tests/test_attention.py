@@ -55,6 +55,7 @@ def test_cuda_runs_sdpa_with_the_math_kernel_excluded(monkeypatch):
     q = torch.randn(1, 5, 4, 8)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
     monkeypatch.setattr(model, "use_flash_attn", lambda q: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     attend(q, torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8))
     assert seen and torch.nn.attention.SDPBackend.MATH not in seen[0]
     assert set(seen[0]) == {
@@ -105,3 +106,21 @@ def test_flash_attn_only_where_its_limits_hold(monkeypatch):
     assert not model.use_flash_attn(torch.zeros(1, 1, 1, 512, dtype=torch.bfloat16))  # > 256
     capability[0] = (7, 5)  # a T4
     assert not model.use_flash_attn(torch.zeros(1, 1, 1, 128, dtype=torch.bfloat16))
+
+
+def test_before_sm80_gqa_always_copies_and_bf16_is_one_sentence(monkeypatch):
+    """Before sm80 SDPA has no flash kernel: GQA reaches the memory-efficient kernel only as copies,
+    and bf16, which no linear-memory kernel takes there, is refused before the run in a sentence."""
+    from errors import UserError
+    from machinery import ranks
+
+    for dtype in (torch.float32, torch.float16):
+        for T, S in ((9, 9), (1, 9), (4, 9)):
+            assert sdpa_plan("cuda", dtype, T, S, True, sm80=False)[0]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(UserError, match="Tesla T4 \\(sm75\\) has no bf16 attention kernel"):
+        ranks.check_attention_dtype(torch.device("cuda"), torch.bfloat16)
+    ranks.check_attention_dtype(torch.device("cuda"), torch.float32)  # fp32 runs
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    ranks.check_attention_dtype(torch.device("cuda"), torch.bfloat16)

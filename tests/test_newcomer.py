@@ -245,3 +245,64 @@ def test_prepare_refuses_a_value_that_cannot_work_and_creates_nothing(flags, tin
                       str(out), *flags])
     assert "cannot work" in str(e.value.code) and not out.exists()
     assert not out.with_name("corpus.partial").exists()
+
+
+def test_a_refused_resume_creates_nothing(tiny, tmp_path, capsys):
+    out = tmp_path / "new"
+    with pytest.raises(SystemExit):
+        train.main(args(tiny, out, "--resume"))
+    assert "holds no checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_interrupt_before_an_overwrite_run_saves_offers_no_other_runs_checkpoint(
+    tiny, tmp_path, monkeypatch, capsys
+):
+    """The checkpoint left by another run (other settings) in --out is not offered for --resume."""
+    from machinery import ranks
+
+    out = tmp_path / "run"
+    train.main(args(tiny, out))  # a finished run with lr 1e-3
+    capsys.readouterr()
+
+    def interrupted(*a, **k):
+        raise ranks.Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(train, "save_checkpoint", interrupted)  # Ctrl-C before the first save
+    with pytest.raises(SystemExit) as e:
+        train.main(args(tiny, out, "--overwrite", "--lr", "1e-4"))
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "no checkpoint of this run was written yet" in err, err
+    assert "--resume" not in err
+
+
+def test_an_infinite_timeout_is_refused(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(args(tiny, tmp_path / "run", "--timeout", "inf"))
+    assert "--timeout inf cannot work" in capsys.readouterr().err
+
+
+def test_a_cut_clean_up_of_an_older_checkpoint_never_blocks_resume(tmp_path, monkeypatch):
+    """After a save, an older step-N directory is renamed before it is deleted: a kill inside the
+    deletion leaves step-N.tmp, which no resume reads, not a step-N without train_state.json."""
+    import torch
+
+    from machinery import checkpoint
+    from model import ModelArgs, Transformer
+
+    old = tmp_path / "checkpoints" / "step-000001"
+    old.mkdir(parents=True)
+    (old / "train_state.json").write_text(json.dumps({"step": 1, "config": {}}))
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=10, hidden_dim=16))
+    optimizer = torch.optim.AdamW(model.parameters())
+    rmtree = checkpoint.shutil.rmtree
+
+    def killed(path, *a, **k):  # the deletion gets as far as train_state.json, then the kill
+        if Path(path).exists() and not k.get("ignore_errors"):
+            (Path(path) / "train_state.json").unlink()
+            raise KeyboardInterrupt
+        return rmtree(path, *a, **k)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(tmp_path, model, optimizer, 2, {})
+    assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
