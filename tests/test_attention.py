@@ -124,3 +124,19 @@ def test_before_sm80_gqa_always_copies_and_bf16_is_one_sentence(monkeypatch):
     ranks.check_attention_dtype(torch.device("cuda"), torch.float32)  # fp32 runs
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     ranks.check_attention_dtype(torch.device("cuda"), torch.bfloat16)
+
+
+def test_q_and_k_reach_attention_in_vs_dtype_under_autocast(monkeypatch):
+    """Qwen3's q/k RMSNorm returns fp32 under autocast; attend() must still see one dtype, or CUDA
+    would lose flash-attn and copy KV heads as for fp32."""
+    from model import ModelArgs, Transformer
+
+    seen = []
+    real = model.attend
+    monkeypatch.setattr(model, "attend", lambda q, k, v: seen.append((q.dtype, k.dtype, v.dtype))
+                        or real(q, k, v))
+    net = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                hidden_dim=32, qk_norm=True))
+    with torch.autocast("cpu", torch.bfloat16):
+        net(torch.randint(0, 50, (1, 8)))
+    assert seen == [(torch.bfloat16,) * 3]
