@@ -274,12 +274,14 @@ def test_the_score_is_rulers_string_match_all_on_recorded_answers():
 
 
 def test_a_128k_prompt_is_built_in_under_two_seconds(smollm2_tokenizer):
+    """CPU seconds of this process (the build is single-threaded): on a shared machine the wall
+    clock also counts the time other jobs hold the cores."""
     p = Prompts(smollm2_tokenizer)
     p.essay()  # the novel read once, as for every later sample
     for task in ("niah_single_2", "niah_multikey_2", "niah_single_1"):
-        start = time.perf_counter()
+        start = time.process_time()
         sample = p.sample(task, 131072, 0)
-        seconds = time.perf_counter() - start
+        seconds = time.process_time() - start
         assert 131072 - 200 < sample["prompt_tokens"] + 128 <= 131072 and seconds < 2, seconds
 
 
