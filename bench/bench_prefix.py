@@ -94,7 +94,8 @@ def attention_times(length=4096):
 
     def prefill_after(cached):
         cache = model.make_cache(1, length)
-        model.prefill(ids[:, :cached], cache)
+        if cached:
+            model.prefill(ids[:, :cached], cache)
         start = time.perf_counter()
         model.prefill(ids[:, cached:], cache)
         return time.perf_counter() - start
