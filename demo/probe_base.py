@@ -11,10 +11,10 @@ digits. copy gain: NLL of the first copy minus the second copy of a run of 20 ra
 twice; > 0 only if the model looks back and copies (an induction head).
 """
 
+import argparse
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -32,7 +32,18 @@ def nll(model, ids):
 
 
 @exit_on_user_error
-def main(path, config=None, tokenizer="demo/base"):
+def main(argv=None):
+    head, rest = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=head, epilog=rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a saved model directory, or a training run's checkpoint.pt")
+    p.add_argument("config", nargs="?", help="the model's config.json (with a checkpoint.pt)")
+    p.add_argument("tokenizer", nargs="?", default="demo/base",
+                   help="the tokenizer of a checkpoint.pt (default: demo/base)")
+    a = p.parse_args(argv)
+    path, config, tokenizer = a.path, a.config, a.tokenizer
+    if path.endswith(".pt") and config is None:
+        p.error(f"{path} is a checkpoint: give its model's config.json after it")
     if path.endswith(".pt"):
         model = Transformer(ModelArgs(**json.loads(Path(config).read_text())))
         model.load_state_dict(torch.load(path, weights_only=True)["model"])
@@ -64,6 +75,4 @@ def main(path, config=None, tokenizer="demo/base"):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    main(*sys.argv[1:])
+    main()
