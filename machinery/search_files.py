@@ -34,8 +34,9 @@ def plot(state, seed_factors, path):
     scores = {c["origin"]: c["ppl"] for c in state["candidates"] if c["origin"] in seed_factors}
     for (name, ppl), color in zip(scores.items(), ("C0", "C1", "C2")):
         a.axhline(ppl, ls="--", color=color, label=f"{name} ({ppl:.2f})")
+    top = max(state["best"][0], min(scores.values()))  # seeds far above the curve: in the legend
     a.set(xlabel="generation (0: the first population)", ylabel=f"perplexity at {state['Lt']}",
-          yscale="log", title="LongRoPE search")
+          ylim=(0.99 * state["best"][-1], 1.02 * top), title="LongRoPE search")
     a.xaxis.get_major_locator().set_params(integer=True)
     for (name, factors), color in zip(seed_factors.items(), ("C0", "C1", "C2")):
         b.plot(factors, "--", color=color, label=name)
