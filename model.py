@@ -128,12 +128,26 @@ def use_flash_attn(q):
 
 
 def sdpa_plan(device_type, dtype, T, S, gqa, sm80=True):
-    """-> (copy the KV heads?, mask: "causal", None, "lower_right" or "bool"). On CUDA only SDPA
+    """-> (copy the KV heads?, mask: "causal", None, "lower_right" or "split"). On CUDA only SDPA
     kernels linear in T run (attend() bars the math kernel's fp32 T×S scores); flash (sm80+) takes
     GQA but no mask or fp32, memory-efficient (torch <= 2.11) no GQA: so copies, a causal bias."""
     cuda = device_type == "cuda"
-    mask = "causal" if T == S else None if T == 1 else "lower_right" if cuda else "bool"
+    mask = "causal" if T == S else None if T == 1 else "lower_right" if cuda else "split"
     return gqa and cuda and (dtype == torch.float32 or mask == "lower_right" or not sm80), mask
+
+
+def attend_split(q, k, v):
+    """T new queries after S − T cached keys on the CPU, (B, H, ·, hd): every query sees the whole
+    cache unmasked and the new keys causally, two calls of SDPA's CPU flash kernel whose softmaxes
+    are merged by their log-sum-exps (as flash-decoding merges its pieces). One call with a (T, S)
+    mask would cost the T×S rectangle and the mask; this costs T×(S−T) + T²/2 query-key pairs."""
+    P = k.shape[2] - q.shape[2]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # SDPA's, with its lse
+    old, lse_old = flash(q, k[:, :, :P], v[:, :, :P])
+    new, lse_new = flash(q, k[:, :, P:], v[:, :, P:], is_causal=True)
+    w_old = torch.sigmoid(lse_old - lse_new).unsqueeze(-1)  # e^a / (e^a + e^b): the cache's share
+    w_new = torch.sigmoid(lse_new - lse_old).unsqueeze(-1)
+    return (old.float() * w_old + new.float() * w_new).type_as(q)
 
 
 def attend(q, k, v):
@@ -145,13 +159,13 @@ def attend(q, k, v):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
     gqa = k.shape[1] != q.shape[1]  # each KV head serves n_heads / n_kv_heads query heads
     sm80 = not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 8
-    copies, mask = sdpa_plan(q.device.type, q.dtype, T, S, gqa, sm80)
+    copies, mask = sdpa_plan("cuda" if q.is_cuda else q.device.type, q.dtype, T, S, gqa, sm80)
     if copies:
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    if mask == "lower_right":  # several new tokens after a cache, on CUDA
+    if mask == "split":  # several new tokens after a cache, on the CPU
+        return attend_split(q, k, v).transpose(1, 2)
+    if mask == "lower_right":  # the same on CUDA
         mask = causal_lower_right(T, S)
-    elif mask == "bool":  # the same on the CPU: a (T, S) mask, which its flash kernel takes
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     causal, mask = mask == "causal", None if mask == "causal" else mask
     linear = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
               SDPBackend.CUDNN_ATTENTION]  # never SDPBackend.MATH

@@ -30,7 +30,7 @@ def test_the_plan_on_cuda_only_asks_what_the_linear_memory_kernels_take(device, 
     T, S = shape
     copies, mask = sdpa_plan(device, dtype, T, S, gqa)
     assert mask == (
-        "causal" if T == S else None if T == 1 else "lower_right" if device == "cuda" else "bool"
+        "causal" if T == S else None if T == 1 else "lower_right" if device == "cuda" else "split"
     )
     shared_gqa = gqa and not copies
     if device == "cuda":
@@ -140,3 +140,46 @@ def test_q_and_k_reach_attention_in_vs_dtype_under_autocast(monkeypatch):
     with torch.autocast("cpu", torch.bfloat16):
         net(torch.randint(0, 50, (1, 8)))
     assert seen == [(torch.bfloat16,) * 3]
+
+
+@pytest.mark.parametrize("T, S", [(2, 9), (5, 9), (8, 9), (64, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_new_tokens_after_a_cache_split_on_the_cpu_equal_one_masked_pass(T, S, dtype, kv_heads):
+    """On the CPU, T new queries after S − T cached keys attend in two unmasked-or-causal pieces
+    merged by their log-sum-exps (model.attend_split): equal to one pass under the bottom-right
+    causal mask over repeated KV heads, for a batch and for the cache's non-contiguous views."""
+    torch.manual_seed(0)
+    q = torch.randn(2, T, 4, 8, dtype=dtype)
+    cache = torch.randn(2, 2, S + 3, kv_heads, 8, dtype=dtype)  # a cache longer than its length
+    k, v = cache[0, :, :S], cache[1, :, :S]
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    ref = F.scaled_dot_product_attention(
+        q.transpose(1, 2).float(),
+        k.repeat_interleave(4 // kv_heads, 2).transpose(1, 2).float(),
+        v.repeat_interleave(4 // kv_heads, 2).transpose(1, 2).float(),
+        attn_mask=mask,
+    ).transpose(1, 2)
+    out = attend(q, k, v)
+    assert out.dtype == dtype
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out.float(), ref, **tol)
+
+
+def test_the_cpu_never_gives_sdpa_a_mask_after_a_cache(monkeypatch):
+    """A (T, S) mask makes the CPU kernel compute the whole rectangle and read the mask: attend()
+    must reach the split instead, for every T between 1 and S."""
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F,
+        "scaled_dot_product_attention",
+        lambda *a, attn_mask=None, **kw: masks.append(attn_mask) or sdpa(*a, **kw),
+    )
+    split = []
+    real_split = model.attend_split
+    monkeypatch.setattr(model, "attend_split", lambda *a: split.append(1) or real_split(*a))
+    for T in range(1, 10):
+        attend(torch.randn(1, T, 4, 8), torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8))
+    assert masks and all(m is None for m in masks)
+    assert len(split) == 7  # T = 2..8; T = 1 (no mask needed) and T = S (is_causal) are SDPA's
