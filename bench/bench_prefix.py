@@ -15,8 +15,9 @@ printed with the times.
     python bench/bench_prefix.py --threads 2 --attention
 
 times instead where the time of a shared prefix goes: one layer's SDPA (SmolLM2's 9 query and 3 KV
-heads of 64) for a fresh 4k prompt and for 2,048 new tokens after 2,048 cached (model.attend's mask,
-the same with zero queries in front, and no mask at all), then whole-model prefills of 4,096 tokens
+heads of 64) for a fresh 4k prompt and for 2,048 new tokens after 2,048 cached (a (T, S) mask, the
+cache and the new tokens apart merged by log-sum-exp as model.attend does, zero queries in front,
+and no mask at all), then whole-model prefills of 4,096 tokens
 fresh and of the last 2,048 and 1,024 after a cache.
 """
 import argparse
@@ -73,6 +74,8 @@ def best_ms(f, repeats=3):
 @torch.inference_mode()
 def attention_times(length=4096):
     """Print where the time of the tokens after a shared prefix goes (see the docstring)."""
+    from model import attend_split
+
     sdpa = torch.nn.functional.scaled_dot_product_attention
     new, heads, kv_heads, head_dim = length // 2, 9, 3, 64
     q = torch.randn(1, heads, new, head_dim)
@@ -85,6 +88,8 @@ def attention_times(length=4096):
              lambda: sdpa(fresh_q, k, v, is_causal=True, enable_gqa=True)),
             (f"{new} new after {length - new} cached, bool mask",
              lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=True)),
+            (f"{new} new after {length - new} cached, split and merged (model.attend_split)",
+             lambda: attend_split(q, k, v)),
             (f"{new} new after {length - new} cached, zero queries in front, is_causal",
              lambda: sdpa(padded, k, v, is_causal=True, enable_gqa=True)),
             (f"{new} x {length}, no mask", lambda: sdpa(q, k, v, enable_gqa=True))):
