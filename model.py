@@ -128,11 +128,12 @@ def use_flash_attn(q):
 
 
 def sdpa_plan(device_type, dtype, T, S, gqa, sm80=True):
-    """-> (copy the KV heads?, mask: "causal", None, "lower_right" or "split"). On CUDA only SDPA
+    """-> (copy the KV heads?, mask: "causal", None, "lower_right", "split" or "bool"). On CUDA only SDPA
     kernels linear in T run (attend() bars the math kernel's fp32 T×S scores); flash (sm80+) takes
     GQA but no mask or fp32, memory-efficient (torch <= 2.11) no GQA: so copies, a causal bias."""
     cuda = device_type == "cuda"
-    mask = "causal" if T == S else None if T == 1 else "lower_right" if cuda else "split"
+    after_cache = "lower_right" if cuda else "split" if device_type == "cpu" else "bool"
+    mask = "causal" if T == S else None if T == 1 else after_cache
     return gqa and cuda and (dtype == torch.float32 or mask == "lower_right" or not sm80), mask
 
 
@@ -166,6 +167,8 @@ def attend(q, k, v):
         return attend_split(q, k, v).transpose(1, 2)
     if mask == "lower_right":  # the same on CUDA
         mask = causal_lower_right(T, S)
+    elif mask == "bool":  # the same elsewhere (e.g. mps): a (T, S) mask
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     causal, mask = mask == "causal", None if mask == "causal" else mask
     linear = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
               SDPBackend.CUDNN_ATTENTION]  # never SDPBackend.MATH

@@ -14,7 +14,7 @@ from model import attend, sdpa_plan
 
 CASES = list(
     itertools.product(
-        ("cuda", "cpu"),
+        ("cuda", "cpu", "mps"),
         (torch.float32, torch.bfloat16, torch.float16),
         ((9, 9), (1, 9), (4, 9)),
         (True, False),
@@ -30,7 +30,7 @@ def test_the_plan_on_cuda_only_asks_what_the_linear_memory_kernels_take(device, 
     T, S = shape
     copies, mask = sdpa_plan(device, dtype, T, S, gqa)
     assert mask == (
-        "causal" if T == S else None if T == 1 else "lower_right" if device == "cuda" else "split"
+        "causal" if T == S else None if T == 1 else "lower_right" if device == "cuda" else "split" if device == "cpu" else "bool"
     )
     shared_gqa = gqa and not copies
     if device == "cuda":
@@ -67,9 +67,11 @@ def test_cuda_runs_sdpa_with_the_math_kernel_excluded(monkeypatch):
 
 @pytest.mark.parametrize("T, S", [(9, 9), (1, 9), (4, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_cuda_plan_gives_the_cpu_plans_attention(T, S, dtype, monkeypatch):
-    """Copied KV heads and the lower-right causal bias compute what the CPU path computes (and what
-    the reference, a dense causal mask aligned bottom-right over repeated KV heads, computes)."""
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_the_cuda_plan_gives_the_cpu_plans_attention(T, S, dtype, device, monkeypatch):
+    """Copied KV heads and the lower-right causal bias (CUDA's plan), or the (T, S) boolean mask
+    (another device's), compute what the CPU path computes (and what the reference, a dense causal
+    mask aligned bottom-right over repeated KV heads, computes)."""
     torch.manual_seed(0)
     q, k, v = (
         torch.randn(2, T, 4, 8, dtype=dtype),
@@ -78,7 +80,7 @@ def test_the_cuda_plan_gives_the_cpu_plans_attention(T, S, dtype, monkeypatch):
     )
     cpu = attend(q, k, v)
     plan = sdpa_plan
-    monkeypatch.setattr(model, "sdpa_plan", lambda _, *a: plan("cuda", *a))
+    monkeypatch.setattr(model, "sdpa_plan", lambda _, *a: plan(device, *a))
     cuda_plan = attend(q, k, v)
     mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
     ref = F.scaled_dot_product_attention(
