@@ -128,9 +128,10 @@ def use_flash_attn(q):
 
 
 def sdpa_plan(device_type, dtype, T, S, gqa, sm80=True):
-    """-> (copy the KV heads?, mask: "causal", None, "lower_right", "split" or "bool"). On CUDA only SDPA
-    kernels linear in T run (attend() bars the math kernel's fp32 T×S scores); flash (sm80+) takes
-    GQA but no mask or fp32, memory-efficient (torch <= 2.11) no GQA: so copies, a causal bias."""
+    """-> (copy the KV heads?, mask: "causal", None, "lower_right", "split" or "bool"). On CUDA
+    only SDPA kernels linear in T run (attend() bars the math kernel's fp32 T×S scores); flash
+    (sm80+) takes GQA but no mask or fp32, memory-efficient (torch <= 2.11) no GQA: so copies, a
+    causal bias."""
     cuda = device_type == "cuda"
     after_cache = "lower_right" if cuda else "split" if device_type == "cpu" else "bool"
     mask = "causal" if T == S else None if T == 1 else after_cache

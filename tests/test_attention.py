@@ -29,9 +29,8 @@ def test_the_plan_on_cuda_only_asks_what_the_linear_memory_kernels_take(device, 
     and a mask is the lower-right causal bias, never a (T, S) tensor."""
     T, S = shape
     copies, mask = sdpa_plan(device, dtype, T, S, gqa)
-    assert mask == (
-        "causal" if T == S else None if T == 1 else "lower_right" if device == "cuda" else "split" if device == "cpu" else "bool"
-    )
+    after_cache = {"cuda": "lower_right", "cpu": "split"}.get(device, "bool")
+    assert mask == ("causal" if T == S else None if T == 1 else after_cache)
     shared_gqa = gqa and not copies
     if device == "cuda":
         assert not (shared_gqa and dtype == torch.float32), (
