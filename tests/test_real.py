@@ -151,3 +151,58 @@ def test_r_reader_names_vectors_and_refuses_leftovers():
     assert read_r_data(raw) == {"a": [1, 2], "b": ["x", None]}
     with pytest.raises(ValueError, match="left over"):
         read_r_data(raw + xdr(254))
+
+
+def longrope_file(path, factor=2.0, original=256, pairs=16):
+    """Per-channel factors for demo/base (head_dim 32), in transformers' longrope form."""
+    long_factor = [1 + (factor - 1) * j / (pairs - 1) for j in range(pairs)]
+    scaling = {
+        "rope_type": "longrope",
+        "factor": factor,
+        "original_max_position_embeddings": original,
+        "short_factor": [1.0] * pairs,
+        "long_factor": long_factor,
+    }
+    path.write_text(json.dumps(scaling))
+    return path, long_factor
+
+
+def test_longrope_models_use_the_file_in_training_and_evaluation(tmp_path):
+    """--models longrope,pose-longrope --longrope FILE: the training-free row evaluates the file's
+    factors, PoSE trains with them (its final config carries them), and both rows fill in."""
+    path, long_factor = longrope_file(tmp_path / "scaling.json")
+    out = tmp_path / "r"
+    log = smoke(out, "5", "--models", "none,longrope,pose-longrope", "--longrope", str(path))
+    assert f"--rope_scaling {path}" in log and f"--scaling {path}" in log
+    table = json.loads((out / "results.json").read_text())
+    assert list(table["ppl"]["play"]) == ["none", "longrope", "pose-longrope"]
+    for model in ("longrope", "pose-longrope"):
+        assert sorted(table["ppl"]["play"][model], key=int) == ["128", "256", "512"]
+    # beyond Lo the file's long factors are used, so the rows differ from the checkpoint's
+    assert table["ppl"]["play"]["longrope"]["512"] != table["ppl"]["play"]["none"]["512"]
+    config = json.loads((out / "pose-longrope" / "final" / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "longrope"
+    assert config["rope_scaling"]["long_factor"] == pytest.approx(long_factor)
+    assert table["training"]["pose-longrope"]["done"]
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--models", "pose-longrope"], "--models pose-longrope needs --longrope FILE"),
+        (["--models", "longrope", "--longrope", "{factor4}"], "extends by s = 4, this run by"),
+        (["--models", "longrope", "--longrope", "{yarn}"], 'its rope_type is not "longrope"'),
+        (["--models", "longrope", "--longrope", "{missing}"], "not a longrope scaling file"),
+    ],
+)
+def test_a_longrope_file_that_cannot_serve_is_refused_before_anything(flags, says, tmp_path):
+    files = {
+        "factor4": longrope_file(tmp_path / "s4.json", factor=4.0)[0],
+        "yarn": tmp_path / "yarn.json",
+        "missing": tmp_path / "none.json",
+    }
+    files["yarn"].write_text(json.dumps({"rope_type": "yarn", "factor": 2.0}))
+    flags = [f.format(**files) if f.startswith("{") else f for f in flags]
+    out = tmp_path / "r"
+    refused = smoke(out, "1", *flags, code=2)
+    assert says in refused and "Traceback" not in refused and not out.exists()
