@@ -410,19 +410,24 @@ def parse_models(text):
 
 def check_longrope(p, args):
     """--longrope names a longrope scaling of this run's s, and is given when --models asks for it
-    (the file itself is read, and its lists checked, by rope.py in each command)."""
+    (its factor lists are checked by rope.py in each command)."""
     asked = [m for m in args.models if m in WITH_FILE]
     if asked and args.longrope is None:
         p.error(f"--models {asked[0]} needs --longrope FILE (the factors longrope.py wrote)")
     if args.longrope is None:
         return
+    import rope  # torch, only for runs that read a longrope file
+    from machinery.weights import read_scaling
+
     try:
-        scaling = json.loads(args.longrope.read_text(encoding="utf-8"))
-        factor = float(scaling["factor"]) if scaling.get("rope_type") == "longrope" else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        scaling = read_scaling(args.longrope)
+    except UserError as e:
         p.error(f"--longrope {args.longrope}: not a longrope scaling file ({e})")
-    if factor is None:
+    if rope.kind(scaling) != "longrope":
         p.error(f"--longrope {args.longrope}: its rope_type is not \"longrope\"")
+    factor = scaling.get("factor")
+    if not isinstance(factor, (int, float)):
+        p.error(f"--longrope {args.longrope}: its factor is not a number ({factor!r})")
     if factor != args.factor:
         p.error(
             f"--longrope {args.longrope} extends by s = {factor:g}, this run by --factor "

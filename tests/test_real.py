@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from demo.real import HELD_OUT_PLAY, MODELS
+from longrope import longrope_scaling
 from machinery.texts import fetch_austen, read_r_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,14 +157,7 @@ def test_r_reader_names_vectors_and_refuses_leftovers():
 def longrope_file(path, factor=2.0, original=256, pairs=16):
     """Per-channel factors for demo/base (head_dim 32), in transformers' longrope form."""
     long_factor = [1 + (factor - 1) * j / (pairs - 1) for j in range(pairs)]
-    scaling = {
-        "rope_type": "longrope",
-        "factor": factor,
-        "original_max_position_embeddings": original,
-        "short_factor": [1.0] * pairs,
-        "long_factor": long_factor,
-    }
-    path.write_text(json.dumps(scaling))
+    path.write_text(json.dumps(longrope_scaling(factor, original, long_factor)))
     return path, long_factor
 
 
@@ -201,7 +195,8 @@ def test_a_longrope_file_that_cannot_serve_is_refused_before_anything(flags, say
         "yarn": tmp_path / "yarn.json",
         "missing": tmp_path / "none.json",
     }
-    files["yarn"].write_text(json.dumps({"rope_type": "yarn", "factor": 2.0}))
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}
+    files["yarn"].write_text(json.dumps(yarn))
     flags = [f.format(**files) if f.startswith("{") else f for f in flags]
     out = tmp_path / "r"
     refused = smoke(out, "1", *flags, code=2)
